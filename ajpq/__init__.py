@@ -1,0 +1,24 @@
+"""AJPQ: automated joint pruning and quantization, with pruning as 0-bit channel quantization."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ajpq.analysis import ModelAnalysis, analyze_model
+from ajpq.compress import SimulatedModel, apply_policy
+from ajpq.cost import CostModel, CostReport
+from ajpq.errors import AJPQError
+from ajpq.policy import Policy, load_policy
+
+__all__ = [
+    "AJPQError",
+    "CostModel",
+    "CostReport",
+    "ModelAnalysis",
+    "Policy",
+    "SimulatedModel",
+    "__version__",
+    "analyze_model",
+    "apply_policy",
+    "load_policy",
+]

@@ -1,0 +1,164 @@
+"""The simulated compressed model: what a policy does to a network, with exactly the numbers the artifact will hold.
+
+BatchNorm is folded into the layer before it (as in the exported artifact), each output channel is quantized
+with its own width, removed channels give exactly zero and vanish from the inputs of the layers that read them,
+and every compressible layer's input is fake-quantized with a range calibrated once on training images.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ajpq.analysis import ModelAnalysis, folded_weights
+from ajpq.cost import CostModel
+from ajpq.policy import Policy
+from ajpq.quant import quantize_activation, quantize_weight
+
+
+class ActivationQuantizer:
+    """Forward pre-hook that fake-quantizes a layer's input with a fixed, calibrated range."""
+
+    def __init__(self, max_abs: float, signed: bool, bits: int = 8, ste: bool = False) -> None:
+        self.max_abs = float(max_abs)
+        self.signed = bool(signed)
+        self.bits = int(bits)
+        self.ste = ste
+
+    def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.bits >= 32:
+            return inputs
+        return (
+            quantize_activation(inputs[0], self.bits, self.max_abs, self.signed, ste=self.ste),
+            *inputs[1:],
+        )
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at qualified ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def fold_batchnorm(model: nn.Module, analysis: ModelAnalysis) -> nn.Module:
+    """Fold each BatchNorm into the Conv2d/Linear before it, in place; the BatchNorm becomes an Identity."""
+    weights = folded_weights(model, {layer.name: layer.bn_name for layer in analysis.layers if layer.bn_name})
+    for layer in analysis.layers:
+        if layer.bn_name is None:
+            continue
+        module = model.get_submodule(layer.name)
+        weight, bias = weights[layer.name]
+        assert bias is not None
+        module.weight.data.copy_(weight.to(module.weight.dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(bias.to(module.weight.device, module.weight.dtype))
+        else:
+            module.bias.data.copy_(bias)
+        set_module(model, layer.bn_name, nn.Identity())
+    return model
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: nn.Module, analysis: ModelAnalysis, inputs: torch.Tensor
+) -> dict[str, tuple[float, bool]]:
+    """Range ``max|x|`` and signedness of every compressible layer's input on calibration images."""
+    ranges: dict[str, tuple[float, bool]] = {}
+    handles = []
+    for layer in analysis.layers:
+
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], name: str = layer.name) -> None:
+            x = args[0]
+            ranges[name] = (float(x.abs().max()), bool((x < 0).any()))
+
+        handles.append(model.get_submodule(layer.name).register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return ranges
+
+
+def input_masks(analysis: ModelAnalysis, cost_model: CostModel, policy: Policy) -> dict[str, torch.Tensor]:
+    """Per layer, a ``(out_channels, in_channels/groups)`` mask of the weights that read kept inputs."""
+    group_kept = cost_model.group_kept(policy)
+    masks = {}
+    for layer in analysis.layers:
+        kept_in = torch.from_numpy(cost_model.input_kept(layer, group_kept))
+        per_group = kept_in.reshape(layer.groups, -1)
+        channel_group = torch.arange(layer.out_channels) // (layer.out_channels // layer.groups)
+        masks[layer.name] = per_group[channel_group]
+    return masks
+
+
+class SimulatedModel:
+    """A BN-folded copy of a model whose weights are re-quantized in place for each policy.
+
+    Building it costs one copy and one calibration pass; :meth:`apply` then costs one vectorized quantization per
+    layer, so a search can evaluate thousands of policies without copying the network again.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        analysis: ModelAnalysis,
+        calibration: torch.Tensor,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.analysis = analysis
+        self.cost_model = CostModel(analysis)
+        self.device = torch.device(device)
+        self.module = fold_batchnorm(copy.deepcopy(model), analysis).to(self.device).eval()
+        self._reference = {
+            layer.name: (
+                self.module.get_submodule(layer.name).weight.detach().clone(),
+                None
+                if self.module.get_submodule(layer.name).bias is None
+                else self.module.get_submodule(layer.name).bias.detach().clone(),
+            )
+            for layer in analysis.layers
+        }
+        self.ranges = calibrate_activations(self.module, analysis, calibration.to(self.device))
+        self.quantizers: dict[str, ActivationQuantizer] = {}
+        for layer in analysis.layers:
+            max_abs, signed = self.ranges[layer.name]
+            quantizer = ActivationQuantizer(max_abs, signed)
+            self.module.get_submodule(layer.name).register_forward_pre_hook(quantizer)
+            self.quantizers[layer.name] = quantizer
+        self.policy: Policy | None = None
+
+    @torch.no_grad()
+    def apply(self, policy: Policy) -> nn.Module:
+        """Load the weights ``policy`` gives into the module and return it (a complete, validated policy)."""
+        masks = input_masks(self.analysis, self.cost_model, policy)
+        for layer in self.analysis.layers:
+            module = self.module.get_submodule(layer.name)
+            weight, bias = self._reference[layer.name]
+            layer_policy = policy.layers[layer.name]
+            bits = torch.from_numpy(layer_policy.weight_bits).to(self.device)
+            mask = masks[layer.name].to(self.device, weight.dtype)
+            masked = weight * mask.reshape(*mask.shape, *([1] * (weight.dim() - 2)))
+            module.weight.copy_(quantize_weight(masked, bits))
+            if bias is not None:
+                module.bias.copy_(bias * (bits > 0).to(bias.dtype))
+            self.quantizers[layer.name].bits = layer_policy.activation_bits
+        self.policy = policy
+        return self.module
+
+
+def apply_policy(
+    model: nn.Module,
+    analysis: ModelAnalysis,
+    policy: Policy,
+    calibration: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """A new module that computes what ``policy`` makes of ``model`` (see :class:`SimulatedModel`)."""
+    return SimulatedModel(model, analysis, calibration, device).apply(policy)

@@ -1,0 +1,169 @@
+"""Training and evaluation loops shared by ``pretrain``, episode fine-tuning and ``finetune``."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ajpq.data import Split
+from ajpq.errors import ConfigError
+
+EVAL_BATCH_SIZE = 1000
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None picks CUDA when present; ``cuda`` without a GPU is refused with a clear message."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu, cuda or auto, but got '{device}'")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch (CPU and CUDA) and return a generator for data order, so runs repeat from a seed."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.inference_mode()
+def evaluate_accuracy(
+    model: nn.Module,
+    split: Split,
+    device: torch.device | str = "cpu",
+    batch_size: int = EVAL_BATCH_SIZE,
+    limit: int | None = None,
+) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (its first ``limit`` samples when given)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    total = 0
+    for x, y in split.batches(batch_size, device=device):
+        if limit is not None and total >= limit:
+            break
+        if limit is not None and total + len(y) > limit:
+            x, y = x[: limit - total], y[: limit - total]
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of a supervised training run (SGD with momentum and a cosine schedule)."""
+
+    epochs: int = 30
+    """Passes over the training split."""
+    lr: float = 0.05
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """L2 penalty."""
+    batch_size: int = 128
+    """Training batch size."""
+    augment: bool = True
+    """Use the dataset's augmentation (if it has one)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (short fine-tunes); None trains all epochs."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, but got {self.epochs}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, but got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, but got {self.batch_size}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0, but got {self.max_steps}")
+
+
+def train_model(
+    model: nn.Module,
+    train: Split,
+    config: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    val: Split | None = None,
+    progress: bool = True,
+    description: str = "train",
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+    before_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place; returns per-epoch ``{"epoch", "loss", "val_accuracy"}``.
+
+    ``before_step``/``after_step`` let callers keep constraints (masks, quantization) around each update.
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps) if config.epochs else config.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    history: list[dict[str, float]] = []
+    step = 0
+    disable = not progress or os.environ.get("AJPQ_NO_PROGRESS") == "1"
+    epochs = max(config.epochs, math.ceil(total_steps / steps_per_epoch))
+    bar = tqdm(
+        total=total_steps,
+        desc=description,
+        unit="step",
+        disable=disable,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+    for epoch in range(epochs):
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for x, y in train.batches(
+            config.batch_size, shuffle=True, generator=generator, augment=config.augment, device=device
+        ):
+            if step >= total_steps:
+                break
+            if before_step is not None:
+                before_step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.4f}", refresh=False)
+        val_acc = evaluate_accuracy(model, val, device) if val is not None else None
+        record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
+        if val_acc is not None:
+            record["val_accuracy"] = val_acc
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, record["loss"], val_acc)
+        if step >= total_steps:
+            break
+    bar.close()
+    model.eval()
+    return history
