@@ -1,0 +1,58 @@
+"""Small networks with the structures compression must handle: residual sums, depthwise convs, flatten, concat."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResidualDepthwiseNet(nn.Module):
+    """conv1 -> (conv2 + skip) -> depthwise -> pointwise -> pool -> flatten -> fc, on 1x4x4 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.pw = nn.Conv2d(4, 6, 1)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn1(self.conv1(x)))
+        b = torch.relu(self.bn2(self.conv2(a))) + a
+        c = self.bn3(self.dw(b))
+        d = torch.nn.functional.max_pool2d(torch.relu(self.pw(c)), 2)
+        return self.fc(d.flatten(1))
+
+
+class ConcatNet(nn.Module):
+    """Two branches concatenated on channels, then a conv reads both (6 = 2 + 4 inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Conv2d(1, 2, 3, padding=1)
+        self.right = nn.Conv2d(1, 4, 3, padding=1)
+        self.merge = nn.Conv2d(6, 5, 3, padding=1)
+        self.head = nn.Linear(5, 2)
+        self.temperature = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], dim=1)
+        y = torch.relu(self.merge(y)).mean(dim=(2, 3))
+        return self.head(y) * self.temperature
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics so folding is really exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()

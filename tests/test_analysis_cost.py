@@ -1,0 +1,162 @@
+"""Model analysis and the cost model, against values computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from nets import ConcatNet, ResidualDepthwiseNet, randomize_batchnorm
+
+from ajpq.analysis import NETWORK_INPUT, analyze_model, channel_importance
+from ajpq.compress import SimulatedModel
+from ajpq.cost import CostModel
+from ajpq.errors import ModelError
+from ajpq.models import build_model
+from ajpq.policy import LayerPolicy, Policy, validate_policy
+
+
+@pytest.fixture(scope="module")
+def residual():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResidualDepthwiseNet())
+    return model, analyze_model(model, (1, 4, 4), model_name="resdw")
+
+
+def test_layers_in_execution_order_with_shapes_and_macs(residual):
+    _, analysis = residual
+    assert analysis.layer_names == ["conv1", "conv2", "dw", "pw", "fc"]
+    dw = analysis.layer("dw")
+    assert (dw.type, dw.groups, dw.fan_in, dw.out_hw, dw.macs) == ("depthwise", 4, 9, 16, 576)
+    assert analysis.layer("pw").macs == 6 * 4 * 16
+    assert analysis.layer("fc").in_channels == 24 and analysis.layer("fc").out_hw == 1
+    assert [layer.bn_name for layer in analysis.layers] == ["bn1", "bn2", "bn3", None, None]
+    assert analysis.other_params == 0  # every BatchNorm is folded
+
+
+def test_residual_and_depthwise_channels_are_coupled(residual):
+    _, analysis = residual
+    shared = analysis.group_of("conv1")
+    assert sorted(shared.members) == ["conv1", "conv2", "dw"]
+    assert shared.prunable
+    assert analysis.group_of("pw").members == ["pw"]
+    assert not analysis.group_of("fc").prunable  # classifier outputs
+    # flatten: fc's 24 inputs are pw's 6 channels x 2x2 positions
+    assert analysis.in_group["fc"].tolist() == [analysis.layer("pw").group] * 24
+    assert analysis.in_root["fc"].tolist() == [c for c in range(6) for _ in range(4)]
+    assert analysis.in_group["conv1"].tolist() == [NETWORK_INPUT]
+
+
+def test_concat_consumer_reads_two_groups():
+    analysis = analyze_model(ConcatNet(), (1, 5, 5))
+    left, right = analysis.layer("left").group, analysis.layer("right").group
+    assert analysis.in_group["merge"].tolist() == [left, left, right, right, right, right]
+    assert analysis.in_root["merge"].tolist() == [0, 1, 0, 1, 2, 3]
+    assert analysis.other_params == 1  # the temperature parameter
+    assert not analysis.group_of("head").prunable
+
+
+def _hand_policy(analysis):
+    policy = Policy(
+        layers={
+            "conv1": LayerPolicy([8, 0, 4, 2], 8),
+            "conv2": LayerPolicy([4, 0, 4, 4], 4),
+            "dw": LayerPolicy([8, 0, 8, 1], 8),
+            "pw": LayerPolicy([8, 8, 0, 4, 4, 2], 6),
+            "fc": LayerPolicy([8, 8, 8], 8),
+        }
+    )
+    return validate_policy(policy, analysis)
+
+
+def test_cost_model_matches_hand_count(residual):
+    _, analysis = residual
+    report = CostModel(analysis).evaluate(_hand_policy(analysis))
+    # conv1: fan_in 9 (network input); kept bits 8+4+2; 3 kept x (16 scale + 32 folded-BN bias)
+    # conv2: 3 of 4 inputs kept -> fan_in 27; dw: fan_in 9; pw: 3 inputs -> 3; fc: pw ch 2 gone -> 20 inputs
+    sizes = {layer.name: layer.size_bits for layer in report.layers}
+    assert sizes == {
+        "conv1": 9 * 14 + 3 * 48,
+        "conv2": 27 * 12 + 3 * 48,
+        "dw": 9 * 17 + 3 * 48,
+        "pw": 3 * 26 + 5 * 48,
+        "fc": 20 * 24 + 3 * 48,
+    }
+    assert report.size_bits == 1977
+    assert report.bops == 9 * 14 * 16 * 8 + 27 * 12 * 16 * 4 + 9 * 17 * 16 * 8 + 3 * 26 * 16 * 6 + 20 * 24 * 8
+    assert report.reference_size_bits == 4 * 320 + 4 * 1184 + 4 * 320 + 6 * 160 + 3 * 800
+    assert report.reference_bops == (576 + 2304 + 576 + 384 + 72) * 32 * 32
+    assert report.size_ratio == pytest.approx(1977 / 10656)
+    assert report.compression_rate == pytest.approx(10656 / 1977)
+
+
+def test_other_parameters_count_in_both_numerator_and_denominator():
+    analysis = analyze_model(ConcatNet(), (1, 5, 5))
+    cost = CostModel(analysis)
+    report = cost.evaluate(Policy.uniform(analysis, 32 // 4, 8))
+    fp32 = 2 * (9 * 32 + 32) + 4 * (9 * 32 + 32) + 5 * (54 * 32 + 32) + 2 * (5 * 32 + 32)
+    assert cost.reference_size_bits == fp32 + 32
+    assert report.size_bits == 2 * (9 * 8 + 48) + 4 * (9 * 8 + 48) + 5 * (54 * 8 + 48) + 2 * (5 * 8 + 48) + 32
+
+
+def test_digits_cnn_readme_example():
+    model = build_model("digits_cnn", (1, 8, 8), 10)
+    analysis = analyze_model(model, (1, 8, 8))
+    policy = Policy.uniform(analysis, 4)
+    policy.layers["conv1"].weight_bits[:4] = 0
+    policy = validate_policy(policy, analysis)
+    conv2 = CostModel(analysis).evaluate(policy).layers[1]
+    assert conv2.name == "conv2" and conv2.size_bits == 32 * 480
+    assert CostModel(analysis).reference_size_bits > 0 and analysis.layer("conv2").fan_in * 32 + 32 == 4640
+
+
+def test_simulation_removes_channels_and_inputs(residual):
+    model, analysis = residual
+    policy = _hand_policy(analysis)
+    simulated = SimulatedModel(model, analysis, torch.randn(32, 1, 4, 4), "cpu")
+    module = simulated.apply(policy)
+    captured = {}
+    handles = [
+        module.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, o))
+        for name in ("conv1", "conv2", "dw", "pw")
+    ]
+    module(torch.randn(8, 1, 4, 4))
+    for handle in handles:
+        handle.remove()
+    for name in ("conv1", "conv2", "dw"):
+        assert torch.count_nonzero(captured[name][:, 1]) == 0, name  # the removed coupled channel is exactly 0
+    assert torch.count_nonzero(captured["pw"][:, 2]) == 0
+    assert torch.count_nonzero(module.get_submodule("pw").weight[:, 1]) == 0  # pw lost input channel 1
+    fc_weight = module.get_submodule("fc").weight.view(3, 6, 4)
+    assert torch.count_nonzero(fc_weight[:, 2]) == 0  # fc lost pw channel 2's four flattened inputs
+    # 8 bits everywhere and 32-bit activations is close to the FP32 model
+    exact = validate_policy(Policy.uniform(analysis, 8, 32), analysis)
+    x = torch.randn(16, 1, 4, 4)
+    assert torch.allclose(simulated.apply(exact)(x), model(x), atol=0.05)
+
+
+def test_folding_and_quantizing_commute_with_policy_application(residual):
+    model, analysis = residual
+    x = torch.randn(16, 1, 4, 4)
+    simulated = SimulatedModel(model, analysis, x, "cpu")
+    policy = validate_policy(Policy.uniform(analysis, 8, 32), analysis)
+    once = simulated.apply(policy)(x).clone()
+    simulated.apply(_hand_policy(analysis))
+    again = simulated.apply(policy)(x)
+    assert torch.equal(once, again)  # in-place re-application leaves no trace of earlier policies
+
+
+def test_importance_criteria_and_order(residual):
+    _, analysis = residual
+    weight = torch.tensor([[1.0, -1.0], [3.0, 0.0], [0.5, 0.5]])
+    assert channel_importance(weight, "l1").tolist() == [2.0, 3.0, 1.0]
+    assert channel_importance(weight, "l2") == pytest.approx([2**0.5, 3.0, 0.5**0.5])
+    order = analysis.channel_order("pw")
+    values = analysis.layer_importance["pw"][order]
+    assert np.all(np.diff(values) <= 0)
+    with pytest.raises(ModelError, match="criterion must be one of l1, l2"):
+        analyze_model(ResidualDepthwiseNet(), (1, 4, 4), criterion="l3")
+
+
+def test_model_that_does_not_run_on_the_shape_is_refused():
+    with pytest.raises(ModelError, match="does not run on input shape"):
+        analyze_model(ResidualDepthwiseNet(), (3, 4, 4))
