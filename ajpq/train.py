@@ -21,11 +21,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto``/None picks CUDA when present; ``cuda`` without a GPU is refused with a clear message."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    text = str(device)
+    if text.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu, cuda or auto, but got '{text}'")
+    device = torch.device(text)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA GPU is available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu, cuda or auto, but got '{device}'")
     return device
 
 
