@@ -1,0 +1,263 @@
+"""The layer and channel controllers: stable-baselines3 PPO or DDPG driven one episode at a time.
+
+SB3's ``learn()`` owns the environment loop, but in AJPQ's hierarchy the two agents act inside the *same* episode
+(the layer agent at each layer step, the channel agent at each channel step within it). So the search drives the
+episode itself and feeds each agent its own transitions when the episode ends; the agents keep SB3's networks,
+optimizers, buffers and ``train()`` updates, and their ``.save`` zip format.
+
+* **PPO** (on-policy): actions are sampled from the current policy; the episode's transitions (reward 0 at every
+  step but the last, which gets the episode reward; gamma 1, GAE lambda 0.95) are kept until ``episodes_per_update``
+  episodes are collected, then ``PPO.train()`` runs on exactly those transitions. Warm-up episodes (uniform random
+  actions) are not used by PPO, whose update needs on-policy log-probabilities.
+* **DDPG** (off-policy, as in AMC and HAQ): actions are the actor's plus Gaussian exploration noise (decaying); as in
+  HAQ, every transition of an episode is stored with the episode reward minus a moving-average baseline, as a
+  one-step problem, warm-up episodes included; after the warm-up each episode runs ``gradient_steps`` updates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3 import DDPG, PPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.logger import Logger
+
+from ajpq.errors import ConfigError
+
+AGENT_KINDS: tuple[str, ...] = ("ppo", "ddpg")
+
+
+class Controller:
+    """Common interface of the two agent kinds (see the module docstring)."""
+
+    kind = "base"
+
+    def __init__(self, name: str, env: gym.Env, seed: int, rng: np.random.Generator) -> None:
+        self.name = name
+        self.env = env
+        self.seed = seed
+        self.rng = rng
+        self.transitions: list[tuple[Any, ...]] = []
+        self.logger = Logger(folder=None, output_formats=[])
+        self.model: Any = None
+
+    def act(self, obs: np.ndarray, warmup: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def end_episode(self, reward: float, warmup: bool) -> dict[str, float]:
+        """Hand the episode's reward to the agent; returns the training statistics of any update it made."""
+        raise NotImplementedError
+
+    def _random_action(self) -> np.ndarray:
+        space = self.env.action_space
+        if isinstance(space, gym.spaces.Discrete):
+            return np.array([int(self.rng.integers(space.n))])
+        return self.rng.uniform(space.low, space.high).astype(np.float32)
+
+    def _drain_logger(self) -> dict[str, float]:
+        values = {k: float(v) for k, v in self.logger.name_to_value.items() if isinstance(v, int | float | np.number)}
+        self.logger.dump(0)
+        return values
+
+    def save(self, folder: Path) -> None:
+        self.model.save(folder / f"{self.name}.zip")
+
+    def load(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PPOController(Controller):
+    kind = "ppo"
+
+    def __init__(
+        self,
+        name: str,
+        env: gym.Env,
+        seed: int,
+        rng: np.random.Generator,
+        *,
+        episodes_per_update: int = 4,
+        n_epochs: int = 4,
+        batch_size: int = 64,
+        learning_rate: float = 3e-4,
+        net_arch: tuple[int, ...] = (64, 64),
+    ) -> None:
+        super().__init__(name, env, seed, rng)
+        self.episodes_per_update = episodes_per_update
+        self.model = PPO(
+            "MlpPolicy",
+            env,
+            n_steps=batch_size,
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            gamma=1.0,
+            gae_lambda=0.95,
+            learning_rate=learning_rate,
+            ent_coef=0.01,
+            policy_kwargs={"net_arch": list(net_arch)},
+            seed=seed,
+            device="cpu",
+        )
+        self.model.set_logger(self.logger)
+        self.episodes: list[list[tuple[Any, ...]]] = []
+        self.pending: list[tuple[Any, ...]] = []
+
+    def act(self, obs: np.ndarray, warmup: bool) -> np.ndarray:
+        if warmup:
+            return self._random_action()
+        policy = self.model.policy
+        with torch.no_grad():
+            obs_t = torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1)
+            action, value, log_prob = policy(obs_t)
+        action_np = action.numpy().reshape(-1)
+        self.pending.append((obs, action_np, value, log_prob))
+        space = self.env.action_space
+        if isinstance(space, gym.spaces.Box):
+            return np.clip(action_np, space.low, space.high)
+        return action_np
+
+    def end_episode(self, reward: float, warmup: bool) -> dict[str, float]:
+        if warmup or not self.pending:
+            self.pending = []
+            return {}
+        self.episodes.append([*self.pending[:-1], (*self.pending[-1], reward)])
+        self.pending = []
+        if len(self.episodes) < self.episodes_per_update:
+            return {}
+        steps = sum(len(e) for e in self.episodes)
+        model = self.model
+        buffer = RolloutBuffer(
+            steps, model.observation_space, model.action_space, device="cpu", gae_lambda=0.95, gamma=1.0, n_envs=1
+        )
+        for episode in self.episodes:
+            for i, item in enumerate(episode):
+                obs, action, value, log_prob = item[:4]
+                r = item[4] if len(item) > 4 else 0.0
+                buffer.add(
+                    obs.reshape(1, -1),
+                    action.reshape(1, -1),
+                    np.array([r], dtype=np.float32),
+                    np.array([i == 0]),
+                    value,
+                    log_prob,
+                )
+        buffer.compute_returns_and_advantage(torch.zeros(1, 1), np.array([True]))
+        model.rollout_buffer = buffer
+        model.train()
+        model.num_timesteps += steps
+        self.episodes = []
+        return self._drain_logger()
+
+    def load(self, folder: Path) -> None:
+        self.model = PPO.load(folder / f"{self.name}.zip", env=self.env, device="cpu")
+        self.model.set_logger(self.logger)
+
+
+class DDPGController(Controller):
+    kind = "ddpg"
+
+    def __init__(
+        self,
+        name: str,
+        env: gym.Env,
+        seed: int,
+        rng: np.random.Generator,
+        *,
+        noise: float = 0.5,
+        noise_decay: float = 0.99,
+        gradient_steps: int = 16,
+        batch_size: int = 64,
+        buffer_size: int = 100_000,
+        learning_rate: float = 1e-3,
+        net_arch: tuple[int, ...] = (64, 64),
+    ) -> None:
+        super().__init__(name, env, seed, rng)
+        if not isinstance(env.action_space, gym.spaces.Box):
+            raise ConfigError(f"{name}: DDPG needs a Box action space, but the env has {env.action_space}")
+        self.noise = noise
+        self.noise_decay = noise_decay
+        self.gradient_steps = gradient_steps
+        self.batch_size = batch_size
+        self.baseline: float | None = None
+        self.model = DDPG(
+            "MlpPolicy",
+            env,
+            learning_rate=learning_rate,
+            buffer_size=buffer_size,
+            learning_starts=0,
+            batch_size=batch_size,
+            gamma=0.0,
+            policy_kwargs={"net_arch": list(net_arch)},
+            seed=seed,
+            device="cpu",
+        )
+        self.model.set_logger(self.logger)
+
+    def act(self, obs: np.ndarray, warmup: bool) -> np.ndarray:
+        if warmup:
+            action = self._random_action()
+        else:
+            with torch.no_grad():
+                action = self.model.actor(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1)).numpy()[0]
+            action = np.clip(action + self.rng.normal(0.0, self.noise, action.shape), -1.0, 1.0).astype(np.float32)
+        self.transitions.append((obs, action))
+        return action
+
+    def end_episode(self, reward: float, warmup: bool) -> dict[str, float]:
+        self.baseline = reward if self.baseline is None else 0.95 * self.baseline + 0.05 * reward
+        advantage = reward - self.baseline
+        buffer = self.model.replay_buffer
+        for obs, action in self.transitions:
+            buffer.add(
+                obs.reshape(1, -1),
+                obs.reshape(1, -1),
+                action.reshape(1, -1),
+                np.array([advantage], dtype=np.float32),
+                np.array([True]),
+                [{}],
+            )
+        steps = len(self.transitions)
+        self.transitions = []
+        self.model.num_timesteps += steps
+        if warmup:
+            return {}
+        self.noise *= self.noise_decay
+        self.model.train(gradient_steps=self.gradient_steps, batch_size=self.batch_size)
+        return self._drain_logger()
+
+    def save(self, folder: Path) -> None:
+        super().save(folder)
+        self.model.save_replay_buffer(folder / f"{self.name}_replay.pkl")
+
+    def load(self, folder: Path) -> None:
+        self.model = DDPG.load(folder / f"{self.name}.zip", env=self.env, device="cpu")
+        self.model.load_replay_buffer(folder / f"{self.name}_replay.pkl")
+        self.model.set_logger(self.logger)
+
+    def state(self) -> dict[str, Any]:
+        return {"noise": self.noise, "baseline": self.baseline}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.noise = float(state.get("noise", self.noise))
+        self.baseline = state.get("baseline")
+
+
+def make_controller(
+    kind: str, name: str, env: gym.Env, seed: int, rng: np.random.Generator, **kwargs: Any
+) -> Controller:
+    """A PPO or DDPG controller acting in ``env``'s spaces."""
+    if kind == "ppo":
+        return PPOController(name, env, seed, rng, **kwargs)
+    if kind == "ddpg":
+        return DDPGController(name, env, seed, rng, **kwargs)
+    raise ConfigError(f"agent must be one of {', '.join(AGENT_KINDS)}, but got {kind!r}")

@@ -1,0 +1,289 @@
+"""The run folder every search method writes, and reads back on ``--resume`` and ``ajpq export``.
+
+Layout of ``runs/<model>__<dataset>__<seed>__<YYYYmmdd-HHMMSS>/``:
+
+* ``config.yaml``: the search configuration as a ``default:`` block (usable again with ``--config``);
+* ``run.json``: what the run was made on (model fingerprint, FP32 accuracy, AJPQ version, method);
+* ``episodes.jsonl``: one JSON line per evaluated episode (episode, reward, accuracy, size_ratio, bops_ratio,
+  feasible, wall_time, ...), flushed line by line;
+* ``policies.jsonl``: the policy of each episode, compactly (one digit per channel), for ``ajpq export --episode``;
+* ``best_policy.json``: the best feasible policy with its metrics, a valid policy file, rewritten atomically;
+* ``checkpoint/``: the method's state (``state.json`` names the checkpointed episode count; it is written last);
+* ``tb/``: TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ajpq.errors import ArtifactError, ConfigError
+from ajpq.io import atomic_write_json, atomic_write_text
+from ajpq.policy import LayerPolicy, Policy
+
+EPISODES_FILE = "episodes.jsonl"
+POLICIES_FILE = "policies.jsonl"
+BEST_POLICY_FILE = "best_policy.json"
+CONFIG_FILE = "config.yaml"
+RUN_INFO_FILE = "run.json"
+STATE_FILE = "state.json"
+TIME_KEYS: tuple[str, ...] = ("wall_time", "eval_time")
+"""Keys of an episode record that measure time (the only ones that differ between two runs with the same seed)."""
+
+
+def encode_policy(policy: Policy) -> dict[str, Any]:
+    """A compact JSON form of a policy: one digit per channel, activation bits, and any weight sparsity."""
+    encoded: dict[str, Any] = {
+        "bits": {name: "".join(str(int(b)) for b in layer.weight_bits) for name, layer in policy.layers.items()},
+        "abits": {name: int(layer.activation_bits) for name, layer in policy.layers.items()},
+    }
+    sparsity = {name: float(layer.weight_sparsity) for name, layer in policy.layers.items() if layer.weight_sparsity}
+    if sparsity:
+        encoded["sparsity"] = sparsity
+    return encoded
+
+
+def decode_policy(data: dict[str, Any], model_name: str | None, fingerprint: str | None) -> Policy:
+    """Inverse of :func:`encode_policy`."""
+    layers = {
+        name: LayerPolicy(
+            np.array([int(ch) for ch in digits], dtype=np.int64),
+            int(data["abits"][name]),
+            float(data.get("sparsity", {}).get(name, 0.0)),
+        )
+        for name, digits in data["bits"].items()
+    }
+    return Policy(layers=layers, model_name=model_name, fingerprint=fingerprint)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete lines of a JSON-lines file; a torn last line (process killed mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    records = []
+    with path.open("r", encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+class RunDir:
+    """One run folder (see the module docstring); used by every search method."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._writer: Any = None
+        self._purge_step: int | None = None
+
+    @classmethod
+    def create(cls, root: str | Path, model: str, dataset: str, seed: int, *, path: str | Path | None = None) -> RunDir:
+        """Make a new run folder under ``root`` (or exactly at ``path``), refusing to reuse a non-empty one."""
+        if path is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            safe = model.replace(":", "_").replace("/", "_")
+            base = Path(root) / f"{safe}__{dataset}__{seed}__{stamp}"
+            candidate, suffix = base, 1
+            while candidate.exists():
+                suffix += 1
+                candidate = base.with_name(f"{base.name}-{suffix}")
+        else:
+            candidate = Path(path)
+            if candidate.exists() and any(candidate.iterdir()):
+                raise ConfigError(
+                    f"run folder {candidate} already exists and is not empty; pick another --run-dir, "
+                    f"or continue it with --resume {candidate}"
+                )
+        candidate.mkdir(parents=True, exist_ok=True)
+        return cls(candidate)
+
+    @classmethod
+    def open(cls, path: str | Path, what: str = "--resume") -> RunDir:
+        """An existing run folder; refuse a path that is not one with a message that says so."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"{what} {path}: no such run folder; give a folder made by `ajpq search` (runs/...)")
+        if not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"{what} {path}: not a run folder (it has no {CONFIG_FILE})")
+        return cls(path)
+
+    # ---- files -------------------------------------------------------------------------------------------
+    @property
+    def episodes_path(self) -> Path:
+        return self.path / EPISODES_FILE
+
+    @property
+    def policies_path(self) -> Path:
+        return self.path / POLICIES_FILE
+
+    @property
+    def best_policy_path(self) -> Path:
+        return self.path / BEST_POLICY_FILE
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tb"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Write ``config.yaml`` as a ``default:`` block (the format ``--config`` reads)."""
+        text = "# written by ajpq search; reuse it with `ajpq search --config <this file>`\n"
+        text += yaml.safe_dump({"default": config}, sort_keys=False)
+        atomic_write_text(self.path / CONFIG_FILE, text)
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            data = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read {self.path / CONFIG_FILE}: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("default"), dict):
+            raise ConfigError(f"{self.path / CONFIG_FILE} has no `default:` block")
+        return dict(data["default"])
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.path / RUN_INFO_FILE, info)
+
+    def read_info(self) -> dict[str, Any]:
+        path = self.path / RUN_INFO_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    # ---- episodes ----------------------------------------------------------------------------------------
+    def append_episode(self, record: dict[str, Any], policy: Policy | None = None) -> None:
+        """Append one episode line (and its policy line), flushed to disk at once."""
+        for path, obj in (
+            (self.policies_path, None if policy is None else {"episode": record["episode"], **encode_policy(policy)}),
+            (self.episodes_path, record),
+        ):
+            if obj is None:
+                continue
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(obj) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def read_episodes(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.episodes_path)
+
+    def read_policy(self, episode: int, model_name: str | None, fingerprint: str | None) -> Policy:
+        """The policy of one recorded episode; :class:`ConfigError` if the run has no such episode."""
+        for row in _read_jsonl(self.policies_path):
+            if row.get("episode") == episode:
+                return decode_policy(row, model_name, fingerprint)
+        count = len(self.read_episodes())
+        raise ConfigError(
+            f"run {self.path} has no episode {episode}; it recorded episodes 1 to {count}"
+            if count
+            else f"run {self.path} has recorded no episode yet"
+        )
+
+    def truncate(self, episodes: int) -> None:
+        """Keep the first ``episodes`` records of the JSON-lines files (drops what came after a checkpoint)."""
+        for path in (self.episodes_path, self.policies_path):
+            rows = [row for row in _read_jsonl(path) if int(row.get("episode", 0)) <= episodes]
+            atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+        self._purge_step = episodes + 1
+
+    # ---- best policy -------------------------------------------------------------------------------------
+    def write_best(self, policy: Policy) -> None:
+        """Atomically replace ``best_policy.json`` (the policy carries its metrics and meta)."""
+        policy.save(self.best_policy_path)
+
+    # ---- checkpoint state --------------------------------------------------------------------------------
+    def save_state(self, state: dict[str, Any]) -> None:
+        """Commit a checkpoint: ``state.json`` is written last and atomically, after the files it refers to."""
+        atomic_write_json(self.checkpoint_dir / STATE_FILE, state)
+
+    def load_state(self) -> dict[str, Any] | None:
+        path = self.checkpoint_dir / STATE_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path} is corrupted ({exc.msg}); start a new run") from None
+
+    def checkpoint_slot(self, episode: int) -> Path:
+        """A fresh folder for the files of the checkpoint at ``episode``."""
+        slot = self.checkpoint_dir / f"ep{episode:06d}"
+        if slot.exists():
+            shutil.rmtree(slot)
+        slot.mkdir(parents=True)
+        return slot
+
+    def prune_checkpoints(self, keep: Path) -> None:
+        """Remove checkpoint slots other than ``keep`` (after ``state.json`` points to it)."""
+        for slot in self.checkpoint_dir.glob("ep*"):
+            if slot.is_dir() and slot != keep:
+                shutil.rmtree(slot, ignore_errors=True)
+
+    # ---- TensorBoard -------------------------------------------------------------------------------------
+    @property
+    def writer(self) -> Any:
+        """A ``SummaryWriter`` on ``tb/`` (after a resume, events past the checkpoint are purged from view)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
+        return self._writer
+
+    def add_scalars(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, float(value), step)
+
+    def add_policy_summaries(self, policy: Policy, step: int, tag: str = "best_policy") -> None:
+        """Bit-allocation image (layers x channels, colormap), histogram of weight bits and the policy as text."""
+        from matplotlib import colormaps
+
+        names = list(policy.layers)
+        width = max(len(layer.weight_bits) for layer in policy.layers.values())
+        grid = np.full((len(names), width), np.nan)
+        for row, name in enumerate(names):
+            grid[row, : len(policy.layers[name].weight_bits)] = policy.layers[name].weight_bits
+        colors = colormaps["viridis"](np.nan_to_num(grid, nan=0.0) / 8.0)[..., :3]
+        colors[np.isnan(grid)] = 1.0
+        scale = max(1, min(32, 512 // max(width, 1)))
+        image = np.kron(colors, np.ones((max(8, scale), scale, 1)))
+        self.writer.add_image(f"{tag}/bits", image, step, dataformats="HWC")
+        all_bits = np.concatenate([layer.weight_bits for layer in policy.layers.values()])
+        self.writer.add_histogram(f"{tag}/weight_bits", all_bits, step, bins=np.arange(-0.5, 9.5))
+        lines = ["| layer | kept | mean bits | act bits |", "|---|---|---|---|"]
+        for name, layer in policy.layers.items():
+            kept = layer.weight_bits > 0
+            mean = float(layer.weight_bits[kept].mean()) if kept.any() else 0.0
+            lines.append(f"| {name} | {int(kept.sum())}/{kept.size} | {mean:.2f} | {layer.activation_bits} |")
+        self.writer.add_text(f"{tag}/table", "\n".join(lines), step)
+        self.writer.add_text(f"{tag}/json", "    " + json.dumps(encode_policy(policy)), step)
+
+    def add_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Hyperparameters as a markdown table and in the HPARAMS plugin (written under the run's own folder)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        clean = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in hparams.items()}
+        table = "| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in clean.items())
+        self.writer.add_text("hparams/table", table, 0)
+        exp, ssi, sei = hparams_summary(clean, metrics)
+        file_writer = self.writer.file_writer
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, 0)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,520 @@
+"""The search: configuration, the run loop shared by every method, and AJPQ's hierarchical RL method.
+
+Extension point: a search *method* is a callable ``method(context: SearchContext) -> None`` registered in
+:data:`METHODS` under its ``--method`` name (e.g. ``METHODS["random"] = run_random``). The context gives it the
+workspace, the validated :class:`SearchConfig`, the :class:`~ajpq.runs.RunDir`, the
+:class:`~ajpq.envs.CompressionProblem` (budget, projection, reward) and a :class:`Recorder`. A method evaluates
+policies with ``context.problem.finish(policy)`` and calls ``context.recorder.record(result)`` once per evaluated
+episode; the recorder writes ``episodes.jsonl``/``policies.jsonl``, keeps ``best_policy.json``, logs TensorBoard and
+drives the progress bar. Methods that support ``--resume`` save their state with ``context.recorder.checkpoint``.
+:func:`run_search` does everything else (workspace, budget check, run folder, resume, summary), so a new method
+never touches the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ajpq.budget import Budget, check_feasible
+from ajpq.errors import ConfigError
+from ajpq.methods import SEARCH_METHODS
+from ajpq.runs import RunDir
+from ajpq.workspace import Workspace, log, open_workspace
+
+DEFAULT_EPISODES = 300
+
+
+@dataclass
+class SearchConfig:
+    """Everything that defines a search (the keys of ``--config`` YAML files and of a run's ``config.yaml``)."""
+
+    model: str = "digits_cnn"
+    """Model to compress (zoo name, torchvision name or ``pkg.mod:factory``)."""
+    dataset: str = "digits"
+    """Dataset (digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder)."""
+    data_dir: str | None = None
+    """Folder with the dataset files (default: $AJPQ_DATA_DIR or the cache)."""
+    weights: str | None = None
+    """FP32 checkpoint (default: the cached reference, pretrained on first use)."""
+    split_seed: int = 0
+    """Seed of the train/validation split."""
+    val_size: int | None = None
+    """Validation images (the reward's data); default per dataset."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    importance: str = "l1"
+    """Channel-importance criterion (l1 or l2)."""
+    method: str = "ajpq"
+    """Search method (a key of ``METHODS``)."""
+    size_budget: float | None = 0.1
+    """Largest size as a ratio of FP32, in (0, 1] (None: no size budget)."""
+    bops_budget: float | None = None
+    """Largest BOPs as a ratio of FP32, in (0, 1] (None: no BOPs budget)."""
+    budget_mode: str = "hard"
+    """hard: project each policy onto the budget; soft: subtract a penalty from the reward."""
+    soft_penalty: float = 1.0
+    """Soft mode: reward -= soft_penalty * sum_k max(0, ratio_k / budget_k - 1)."""
+    episodes: int = DEFAULT_EPISODES
+    """Evaluated episodes (warm-up included)."""
+    warmup_episodes: int = 20
+    """First episodes with uniformly random actions (exploration; equal to ``episodes`` = random search)."""
+    seed: int = 0
+    """Seed of the agents, exploration and everything random in the search."""
+    layer_agent: str = "ppo"
+    """Layer controller: ppo or ddpg."""
+    channel_agent: str = "ppo"
+    """Channel controller: ppo or ddpg."""
+    max_sparsity: float = 0.8
+    """Largest fraction of a layer's channels the layer agent may remove, in [0, 1)."""
+    activation_bits: int = 8
+    """Activation bits of every layer (when not searched)."""
+    search_activation_bits: bool = False
+    """Let the layer agent pick each layer's activation bits (2..8) as a second action dimension."""
+    channel_group_size: int | None = None
+    """Channels per channel step (default: enough to keep each layer at <= 16 steps)."""
+    episodes_per_update: int = 4
+    """PPO: episodes collected per update."""
+    episode_finetune_steps: int = 0
+    """SGD steps of fine-tuning before each episode's evaluation (0: none)."""
+    checkpoint_every: int = 20
+    """Save a resumable checkpoint every this many episodes (a multiple of ``episodes_per_update``)."""
+    run_root: str = "runs"
+    """Parent folder of new run folders."""
+    run_dir: str | None = None
+    """Exact run folder to create (default: run_root/<model>__<dataset>__<seed>__<time>)."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the other methods (see each module's ``DEFAULTS`` in :mod:`ajpq.methods`), e.g. {"rounds": 3}."""
+
+    def __post_init__(self) -> None:
+        def integer(name: str, low: int, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, but got {value!r}")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number, but got {value!r}")
+            return float(value)
+
+        for name in ("model", "dataset", "device", "importance", "method", "budget_mode", "run_root"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, but got {getattr(self, name)!r}")
+        integer("episodes", 1)
+        integer("warmup_episodes", 0)
+        integer("seed", 0)
+        integer("split_seed", 0)
+        integer("val_size", 1, allow_none=True)
+        integer("channel_group_size", 1, allow_none=True)
+        integer("episodes_per_update", 1)
+        integer("episode_finetune_steps", 0)
+        integer("checkpoint_every", 1)
+        Budget(self.size_budget, self.bops_budget, self.budget_mode)
+        if number("soft_penalty") < 0:
+            raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
+        if not 0.0 <= number("max_sparsity") < 1.0:
+            raise ConfigError(f"max_sparsity must be in [0, 1), but got {self.max_sparsity}")
+        from ajpq.agents import AGENT_KINDS
+        from ajpq.quant import ACTIVATION_BITS_ALLOWED
+
+        for name in ("layer_agent", "channel_agent"):
+            if getattr(self, name) not in AGENT_KINDS:
+                raise ConfigError(f"{name} must be one of {', '.join(AGENT_KINDS)}, but got {getattr(self, name)!r}")
+        if self.activation_bits not in ACTIVATION_BITS_ALLOWED:
+            raise ConfigError(
+                f"activation_bits must be one of {list(ACTIVATION_BITS_ALLOWED)}, but got {self.activation_bits!r}"
+            )
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, but got {self.method!r}")
+        if self.checkpoint_every % self.episodes_per_update:
+            raise ConfigError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of episodes_per_update "
+                f"({self.episodes_per_update}), so that checkpoints fall between PPO updates"
+            )
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(
+                f"method_options must be a mapping of option names to values, but got {self.method_options!r}"
+            )
+        if self.method != "ajpq" and self.method_options:
+            from ajpq.methods import method_module
+
+            unknown = sorted(set(self.method_options) - set(method_module(self.method).DEFAULTS))
+            if unknown:
+                known = ", ".join(sorted(method_module(self.method).DEFAULTS))
+                raise ConfigError(
+                    f"method_options {unknown} are not options of method {self.method!r} (it has: {known})"
+                )
+        for name in ("search_activation_bits", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, but got {getattr(self, name)!r}")
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.size_budget, self.bops_budget, self.budget_mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(SearchConfig))
+
+
+@dataclass
+class SearchResult:
+    """Summary of a finished search."""
+
+    run_dir: Path
+    episodes: int
+    best: dict[str, Any] | None
+    episodes_per_s: float
+    eval_time_fraction: float
+    """Mean episode wall time / mean evaluation time (the overhead ratio)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "episodes": self.episodes,
+            "best": self.best,
+            "best_policy": str(self.run_dir / "best_policy.json") if self.best else None,
+            "episodes_per_s": self.episodes_per_s,
+            "overhead_ratio": self.eval_time_fraction,
+        }
+
+
+class Recorder:
+    """Records evaluated episodes for any method: run-folder files, best policy, TensorBoard, progress bar."""
+
+    def __init__(self, run_dir: RunDir, config: SearchConfig, fp32_accuracy: float, start: int = 0) -> None:
+        self.run_dir = run_dir
+        self.fp32_accuracy = fp32_accuracy
+        self.config = config
+        self.episode = start
+        self.best: dict[str, Any] | None = None
+        self.best_reward = -float("inf")
+        self.start_time = time.perf_counter()
+        self.last_time = self.start_time
+        self.wall_total = 0.0
+        self.eval_total = 0.0
+        self.count = 0
+        self.bar: Any = None
+        if config.progress and not os.environ.get("AJPQ_NO_PROGRESS"):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=config.episodes, initial=start, desc="search", unit="ep", dynamic_ncols=True)
+
+    def restore_best(self, best: dict[str, Any] | None) -> None:
+        self.best = best
+        self.best_reward = -float("inf") if best is None else float(best["reward"])
+
+    def record(self, result: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write one evaluated episode (an :class:`~ajpq.envs.EpisodeResult`); returns its record."""
+        now = time.perf_counter()
+        wall = now - self.last_time
+        self.last_time = now
+        self.episode += 1
+        self.count += 1
+        self.wall_total += wall
+        self.eval_total += result.eval_time
+        record = {
+            "episode": self.episode,
+            "reward": round(result.reward, 8),
+            "accuracy": round(result.accuracy, 8),
+            "size_ratio": round(result.report.size_ratio, 8),
+            "bops_ratio": round(result.report.bops_ratio, 8),
+            "feasible": bool(result.feasible),
+            "projected": bool(result.projected),
+            **(extra or {}),
+            "wall_time": round(wall, 6),
+            "eval_time": round(result.eval_time, 6),
+        }
+        self.run_dir.append_episode(record, result.policy)
+        scalars = {
+            "search/reward": result.reward,
+            "search/accuracy": result.accuracy,
+            "search/size_ratio": result.report.size_ratio,
+            "search/bops_ratio": result.report.bops_ratio,
+            "time/episodes_per_s": 1.0 / max(wall, 1e-9),
+            "time/overhead_ratio": wall / max(result.eval_time, 1e-9),
+        }
+        if result.feasible and result.reward > self.best_reward:
+            self.best_reward = result.reward
+            self.best = {k: record[k] for k in ("episode", "reward", "accuracy", "size_ratio", "bops_ratio")}
+            self.best["compression_rate"] = result.report.compression_rate
+            policy = result.policy.copy()
+            policy.metrics = {**self.best, "fp32_accuracy": self.fp32_accuracy, "split": "val"}
+            policy = policy.with_meta(
+                self.config.method,
+                self.config.seed,
+                run=str(self.run_dir.path),
+                dataset=self.config.dataset,
+                budget={"size": self.config.size_budget, "bops": self.config.bops_budget},
+            )
+            self.run_dir.write_best(policy)
+            self.run_dir.add_policy_summaries(policy, self.episode)
+        if self.best is not None:
+            scalars["search/best_reward"] = self.best_reward
+        self.run_dir.add_scalars(scalars, self.episode)
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.best is not None:
+                self.bar.set_postfix(best=f"{self.best_reward:+.4f}", refresh=False)
+        return record
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class SearchContext:
+    """What a method receives (see the module docstring)."""
+
+    workspace: Workspace
+    config: SearchConfig
+    run_dir: RunDir
+    problem: Any
+    recorder: Recorder
+    resume_state: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def checkpoint(self, save: Callable[[Path], dict[str, Any]]) -> None:
+        """Save a resumable checkpoint: ``save(folder)`` writes the method's files and returns its state dict."""
+        episode = self.recorder.episode
+        slot = self.run_dir.checkpoint_slot(episode)
+        state = save(slot)
+        self.run_dir.save_state(
+            {
+                "episode": episode,
+                "slot": slot.name,
+                "best": self.recorder.best,
+                "method": self.config.method,
+                "rng": _rng_state(),
+                "method_state": state,
+            }
+        )
+        self.run_dir.prune_checkpoints(slot)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": repr(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    random.setstate(_tuplify(ast.literal_eval(state["python"])))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _tuplify(value: Any) -> Any:
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- AJPQ: hierarchical RL -------------------------------------------------------------------------------------
+def run_ajpq(context: SearchContext) -> None:
+    """The hierarchical RL search: a layer agent and a channel agent act in every episode and learn from it."""
+    from ajpq.agents import make_controller
+    from ajpq.envs import ChannelCompressEnv, LayerCompressEnv
+
+    config, recorder, problem = context.config, context.recorder, context.problem
+    rng = np.random.default_rng(config.seed)
+    layer_env = LayerCompressEnv(problem, channel_discrete=config.channel_agent == "ppo")
+    channel_env = ChannelCompressEnv(problem, discrete=config.channel_agent == "ppo")
+    agent_options = {"ppo": {"episodes_per_update": config.episodes_per_update}, "ddpg": {}}
+    layer_agent = make_controller(
+        config.layer_agent, "layer_agent", layer_env, config.seed, rng, **agent_options[config.layer_agent]
+    )
+    channel_agent = make_controller(
+        config.channel_agent, "channel_agent", channel_env, config.seed + 1, rng, **agent_options[config.channel_agent]
+    )
+    state = context.resume_state
+    if state is not None:
+        slot = context.run_dir.checkpoint_dir / state["slot"]
+        layer_agent.load(slot)
+        channel_agent.load(slot)
+        method_state = state.get("method_state", {})
+        layer_agent.set_state(method_state.get("layer_agent", {}))
+        channel_agent.set_state(method_state.get("channel_agent", {}))
+        rng.bit_generator.state = method_state["rng"]
+        _set_rng_state(state["rng"])
+
+    def save(folder: Path) -> dict[str, Any]:
+        layer_agent.save(folder)
+        channel_agent.save(folder)
+        return {
+            "layer_agent": layer_agent.state(),
+            "channel_agent": channel_agent.state(),
+            "rng": rng.bit_generator.state,
+        }
+
+    warmup = False
+    layer_env.channel_controller = lambda obs: channel_agent.act(obs, warmup)
+    writer_tags = {"layer_agent": layer_agent, "channel_agent": channel_agent}
+    while recorder.episode < config.episodes:
+        warmup = recorder.episode < config.warmup_episodes
+        obs, _ = layer_env.reset()
+        done = False
+        reward = 0.0
+        while not done:
+            obs, reward, done, _, _ = layer_env.step(layer_agent.act(obs, warmup))
+        result = layer_env.episode.result
+        assert result is not None
+        for name, agent in writer_tags.items():
+            stats = agent.end_episode(float(reward), warmup)
+            context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
+        recorder.record(result, {"warmup": warmup})
+        if recorder.episode % config.checkpoint_every == 0 or recorder.episode == config.episodes:
+            context.checkpoint(save)
+
+
+METHODS: dict[str, Callable[[SearchContext], None]] = {"ajpq": run_ajpq, **SEARCH_METHODS}
+"""Search methods by ``--method`` name; add one with ``METHODS["name"] = fn`` (see the module docstring)."""
+
+
+def _finetune_evaluator(workspace: Workspace, steps: int, seed: int) -> Callable[[Any], float]:
+    """Evaluation after a short fine-tune: ``steps`` SGD steps (lr 0.005) of a copy of the FP32 model on the training
+    split, then the policy is applied to that copy (BN folded, quantized, pruned) and evaluated."""
+    import copy
+
+    from ajpq.compress import SimulatedModel
+    from ajpq.train import TrainConfig, evaluate_accuracy, train_model
+    from ajpq.workspace import CALIBRATION_SIZE
+
+    calibration = next(workspace.splits.train.batches(CALIBRATION_SIZE))[0]
+
+    def evaluate(policy: Any) -> float:
+        model = copy.deepcopy(workspace.model)
+        generator = torch.Generator().manual_seed(seed)
+        train_model(
+            model,
+            workspace.splits.train,
+            TrainConfig(epochs=1, lr=0.005, max_steps=steps, augment=False),
+            device=workspace.device,
+            generator=generator,
+            progress=False,
+        )
+        model.eval()
+        simulated = SimulatedModel(model, workspace.analysis, calibration, workspace.device)
+        return evaluate_accuracy(simulated.apply(policy), workspace.splits.val, workspace.device)
+
+    return evaluate
+
+
+def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> SearchResult:
+    """Run (or resume) a search and return its summary; every bad input raises an AJPQError before any search."""
+    from ajpq.envs import CompressionProblem
+    from ajpq.train import evaluate_accuracy
+
+    seed_all(config.seed)
+    workspace = open_workspace(
+        config.model,
+        config.dataset,
+        data_dir=config.data_dir,
+        weights=config.weights,
+        device=config.device,
+        split_seed=config.split_seed,
+        val_size=config.val_size,
+        criterion=config.importance,
+        progress=config.progress,
+    )
+    budget = config.budget
+    min_abits = 2 if config.search_activation_bits else config.activation_bits
+    check_feasible(
+        workspace.analysis, workspace.cost_model, budget, max_sparsity=config.max_sparsity, activation_bits=min_abits
+    )
+    val = workspace.splits.val
+    fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
+    if config.episode_finetune_steps:
+        evaluate = _finetune_evaluator(workspace, config.episode_finetune_steps, config.seed)
+    else:
+
+        def evaluate(policy: Any) -> float:
+            return evaluate_accuracy(workspace.simulated.apply(policy), val, workspace.device)
+
+    problem = CompressionProblem(
+        workspace.analysis,
+        evaluate,
+        fp32,
+        budget=budget,
+        max_sparsity=config.max_sparsity,
+        activation_bits=config.activation_bits,
+        search_activation_bits=config.search_activation_bits,
+        channel_group_size=config.channel_group_size,
+        soft_penalty=config.soft_penalty,
+    )
+    state = None
+    if resume is not None:
+        run_dir = RunDir.open(resume)
+        state = run_dir.load_state()
+        done = 0 if state is None else int(state["episode"])
+        run_dir.truncate(done)
+        if state is None:
+            run_dir.best_policy_path.unlink(missing_ok=True)
+        log(f"resuming {run_dir.path} after episode {done} (its last checkpoint)")
+    else:
+        run_dir = RunDir.create(config.run_root, config.model, workspace.splits.name, config.seed, path=config.run_dir)
+        run_dir.write_info(
+            {
+                "model": config.model,
+                "fingerprint": workspace.analysis.fingerprint,
+                "dataset": workspace.splits.name,
+                "fp32_accuracy_val": fp32,
+                "method": config.method,
+            }
+        )
+    run_dir.write_config(config.to_dict())
+    start = 0 if state is None else int(state["episode"])
+    recorder = Recorder(run_dir, config, fp32, start=start)
+    if state is not None and state.get("best"):
+        recorder.restore_best(state["best"])
+        info = run_dir.read_info()
+        best_policy = run_dir.read_policy(state["best"]["episode"], config.model, info.get("fingerprint"))
+        best_policy.metrics = {**state["best"], "fp32_accuracy": fp32, "split": "val"}
+        run_dir.write_best(best_policy.with_meta(config.method, config.seed, run=str(run_dir.path)))
+    context = SearchContext(workspace, config, run_dir, problem, recorder, resume_state=state)
+    started = time.perf_counter()
+    try:
+        METHODS[config.method](context)
+    finally:
+        recorder.close()
+    elapsed = time.perf_counter() - started
+    if recorder.best is not None:
+        run_dir.add_hparams(
+            {k: v for k, v in config.to_dict().items() if v is not None},
+            {"hparam/best_reward": recorder.best_reward, "hparam/best_accuracy": recorder.best["accuracy"]},
+        )
+    run_dir.close()
+    count = max(recorder.count, 1)
+    return SearchResult(
+        run_dir=run_dir.path,
+        episodes=recorder.episode,
+        best=recorder.best,
+        episodes_per_s=recorder.count / elapsed if elapsed > 0 else 0.0,
+        eval_time_fraction=(recorder.wall_total / count) / max(recorder.eval_total / count, 1e-9),
+    )

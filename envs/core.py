@@ -1,0 +1,338 @@
+"""What both environments share: the compression problem (model, budget, reward) and the episode state.
+
+An *episode* is one pass over the model's layer steps (a layer, or a coupled group of layers decided together) in
+execution order. At each layer step a sparsity is chosen (and, optionally, activation bits); the least important
+``round(sparsity * channels)`` channels of the step get 0 bits; then bits 1..8 are chosen for the surviving channels
+of each member layer, in importance order, one channel (or one chunk of adjacent channels) at a time. At the end the
+policy is projected onto the budget (hard mode) and evaluated. :class:`Episode` holds that state;
+``LayerCompress-v0`` and ``ChannelCompress-v0`` are two views of it (each asks a controller for the other level's
+actions), and the search drives one episode through both agents.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ajpq.analysis import ChannelGroup, LayerInfo, ModelAnalysis
+from ajpq.budget import Budget, max_pruned, project_to_budget, smallest_policy
+from ajpq.cost import BIAS_BITS, SCALE_BITS, CostModel, CostReport
+from ajpq.errors import ConfigError
+from ajpq.policy import Policy
+
+MAX_STEPS_PER_LAYER = 16
+"""Default bound on channel steps per layer: wider layers are decided in chunks of adjacent channels."""
+ACTIVATION_CHOICES: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+"""Activation bits the layer agent picks from with ``search_activation_bits``."""
+LAYER_STATIC = 16
+LAYER_OBS_DIM = LAYER_STATIC + 6
+CHANNEL_OBS_DIM = LAYER_STATIC + 9
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    """Outcome of one evaluated episode."""
+
+    reward: float
+    accuracy: float
+    report: CostReport
+    feasible: bool
+    projected: bool
+    policy: Policy
+    eval_time: float
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "reward": self.reward,
+            "accuracy": self.accuracy,
+            "size_ratio": self.report.size_ratio,
+            "bops_ratio": self.report.bops_ratio,
+            "compression_rate": self.report.compression_rate,
+            "feasible": self.feasible,
+        }
+
+
+@dataclass
+class Unit:
+    """One layer step: a coupled channel group and the member layers whose output channels it holds."""
+
+    index: int
+    group: ChannelGroup
+    members: list[LayerInfo]
+    features: np.ndarray
+    max_prune: int
+
+
+def _squash(x: float) -> float:
+    return float(x / (1.0 + abs(x)))
+
+
+@dataclass
+class CompressionProblem:
+    """The static part of an episode: model analysis, cost model, budget, evaluator and action mapping."""
+
+    analysis: ModelAnalysis
+    evaluate: Callable[[Policy], float]
+    """Validation accuracy of a complete policy (e.g. the simulated model on the validation split)."""
+    fp32_accuracy: float
+    budget: Budget = field(default_factory=lambda: Budget(size=0.1))
+    max_sparsity: float = 0.8
+    activation_bits: int = 8
+    search_activation_bits: bool = False
+    channel_group_size: int | None = None
+    """Channels decided per channel step (None: enough to keep each layer at <= 16 steps)."""
+    soft_penalty: float = 1.0
+    """Soft mode: reward -= soft_penalty * sum_k max(0, ratio_k / budget_k - 1)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_sparsity < 1.0:
+            raise ConfigError(f"max_sparsity must be in [0, 1), but got {self.max_sparsity}")
+        if self.channel_group_size is not None and self.channel_group_size < 1:
+            raise ConfigError(f"channel_group_size must be >= 1, but got {self.channel_group_size}")
+        self.cost_model = CostModel(self.analysis)
+        min_abits = min(ACTIVATION_CHOICES) if self.search_activation_bits else self.activation_bits
+        self.min_activation_bits = min_abits
+        smallest = self.cost_model.evaluate(smallest_policy(self.analysis, self.max_sparsity, min_abits))
+        self.min_layer_size = {c.name: c.size_bits for c in smallest.layers}
+        self.min_layer_bops = {c.name: c.bops for c in smallest.layers}
+        self.size_budget_bits = (self.budget.size or 1.0) * self.cost_model.reference_size_bits
+        self.bops_budget = (self.budget.bops or 1.0) * self.cost_model.reference_bops
+        self.units = self._build_units()
+
+    def _build_units(self) -> list[Unit]:
+        analysis = self.analysis
+        total_params = sum(layer.params for layer in analysis.layers) or 1
+        total_macs = analysis.total_macs or 1
+        seen: set[int] = set()
+        units: list[Unit] = []
+        for layer in analysis.layers:
+            if layer.group in seen:
+                continue
+            seen.add(layer.group)
+            group = analysis.groups[layer.group]
+            members = [analysis.layer(name) for name in group.members]
+            members.sort(key=lambda m: m.index)
+            first = members[0]
+            imp = np.sort(group.importance)[::-1]
+            mean = float(imp.mean()) if imp.size else 0.0
+            top_half = float(imp[: max(1, imp.size // 2)].sum() / imp.sum()) if imp.sum() > 0 else 0.5
+            features = np.array(
+                [
+                    0.0,  # index, filled below
+                    float(any(m.type == "conv" for m in members)),
+                    float(any(m.type in ("depthwise", "grouped_conv") for m in members)),
+                    float(any(m.type == "linear" for m in members)),
+                    float(len(members) > 1),
+                    float(group.prunable),
+                    math.log2(first.in_channels + 1) / 14.0,
+                    math.log2(group.size + 1) / 14.0,
+                    math.log2(first.kernel_area + 1) / 6.0,
+                    max(first.stride) / 4.0,
+                    math.log2(first.out_hw + 1) / 16.0,
+                    math.log10(sum(m.params for m in members) + 1) / 9.0,
+                    math.log10(sum(m.macs for m in members) + 1) / 12.0,
+                    sum(m.params for m in members) / total_params,
+                    sum(m.macs for m in members) / total_macs,
+                    _squash(float(imp.std() / mean) if mean > 0 else 0.0) + top_half - 0.5,
+                ],
+                dtype=np.float64,
+            )
+            units.append(Unit(len(units), group, members, features, max_pruned(group.size, self.max_sparsity)))
+        for unit in units:
+            unit.features[0] = unit.index / max(1, len(units) - 1)
+        return units
+
+    @property
+    def layer_action_dim(self) -> int:
+        return 2 if self.search_activation_bits else 1
+
+    def sparsity_of(self, action: np.ndarray) -> float:
+        """Layer action in [-1, 1] -> sparsity in [0, max_sparsity]."""
+        a = float(np.clip(action[0], -1.0, 1.0))
+        return (a + 1.0) / 2.0 * self.max_sparsity
+
+    def activation_bits_of(self, action: np.ndarray) -> int:
+        if not self.search_activation_bits:
+            return self.activation_bits
+        a = float(np.clip(action[1], -1.0, 1.0))
+        index = min(len(ACTIVATION_CHOICES) - 1, int((a + 1.0) / 2.0 * len(ACTIVATION_CHOICES)))
+        return ACTIVATION_CHOICES[index]
+
+    def finish(self, policy: Policy) -> EpisodeResult:
+        """Project (hard mode), evaluate and reward a complete policy."""
+        projected = False
+        if self.budget.mode == "hard":
+            final, report = project_to_budget(
+                policy,
+                self.analysis,
+                self.cost_model,
+                self.budget.size,
+                self.budget.bops,
+                max_sparsity=self.max_sparsity,
+                min_activation_bits=self.min_activation_bits,
+            )
+            projected = final is not policy
+        else:
+            final, report = policy, self.cost_model.evaluate(policy)
+        start = time.perf_counter()
+        accuracy = float(self.evaluate(final))
+        eval_time = time.perf_counter() - start
+        feasible = self.budget.fits(report)
+        reward = accuracy - self.fp32_accuracy
+        if self.budget.mode == "soft":
+            reward -= self.soft_penalty * self.budget.excess(report)
+        return EpisodeResult(reward, accuracy, report, feasible, projected, final, eval_time)
+
+
+class Episode:
+    """The mutable state of one episode (the partial policy and the budget used so far), shared by both envs."""
+
+    def __init__(self, problem: CompressionProblem) -> None:
+        self.problem = problem
+        self.reset()
+
+    def reset(self) -> None:
+        p = self.problem
+        self.policy = Policy.uniform(p.analysis, 8, p.activation_bits)
+        self.unit_index = -1
+        self.size_used = float(p.cost_model.other_bits)
+        self.bops_used = 0.0
+        self.min_rest_size = float(sum(p.min_layer_size.values()))
+        self.min_rest_bops = float(sum(p.min_layer_bops.values()))
+        self.prev_sparsity = 0.0
+        self.prev_abits = 1.0
+        self.chunks: list[tuple[LayerInfo, np.ndarray, np.ndarray]] = []
+        self.chunk_index = 0
+        self.sparsity = 0.0
+        self.unit_bits_sum = 0.0
+        self.unit_bits_count = 0
+        self.unit_surviving = 1
+        self.result: EpisodeResult | None = None
+
+    # ---- progress ----------------------------------------------------------------------------------------
+    @property
+    def next_unit(self) -> Unit | None:
+        index = self.unit_index + 1
+        return self.problem.units[index] if index < len(self.problem.units) else None
+
+    @property
+    def unit_done(self) -> bool:
+        return self.chunk_index >= len(self.chunks)
+
+    @property
+    def all_decided(self) -> bool:
+        return self.unit_index == len(self.problem.units) - 1 and self.unit_done
+
+    # ---- observations ------------------------------------------------------------------------------------
+    def _budget_features(self) -> list[float]:
+        p = self.problem
+        left_size = p.size_budget_bits - self.size_used - self.min_rest_size
+        left_bops = p.bops_budget - self.bops_used - self.min_rest_bops
+        return [
+            _squash(self.size_used / p.size_budget_bits),
+            _squash(left_size / p.size_budget_bits),
+            _squash(self.bops_used / p.bops_budget),
+            _squash(left_bops / p.bops_budget),
+        ]
+
+    def layer_obs(self) -> np.ndarray:
+        """Observation before deciding the next layer step (the last one's when the episode is over)."""
+        unit = self.next_unit or self.problem.units[-1]
+        obs = np.concatenate([unit.features, self._budget_features(), [self.prev_sparsity, self.prev_abits]]).astype(
+            np.float32
+        )
+        return np.clip(obs, -1.0, 1.0)
+
+    def channel_obs(self) -> np.ndarray:
+        """Observation before assigning bits to the next chunk of channels."""
+        unit = self.problem.units[max(self.unit_index, 0)]
+        if self.unit_done or not self.chunks:
+            extra = [1.0, 0.0, self.sparsity, 1.0, 0.0]
+        else:
+            layer, channels, ranks = self.chunks[self.chunk_index]
+            importance = self.problem.analysis.layer_importance[layer.name]
+            mean = float(importance.mean()) or 1.0
+            mean_bits = self.unit_bits_sum / self.unit_bits_count / 8.0 if self.unit_bits_count else 0.0
+            extra = [
+                float(ranks.mean()),
+                _squash(float(importance[channels].mean()) / mean),
+                self.sparsity / max(self.problem.max_sparsity, 1e-9),
+                self.unit_bits_count / max(1, self.unit_surviving),
+                mean_bits,
+            ]
+        obs = np.concatenate([unit.features, extra, self._budget_features()]).astype(np.float32)
+        return np.clip(obs, -1.0, 1.0)
+
+    # ---- transitions -------------------------------------------------------------------------------------
+    def begin_unit(self, action: np.ndarray) -> None:
+        """Apply a layer action to the next layer step: prune its least important channels, queue the rest."""
+        unit = self.next_unit
+        if unit is None:
+            raise RuntimeError("the episode has no layer step left; call reset()")
+        p = self.problem
+        self.unit_index += 1
+        sparsity = p.sparsity_of(action) if unit.group.prunable else 0.0
+        abits = p.activation_bits_of(action)
+        group = unit.group
+        n_prune = min(unit.max_prune, round(sparsity * group.size)) if group.prunable else 0
+        surviving = group.order[: group.size - n_prune]
+        position = np.empty(group.size)
+        position[group.order] = np.arange(group.size) / group.size
+        self.sparsity = n_prune / group.size
+        self.prev_sparsity = self.sparsity
+        self.prev_abits = abits / 8.0
+        group_kept = p.cost_model.group_kept(self.policy)
+        keep_mask = np.zeros(group.size, dtype=bool)
+        keep_mask[surviving] = True
+        group_kept[group.id] = keep_mask
+        self.chunks = []
+        self._fan: dict[str, np.ndarray] = {}
+        for layer in unit.members:
+            layer_policy = self.policy.layers[layer.name]
+            root = p.analysis.out_root[layer.name]
+            kept = keep_mask[root]
+            layer_policy.weight_bits[~kept] = 0
+            layer_policy.activation_bits = abits
+            order = p.analysis.channel_order(layer.name)
+            alive = order[kept[order]]
+            self._fan[layer.name] = p.cost_model.fan_in(layer, p.cost_model.input_kept(layer, group_kept))
+            size = p.channel_group_size or max(1, math.ceil(alive.size / MAX_STEPS_PER_LAYER))
+            for start in range(0, alive.size, size):
+                channels = alive[start : start + size]
+                self.chunks.append((layer, channels, position[root[channels]]))
+            self.min_rest_size -= p.min_layer_size[layer.name]
+            self.min_rest_bops -= p.min_layer_bops[layer.name]
+        self.chunk_index = 0
+        self.unit_bits_sum = 0.0
+        self.unit_bits_count = 0
+        self.unit_surviving = sum(len(c[1]) for c in self.chunks)
+
+    def assign(self, bits: int) -> None:
+        """Give the next chunk of channels ``bits`` (1..8) bits."""
+        layer, channels, _ = self.chunks[self.chunk_index]
+        bits = int(min(8, max(1, bits)))
+        self.policy.layers[layer.name].weight_bits[channels] = bits
+        fan = self._fan[layer.name][channels]
+        extra = SCALE_BITS + (BIAS_BITS if layer.has_bias else 0)
+        self.size_used += float(fan.sum() * bits + extra * channels.size)
+        self.bops_used += float(fan.sum() * bits * layer.out_hw * self.policy.layers[layer.name].activation_bits)
+        self.unit_bits_sum += bits * channels.size
+        self.unit_bits_count += channels.size
+        self.chunk_index += 1
+
+    def finish(self) -> EpisodeResult:
+        self.result = self.problem.finish(self.policy)
+        return self.result
+
+
+def bits_of(action: Any, discrete: bool) -> int:
+    """Channel action -> bits: ``Discrete(8)`` index 0..7 -> 1..8, or ``Box(-1, 1)`` split into 8 equal bins."""
+    if discrete:
+        return int(np.asarray(action).reshape(-1)[0]) + 1
+    a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
+    return 1 + min(7, int((a + 1.0) / 2.0 * 8))

@@ -1,0 +1,115 @@
+"""The Gymnasium environments, the budget projection and the feasibility check."""
+
+from __future__ import annotations
+
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from torch import nn
+
+from ajpq.analysis import analyze_model
+from ajpq.budget import Budget, check_feasible, project_to_budget, smallest_policy
+from ajpq.cost import CostModel
+from ajpq.envs import CHANNEL_ENV_ID, LAYER_ENV_ID, CompressionProblem, LayerCompressEnv
+from ajpq.errors import BudgetError
+from ajpq.policy import Policy, validate_policy
+
+
+class ResDepthNet(nn.Module):
+    """A stem, a residual block (coupled channels) and a depthwise conv: the hard cases of channel coupling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = nn.Conv2d(8, 12, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.block(x))
+        x = torch.relu(self.pointwise(torch.relu(self.depthwise(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def res_problem() -> CompressionProblem:
+    torch.manual_seed(0)
+    analysis = analyze_model(ResDepthNet(), (1, 8, 8), model_name="resdepth")
+
+    def evaluate(policy: Policy) -> float:  # a cheap deterministic stand-in for accuracy: more bits, better
+        bits = np.concatenate([layer.weight_bits for layer in policy.layers.values()])
+        return float(bits.mean() / 8.0)
+
+    return CompressionProblem(analysis, evaluate, 1.0, budget=Budget(size=0.2))
+
+
+def _check_both(env: gymnasium.Env) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gym_check_env(env)
+        sb3_check_env(env)
+
+
+@pytest.mark.parametrize("env_id", [LAYER_ENV_ID, CHANNEL_ENV_ID])
+def test_registered_envs_pass_both_checkers_on_digits(env_id: str) -> None:
+    env = gymnasium.make(env_id)
+    _check_both(env.unwrapped)
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_envs_pass_both_checkers_on_residual_depthwise_net(res_problem: CompressionProblem, discrete: bool) -> None:
+    assert any(len(g.members) > 1 for g in res_problem.analysis.groups), "the residual block must couple channels"
+    _check_both(gymnasium.make(LAYER_ENV_ID, problem=res_problem, channel_discrete=discrete).unwrapped)
+    _check_both(gymnasium.make(CHANNEL_ENV_ID, problem=res_problem, discrete=discrete).unwrapped)
+
+
+@pytest.mark.parametrize("search_act", [False, True])
+def test_full_episode_gives_valid_policy_within_budget(res_problem: CompressionProblem, search_act: bool) -> None:
+    problem = CompressionProblem(
+        res_problem.analysis, res_problem.evaluate, 1.0, budget=Budget(size=0.15), search_activation_bits=search_act
+    )
+    env = LayerCompressEnv(problem, channel_controller=lambda obs: 7)
+    env.action_space.seed(1)
+    env.reset(seed=1)
+    steps, done, info = 0, False, {}
+    while not done:
+        _, reward, done, _, info = env.step(env.action_space.sample())
+        steps += 1
+    assert steps == len(problem.units) and info["feasible"] and info["size_ratio"] <= 0.15
+    assert reward == pytest.approx(info["accuracy"] - 1.0)
+    validate_policy(env.episode.result.policy, problem.analysis)
+
+
+def test_projection_lowers_least_important_bits_first_and_keeps_groups(res_problem: CompressionProblem) -> None:
+    analysis = res_problem.analysis
+    cost = CostModel(analysis)
+    policy = Policy.uniform(analysis, 8)
+    loose = cost.evaluate(policy).size_ratio * 0.9
+    projected, report = project_to_budget(policy, analysis, cost, loose, None)
+    assert report.size_ratio <= loose and (projected.layers["fc"].weight_bits > 0).all()
+    for layer in analysis.layers:  # bits never increase along the importance order
+        bits = projected.layers[layer.name].weight_bits[analysis.channel_order(layer.name)]
+        assert (np.diff(bits) <= 0).all()
+    smallest = cost.evaluate(smallest_policy(analysis, 0.8, 8)).size_ratio
+    tight, report = project_to_budget(policy, analysis, cost, smallest * 1.01, None)
+    assert report.size_ratio <= smallest * 1.01
+    validate_policy(tight, analysis)  # coupled groups pruned together, classifier kept
+
+
+def test_budget_messages_and_feasibility(res_problem: CompressionProblem) -> None:
+    with pytest.raises(BudgetError, match=r"size_budget must be in \(0, 1\], but got 1.7"):
+        Budget(size=1.7)
+    with pytest.raises(BudgetError, match="bops_budget must be in"):
+        Budget(bops=0.0)
+    analysis = res_problem.analysis
+    with pytest.raises(BudgetError, match="smallest achievable size ratio is"):
+        check_feasible(analysis, CostModel(analysis), Budget(size=1e-4), max_sparsity=0.8, activation_bits=8)

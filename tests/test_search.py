@@ -1,0 +1,135 @@
+"""``ajpq search`` / ``ajpq export``: run folder, best policy within budget, TensorBoard, agents, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ajpq.cli import main
+from ajpq.cost import CostModel
+from ajpq.policy import load_policy
+from ajpq.runs import TIME_KEYS
+from ajpq.search import SearchConfig, run_search
+from ajpq.workspace import open_workspace
+
+FAST = {"warmup_episodes": 2, "episodes_per_update": 2, "checkpoint_every": 4, "progress": False}
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
+
+
+def test_short_search_writes_valid_best_policy_and_tensorboard(tmp_path: Path) -> None:
+    config = SearchConfig(episodes=8, size_budget=0.08, run_dir=str(tmp_path / "run"), **FAST)
+    result = run_search(config)
+    run = result.run_dir
+    rows = _lines(run)
+    assert [r["episode"] for r in rows] == list(range(1, 9))
+    assert {"reward", "accuracy", "size_ratio", "bops_ratio", "feasible", "wall_time"} <= set(rows[0])
+    workspace = open_workspace("digits_cnn", "digits", progress=False)
+    policy = load_policy(run / "best_policy.json", workspace.analysis)
+    assert CostModel(workspace.analysis).evaluate(policy).size_ratio <= 0.08
+    assert policy.metrics["reward"] == max(r["reward"] for r in rows if r["feasible"])
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("search/reward", "search/best_reward", "search/accuracy", "search/size_ratio", "search/bops_ratio"):
+        assert tag in scalars
+    assert "time/episodes_per_s" in scalars
+    assert any(t.startswith("layer_agent/train/") for t in scalars)
+    assert any(t.startswith("channel_agent/train/") for t in scalars)
+    assert "best_policy/bits" in acc.Tags()["images"] and "best_policy/weight_bits" in acc.Tags()["histograms"]
+
+    out = tmp_path / "exported.json"
+    assert main(["export", "--run", str(run), "--episode", "3", "--out", str(out)]) == 0
+    assert load_policy(out, workspace.analysis).metrics["episode"] == 3
+
+
+@pytest.mark.parametrize("layer,channel", [("ppo", "ppo"), ("ppo", "ddpg"), ("ddpg", "ppo"), ("ddpg", "ddpg")])
+def test_every_agent_combination_runs(tmp_path: Path, layer: str, channel: str) -> None:
+    config = SearchConfig(episodes=4, layer_agent=layer, channel_agent=channel, run_dir=str(tmp_path / "run"), **FAST)
+    result = run_search(config)
+    assert result.episodes == 4 and result.best is not None
+
+
+def test_same_seed_same_episodes(tmp_path: Path) -> None:
+    runs = [run_search(SearchConfig(episodes=6, seed=3, run_dir=str(tmp_path / f"r{i}"), **FAST)) for i in (0, 1)]
+    strip = [[{k: v for k, v in r.items() if k not in TIME_KEYS} for r in _lines(x.run_dir)] for x in runs]
+    assert strip[0] == strip[1]
+
+
+def test_impossible_budget_is_refused_before_searching(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["search", "--size-budget", "0.0001", "--run-root", str(tmp_path), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot be met" in err and "smallest achievable size ratio" in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["search", "--size-budget", "1.7"], r"size_budget must be in (0, 1], but got 1.7"),
+        (["search", "--episodes", "0"], "episodes must be an integer >= 1"),
+        (["search", "--resume", "/nonexistent/run"], "no such run folder"),
+        (["export", "--run", "/nonexistent/run", "--out", "x.json"], "no such run folder"),
+    ],
+)
+def test_bad_inputs_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_keys_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "x.yaml"
+    config.write_text("default:\n  size_budgt: 0.1\n")
+    assert main(["search", "--config", str(config)]) == 2
+    assert "did you mean 'size_budget'" in capsys.readouterr().err
+
+
+def test_resume_after_kill(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ajpq.cli",
+        "search",
+        "--episodes",
+        "200",
+        "--warmup-episodes",
+        "2",
+        "--episodes-per-update",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    ]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        state = run / "checkpoint" / "state.json"
+        if state.is_file() and json.loads(state.read_text())["episode"] >= 4 and len(_lines(run)) >= 6:
+            break
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    checkpointed = json.loads((run / "checkpoint" / "state.json").read_text())["episode"]
+    assert checkpointed >= 4
+    assert main(["search", "--resume", str(run), "--episodes", str(checkpointed + 6), "--no-progress"]) == 0
+    episodes = [r["episode"] for r in _lines(run)]
+    assert episodes == list(range(1, checkpointed + 7))
+    policies = [json.loads(line)["episode"] for line in (run / "policies.jsonl").read_text().splitlines()]
+    assert policies == episodes
+    load_policy(run / "best_policy.json")
