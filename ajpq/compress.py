@@ -2,7 +2,9 @@
 
 BatchNorm is folded into the layer before it (as in the exported artifact), each output channel is quantized
 with its own width, removed channels give exactly zero and vanish from the inputs of the layers that read them,
-and every compressible layer's input is fake-quantized with a range calibrated once on training images.
+and every compressible layer's input is fake-quantized with a range calibrated once on training images. A layer
+with ``weight_sparsity`` (policy version 2) first loses its smallest-magnitude weights (:func:`ajpq.cost.magnitude_keep`
+on the BN-folded weights, the same mask the cost model prices), then is quantized; removed weights stay exactly 0.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from ajpq.analysis import ModelAnalysis, folded_weights
 from ajpq.cost import CostModel
 from ajpq.policy import Policy
-from ajpq.quant import quantize_activation, quantize_weight
+from ajpq.quant import _fp16_ceil, quantize_activation, quantize_weight
 
 
 class ActivationQuantizer:
@@ -86,6 +88,23 @@ def calibrate_activations(
     return ranges
 
 
+def quantize_sparse_weight(weight: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Quantize the weights ``keep`` marks (others give exactly 0); a 1-bit channel's scale is its stored weights'
+    mean ``|w|`` (the zeros are not stored, so they do not shrink it)."""
+    keep_f = keep.to(weight.dtype)
+    masked = weight * keep_f
+    quantized = quantize_weight(masked, bits) * keep_f
+    one_bit = bits.to(weight.device) == 1
+    if bool(one_bit.any()):
+        flat = masked.reshape(weight.shape[0], -1).abs()
+        count = keep_f.reshape(weight.shape[0], -1).sum(dim=1).clamp(min=1)
+        scale = _fp16_ceil(flat.sum(dim=1) / count).to(weight.dtype)
+        signs = torch.where(masked >= 0, 1.0, -1.0).to(weight.dtype) * keep_f
+        binary = signs * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+        quantized = torch.where(one_bit.reshape(-1, *([1] * (weight.dim() - 1))), binary, quantized)
+    return quantized
+
+
 def input_masks(analysis: ModelAnalysis, cost_model: CostModel, policy: Policy) -> dict[str, torch.Tensor]:
     """Per layer, a ``(out_channels, in_channels/groups)`` mask of the weights that read kept inputs."""
     group_kept = cost_model.group_kept(policy)
@@ -113,7 +132,6 @@ class SimulatedModel:
         device: torch.device | str = "cpu",
     ) -> None:
         self.analysis = analysis
-        self.cost_model = CostModel(analysis)
         self.device = torch.device(device)
         self.module = fold_batchnorm(copy.deepcopy(model), analysis).to(self.device).eval()
         self._reference = {
@@ -125,6 +143,7 @@ class SimulatedModel:
             )
             for layer in analysis.layers
         }
+        self.cost_model = CostModel(analysis, {name: weight for name, (weight, _) in self._reference.items()})
         self.ranges = calibrate_activations(self.module, analysis, calibration.to(self.device))
         self.quantizers: dict[str, ActivationQuantizer] = {}
         for layer in analysis.layers:
@@ -134,18 +153,33 @@ class SimulatedModel:
             self.quantizers[layer.name] = quantizer
         self.policy: Policy | None = None
 
+    def reference_weights(self) -> dict[str, torch.Tensor]:
+        """The BN-folded FP32 weight of every compressible layer, by name (do not modify them)."""
+        return {name: weight for name, (weight, _) in self._reference.items()}
+
     @torch.no_grad()
     def apply(self, policy: Policy) -> nn.Module:
         """Load the weights ``policy`` gives into the module and return it (a complete, validated policy)."""
         masks = input_masks(self.analysis, self.cost_model, policy)
+        group_kept = self.cost_model.group_kept(policy)
         for layer in self.analysis.layers:
             module = self.module.get_submodule(layer.name)
             weight, bias = self._reference[layer.name]
             layer_policy = policy.layers[layer.name]
             bits = torch.from_numpy(layer_policy.weight_bits).to(self.device)
             mask = masks[layer.name].to(self.device, weight.dtype)
-            masked = weight * mask.reshape(*mask.shape, *([1] * (weight.dim() - 2)))
-            module.weight.copy_(quantize_weight(masked, bits))
+            mask = mask.reshape(*mask.shape, *([1] * (weight.dim() - 2)))
+            if layer_policy.weight_sparsity > 0:
+                keep = self.cost_model.weight_mask(
+                    layer,
+                    layer_policy.weight_bits,
+                    self.cost_model.input_kept(layer, group_kept),
+                    layer_policy.weight_sparsity,
+                )
+                keep = torch.from_numpy(keep).reshape(weight.shape).to(self.device)
+                module.weight.copy_(quantize_sparse_weight(weight, bits, keep))
+            else:
+                module.weight.copy_(quantize_weight(weight * mask, bits))
             if bias is not None:
                 module.bias.copy_(bias * (bits > 0).to(bias.dtype))
             self.quantizers[layer.name].bits = layer_policy.activation_bits

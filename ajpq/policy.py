@@ -21,23 +21,35 @@ from ajpq.io import atomic_write_json
 from ajpq.quant import ACTIVATION_BITS_ALLOWED, MAX_WEIGHT_BITS
 
 POLICY_FORMAT = "ajpq-policy"
-POLICY_VERSION = 1
-READABLE_VERSIONS: tuple[int, ...] = (1,)
+POLICY_VERSION = 2
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+"""Version 1: channel bits and activation bits. Version 2 adds an optional per-layer ``weight_sparsity``."""
 DEFAULT_WEIGHT_BITS = 8
 DEFAULT_ACTIVATION_BITS = 8
-_LAYER_KEYS = ("name", "weight_bits", "activation_bits")
+_LAYER_KEYS_V1 = ("name", "weight_bits", "activation_bits")
+_LAYER_KEYS = (*_LAYER_KEYS_V1, "weight_sparsity")
 _TOP_KEYS = ("format", "version", "model", "layers", "metrics", "meta")
 
 
 @dataclass
 class LayerPolicy:
-    """Bits of one layer: ``weight_bits[c]`` for output channel ``c`` and the bits of its input activations."""
+    """Bits of one layer: ``weight_bits[c]`` for output channel ``c`` and the bits of its input activations.
+
+    ``weight_sparsity`` (policy version 2) is the fraction of the kept channels' weights (those reading kept inputs)
+    removed by magnitude inside the layer, in ``[0, 1)``; 0 keeps the layer dense.
+    """
 
     weight_bits: np.ndarray
     activation_bits: int = DEFAULT_ACTIVATION_BITS
+    weight_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         self.weight_bits = np.asarray(self.weight_bits, dtype=np.int64)
+        self.weight_sparsity = check_weight_sparsity(self.weight_sparsity, "weight_sparsity")
+
+    @property
+    def sparse(self) -> bool:
+        return self.weight_sparsity > 0
 
     @property
     def kept(self) -> np.ndarray:
@@ -73,7 +85,10 @@ class Policy:
 
     def copy(self) -> Policy:
         return Policy(
-            layers={k: LayerPolicy(v.weight_bits.copy(), v.activation_bits) for k, v in self.layers.items()},
+            layers={
+                k: LayerPolicy(v.weight_bits.copy(), v.activation_bits, v.weight_sparsity)
+                for k, v in self.layers.items()
+            },
             model_name=self.model_name,
             fingerprint=self.fingerprint,
             metrics=dict(self.metrics),
@@ -88,14 +103,7 @@ class Policy:
             "format": POLICY_FORMAT,
             "version": POLICY_VERSION,
             "model": model,
-            "layers": [
-                {
-                    "name": name,
-                    "weight_bits": [int(b) for b in layer.weight_bits],
-                    "activation_bits": int(layer.activation_bits),
-                }
-                for name, layer in self.layers.items()
-            ],
+            "layers": [_layer_dict(name, layer) for name, layer in self.layers.items()],
             "metrics": _jsonable(self.metrics),
             "meta": _jsonable(self.meta),
         }
@@ -117,6 +125,33 @@ class Policy:
             **extra,
         }
         return policy
+
+
+def _layer_dict(name: str, layer: LayerPolicy) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": name,
+        "weight_bits": [int(b) for b in layer.weight_bits],
+        "activation_bits": int(layer.activation_bits),
+    }
+    if layer.weight_sparsity > 0:
+        entry["weight_sparsity"] = float(layer.weight_sparsity)
+    return entry
+
+
+def check_weight_sparsity(value: Any, where: str) -> float:
+    """``value`` as a float in ``[0, 1)``, or a :class:`PolicyError` saying what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise PolicyError(
+            f"{where} must be a number in [0, 1) (the fraction of the layer's weights removed by magnitude), "
+            f"but got {json.dumps(value) if isinstance(value, str | bool | None) else type(value).__name__}"
+        )
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise PolicyError(
+            f"{where} must be in [0, 1) (the fraction of the layer's weights removed by magnitude; 0 = dense), "
+            f"but got {number!r}"
+        )
+    return number
 
 
 def _jsonable(obj: Any) -> Any:
@@ -168,9 +203,11 @@ def policy_from_dict(data: Any, source: str = "policy") -> Policy:
         where = f"{source}: layers[{position}]"
         if not isinstance(entry, dict):
             raise PolicyError(f"{where} must be an object, but got {type(entry).__name__}")
-        extra = sorted(set(entry) - set(_LAYER_KEYS))
+        allowed = _LAYER_KEYS if version >= 2 else _LAYER_KEYS_V1
+        extra = sorted(set(entry) - set(allowed))
         if extra:
-            raise PolicyError(f"{where}: unknown key(s) {extra}; a layer entry has {list(_LAYER_KEYS)}")
+            hint = ' ("weight_sparsity" needs "version": 2)' if "weight_sparsity" in extra else ""
+            raise PolicyError(f"{where}: unknown key(s) {extra}; a layer entry has {list(allowed)}{hint}")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise PolicyError(f'{where}: "name" must be the layer\'s qualified module name, but got {name!r}')
@@ -194,7 +231,8 @@ def policy_from_dict(data: Any, source: str = "policy") -> Policy:
                 f"{where}: activation_bits must be one of {list(ACTIVATION_BITS_ALLOWED)} (32 = unquantized), "
                 f"but got {json.dumps(act)}"
             )
-        layers[name] = LayerPolicy(np.asarray(bits, dtype=np.int64), int(act))
+        sparsity = check_weight_sparsity(entry.get("weight_sparsity", 0.0), f'{where}: "weight_sparsity"')
+        layers[name] = LayerPolicy(np.asarray(bits, dtype=np.int64), int(act), sparsity)
     metrics = data.get("metrics", {}) or {}
     meta = data.get("meta", {}) or {}
     if not isinstance(metrics, dict) or not isinstance(meta, dict):
@@ -232,7 +270,9 @@ def validate_policy(policy: Policy, analysis: ModelAnalysis, source: str = "poli
                 f"{source}: layer '{name}' has {layer.out_channels} output channels, but weight_bits has "
                 f"{layer_policy.weight_bits.size} entries; give one entry per channel"
             )
-        complete.layers[name] = LayerPolicy(layer_policy.weight_bits.copy(), layer_policy.activation_bits)
+        complete.layers[name] = LayerPolicy(
+            layer_policy.weight_bits.copy(), layer_policy.activation_bits, layer_policy.weight_sparsity
+        )
 
     for name, layer_policy in complete.layers.items():
         kept = layer_policy.kept

@@ -1,0 +1,322 @@
+"""``ajpq compare``: every method at every budget on one model, fine-tuned alike, in one table and one plot.
+
+For each size budget and each method, the method runs (``ajpq`` through :func:`ajpq.search.run_search`, the others
+through :func:`ajpq.methods.run_method`, each in its own run folder under ``out_dir``), its policy is fine-tuned for
+the same ``finetune_epochs`` with :func:`ajpq.finetune.finetune` (on the method's weights: the retrained ones for
+OLMP and ADMM), and one row is written: method, budget, size and BOPs compression, validation and test accuracy
+before and after fine-tuning, search wall time and evaluations. Outputs: ``compare.csv``, ``compare.md`` (markdown
+table) and ``compare_pareto.png`` (test accuracy after fine-tuning against compression rate, log x).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ajpq.budget import Budget
+from ajpq.errors import ConfigError
+from ajpq.io import atomic_write_bytes, atomic_write_text
+from ajpq.workspace import log
+
+ALL_METHODS: tuple[str, ...] = ("ajpq", "random", "uniform", "opq", "olmp", "admm")
+COLUMNS: tuple[str, ...] = (
+    "method",
+    "budget",
+    "size_compression",
+    "bops_compression",
+    "val_before",
+    "test_before",
+    "val_after",
+    "test_after",
+    "search_wall_time",
+    "evaluations",
+)
+
+
+def parse_ratio(name: str, value: Any) -> float:
+    """A budget written as a number (0.0625) or a fraction string ("1/16")."""
+    if isinstance(value, str):
+        try:
+            value = float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{name}: expected a ratio like 0.0625 or 1/16, but got {value!r}") from None
+    return Budget(size=value).size  # type: ignore[return-value]
+
+
+@dataclass
+class CompareConfig:
+    """A comparison (the keys of ``experiments/compare_*.yaml``'s ``default:`` block)."""
+
+    model: str = "digits_cnn"
+    """Model (as in ``ajpq search``)."""
+    dataset: str = "digits"
+    """Dataset."""
+    data_dir: str | None = None
+    """Folder with the dataset files."""
+    weights: str | None = None
+    """FP32 checkpoint (default: the cached reference)."""
+    split_seed: int = 0
+    """Seed of the train/validation split."""
+    val_size: int | None = None
+    """Validation images (default per dataset)."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    """Methods to run, from ajpq, random, uniform, opq, olmp, admm."""
+    budgets: list[Any] = field(default_factory=lambda: ["1/16", "1/32", "1/64"])
+    """Size budgets as ratios of FP32 (numbers or "1/16" strings)."""
+    seed: int = 0
+    """Seed of every method and of fine-tuning."""
+    episodes: int = 100
+    """Evaluated episodes of ajpq and random (the same for both)."""
+    finetune_epochs: int = 3
+    """Fine-tuning epochs given to every result (0: no fine-tuning; 'after' equals 'before')."""
+    finetune_lr: float = 0.005
+    """Fine-tuning learning rate (OPQ's recipe)."""
+    search: dict[str, Any] = field(default_factory=dict)
+    """Extra ``ajpq search`` options for the ajpq method (keys of its configuration)."""
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options per method name (see each method's DEFAULTS in the README)."""
+    out_dir: str = "runs/compare"
+    """Folder of the outputs and of one run folder per method and budget."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.methods, list) or not self.methods:
+            raise ConfigError(f"methods must be a non-empty list from {list(ALL_METHODS)}, but got {self.methods!r}")
+        for method in self.methods:
+            if method not in ALL_METHODS:
+                close = difflib.get_close_matches(str(method), ALL_METHODS, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown method {method!r} in methods{hint} (known: {', '.join(ALL_METHODS)})")
+        if not isinstance(self.budgets, list) or not self.budgets:
+            raise ConfigError(f"budgets must be a non-empty list of ratios, but got {self.budgets!r}")
+        self.budgets = [parse_ratio("budgets", b) for b in self.budgets]
+        for name in ("seed", "episodes", "finetune_epochs", "split_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "episodes" else 0):
+                raise ConfigError(f"{name} must be a non-negative integer, but got {value!r}")
+        if not isinstance(self.finetune_lr, int | float) or not self.finetune_lr > 0:
+            raise ConfigError(f"finetune_lr must be > 0, but got {self.finetune_lr!r}")
+        unknown = sorted(set(self.method_options) - set(ALL_METHODS) - {"ajpq"})
+        if unknown:
+            raise ConfigError(f"method_options has unknown method(s) {unknown}; use {list(ALL_METHODS[1:])}")
+
+
+CONFIG_KEYS = tuple(f.name for f in fields(CompareConfig))
+
+
+def load_compare_config(path: str | Path, **overrides: Any) -> CompareConfig:
+    """Read ``experiments/compare_*.yaml`` (a ``default:`` block), checking every key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("default"), dict):
+        raise ConfigError(f"--config {path}: expected a mapping with a `default:` block of compare options")
+    values = {}
+    for key, value in data["default"].items():
+        name = str(key).replace("-", "_")
+        if name not in CONFIG_KEYS:
+            close = difflib.get_close_matches(name, CONFIG_KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
+        values[name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return CompareConfig(**values)
+
+
+def budget_label(ratio: float) -> str:
+    inverse = 1.0 / ratio
+    return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{ratio:g}"
+
+
+def _run_one(config: CompareConfig, workspace: Any, method: str, budget: float, out: Path) -> dict[str, Any]:
+    """Run one method at one budget, fine-tune its policy, and return its table row."""
+    from ajpq.finetune import finetune, finetune_config
+    from ajpq.methods import run_method
+    from ajpq.methods.common import calibration_images
+    from ajpq.policy import load_policy
+    from ajpq.runs import RunDir
+    from ajpq.train import seed_everything
+
+    tag = f"{method}__{budget_label(budget).replace('/', '_')}"
+    run_path = out / tag
+    started = time.perf_counter()
+    model = workspace.model
+    if method == "ajpq":
+        from ajpq.search import SearchConfig, run_search
+
+        search_values = {
+            "model": config.model,
+            "dataset": config.dataset,
+            "data_dir": config.data_dir,
+            "weights": config.weights,
+            "split_seed": config.split_seed,
+            "val_size": config.val_size,
+            "device": config.device,
+            "method": "ajpq",
+            "size_budget": budget,
+            "episodes": config.episodes,
+            "seed": config.seed,
+            "run_dir": str(run_path),
+            "progress": False,
+            **config.search,
+        }
+        result = run_search(SearchConfig(**search_values))
+        if result.best is None:
+            raise ConfigError(f"ajpq found no policy within {budget_label(budget)} in {result.episodes} episodes")
+        policy = load_policy(result.run_dir / "best_policy.json", workspace.analysis)
+        evaluations = result.episodes
+    else:
+        options = dict(config.method_options.get(method, {}))
+        if method == "random":
+            options.setdefault("episodes", config.episodes)
+        run_dir = RunDir.create(out, config.model, config.dataset, config.seed, path=run_path)
+        outcome = run_method(method, workspace, Budget(size=budget), config.seed, options, run_dir)
+        policy = outcome.policy
+        evaluations = outcome.evaluations
+        model = outcome.extra.get("model", workspace.model)
+    wall = time.perf_counter() - started
+    calibration = calibration_images(workspace)
+    from ajpq.methods.common import simulate
+
+    report = simulate(workspace, None if model is workspace.model else model).cost_model.evaluate(policy)
+    splits = {"val": workspace.splits.val, "test": workspace.splits.test}
+    tuned = finetune(
+        model,
+        workspace.analysis,
+        policy,
+        workspace.splits.train,
+        calibration,
+        finetune_config(epochs=config.finetune_epochs, lr=config.finetune_lr),
+        report=splits,
+        device=workspace.device,
+        generator=seed_everything(config.seed),
+        progress=False,
+    )
+    before, after = tuned.accuracy_before, tuned.accuracy_after
+    if config.finetune_epochs == 0:
+        after = dict(before)
+    row = {
+        "method": method,
+        "budget": budget_label(budget),
+        "size_compression": report.compression_rate,
+        "bops_compression": report.bops_compression_rate,
+        "val_before": before["val"],
+        "test_before": before["test"],
+        "val_after": after["val"],
+        "test_after": after["test"],
+        "search_wall_time": wall,
+        "evaluations": evaluations,
+    }
+    log(
+        f"compare: {method} at {row['budget']}: {row['size_compression']:.1f}x, test accuracy "
+        f"{row['test_before']:.4f} -> {row['test_after']:.4f} after {config.finetune_epochs} fine-tuning epochs"
+    )
+    return row
+
+
+def run_compare(config: CompareConfig) -> dict[str, Any]:
+    """Run the comparison and write ``compare.csv``, ``compare.md`` and ``compare_pareto.png`` in ``out_dir``."""
+    from ajpq.train import evaluate_accuracy
+    from ajpq.workspace import open_workspace
+
+    workspace = open_workspace(
+        config.model,
+        config.dataset,
+        data_dir=config.data_dir,
+        weights=config.weights,
+        device=config.device,
+        split_seed=config.split_seed,
+        val_size=config.val_size,
+        progress=False,
+    )
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare_config.yaml", yaml.safe_dump({"default": asdict(config)}, sort_keys=False))
+    fp32 = {
+        "val": evaluate_accuracy(workspace.model, workspace.splits.val, workspace.device),
+        "test": evaluate_accuracy(workspace.model, workspace.splits.test, workspace.device),
+    }
+    rows = []
+    for budget in config.budgets:
+        for method in config.methods:
+            rows.append(_run_one(config, workspace, method, budget, out))
+            write_outputs(out, rows, fp32, config)
+    paths = write_outputs(out, rows, fp32, config)
+    return {"rows": rows, "fp32": fp32, **{k: str(v) for k, v in paths.items()}}
+
+
+def markdown_table(rows: list[dict[str, Any]], fp32: dict[str, float] | None = None) -> str:
+    header = (
+        "| method | budget | size compression | BOPs compression | val before | test before | val after | "
+        "test after | search wall time (s) | evaluations |"
+    )
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['budget']} | {r['size_compression']:.1f}x | {r['bops_compression']:.1f}x | "
+            f"{r['val_before']:.4f} | {r['test_before']:.4f} | {r['val_after']:.4f} | {r['test_after']:.4f} | "
+            f"{r['search_wall_time']:.1f} | {r['evaluations']} |"
+        )
+    if fp32:
+        lines.append(f"\nFP32 reference: val {fp32['val']:.4f}, test {fp32['test']:.4f}.")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_png(rows: list[dict[str, Any]], fp32: dict[str, float] | None = None, title: str = "") -> bytes:
+    """Test accuracy after fine-tuning against size compression (log x), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        tuned = all(math.isfinite(r["test_after"]) for r in mine)
+        key = "test_after" if tuned else "test_before"
+        points = sorted((r["size_compression"], r[key]) for r in mine)
+        label = method if tuned else f"{method} (not fine-tuned)"
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o" if tuned else "x", label=label)
+    if fp32:
+        axes.axhline(fp32["test"], color="gray", linestyle="--", linewidth=1, label="FP32")
+    axes.set_xscale("log")
+    axes.set_xlabel("size compression rate (FP32 / compressed, log scale)")
+    axes.set_ylabel("test accuracy after fine-tuning")
+    axes.set_title(title or "accuracy vs compression")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_outputs(
+    out: Path, rows: list[dict[str, Any]], fp32: dict[str, float], config: CompareConfig
+) -> dict[str, Path]:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in COLUMNS})
+    paths = {"csv": out / "compare.csv", "table": out / "compare.md", "plot": out / "compare_pareto.png"}
+    atomic_write_text(paths["csv"], text.getvalue())
+    title = f"{config.model} on {config.dataset}, {config.finetune_epochs} fine-tuning epochs"
+    atomic_write_text(paths["table"], f"# {title}\n\n" + markdown_table(rows, fp32))
+    atomic_write_bytes(paths["plot"], pareto_png(rows, fp32, title))
+    return paths

@@ -1,0 +1,48 @@
+"""``ajpq compare`` on a tiny configuration writes the CSV, the markdown table and the Pareto PNG."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from ajpq.cli import main
+from ajpq.compare import CompareConfig, load_compare_config
+from ajpq.errors import ConfigError
+
+
+def test_compare_writes_csv_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f'default:\n  methods: [uniform, opq]\n  budgets: ["1/16"]\n  finetune_epochs: 1\n  out_dir: {out}\n'
+    )
+    assert main(["compare", "--config", str(config), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["method"] for r in rows] == ["uniform", "opq"]
+    assert all(float(r["size_compression"]) >= 16 for r in rows)
+    assert {"val_before", "test_after", "search_wall_time", "evaluations"} <= set(rows[0])
+    table = (out / "compare.md").read_text()
+    assert "| uniform | 1/16 |" in table and "test after" in table
+    assert (out / "compare_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "uniform__1_16" / "best_policy.json").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_compare_config_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'opq'"):
+        CompareConfig(methods=["opg"])
+    with pytest.raises(ConfigError, match="1/16"):
+        CompareConfig(budgets=["one sixteenth"])
+    assert CompareConfig(budgets=["1/16", 0.5]).budgets == [0.0625, 0.5]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("default:\n  method: [opq]\n")
+    with pytest.raises(ConfigError, match="did you mean 'methods'"):
+        load_compare_config(bad)
+
+
+def test_shipped_configs_load():
+    for name in ("compare_digits", "compare_fmnist_lenet5"):
+        config = load_compare_config(f"experiments/{name}.yaml")
+        assert len(config.methods) == 6
+    assert load_compare_config("experiments/compare_fmnist_lenet5.yaml").budgets == [1 / 16, 1 / 32, 1 / 64]
