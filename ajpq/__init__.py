@@ -8,6 +8,7 @@ from ajpq.analysis import ModelAnalysis, analyze_model
 from ajpq.compress import SimulatedModel, apply_policy
 from ajpq.cost import CostModel, CostReport
 from ajpq.errors import AJPQError
+from ajpq.export import load_compressed
 from ajpq.policy import Policy, load_policy
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "__version__",
     "analyze_model",
     "apply_policy",
+    "load_compressed",
     "load_policy",
 ]

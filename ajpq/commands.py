@@ -57,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     evaluate.add_argument("--weights", default=None, help="FP32 checkpoint (default: the cached reference)")
     evaluate.add_argument("--policy", default=None, help="policy JSON to apply")
     evaluate.add_argument("--split", default="test", choices=("val", "test"), help="split to report (default test)")
+    evaluate.add_argument(
+        "--artifact",
+        default=None,
+        help="evaluate a .ajpq artifact instead (accuracy, file bytes, CPU latency next to FP32; no --model needed)",
+    )
     evaluate.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -210,6 +215,10 @@ def evaluation_report(workspace: Workspace, policy: Policy | None, split: str) -
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    if getattr(args, "artifact", None):
+        from ajpq.export_commands import run_evaluate_artifact
+
+        return run_evaluate_artifact(args)
     workspace = _workspace(args)
     policy = load_policy(args.policy, workspace.analysis) if args.policy else None
     report = evaluation_report(workspace, policy, args.split)

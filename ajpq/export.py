@@ -1,0 +1,694 @@
+"""The compressed-model artifact: removed channels physically gone, BatchNorm folded, weights packed at their bits.
+
+An ``.ajpq`` file is a fixed 48-byte preamble, a JSON header and a binary payload (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic b"\\x89AJPQ\\r\\n\\x1a" (detects text-mode transfers and non-artifacts)
+    8       2     format version (uint16; this build writes and reads 1)
+    10      2     reserved (0)
+    12      4     H = length of the JSON header in bytes (uint32)
+    16      32    sha256 of the JSON header bytes
+    48      H     JSON header (UTF-8): format, model, slim architecture, policy, activation quantizers,
+                  tensor table (offset and length of every payload segment), metrics, payload length and sha256
+    48+H    P     payload: per compressible layer, in execution order, three segments:
+                    weights  the kept channels' integer codes, one bit stream per layer (channels one after the
+                             other, each code in its channel's width b, LSB first; padded to a byte at the end)
+                    scales   one fp16 per kept channel
+                    bias     one fp32 per kept channel (only for layers with a bias or a folded BatchNorm)
+                  then any other parameters/buffers of the slim model as raw fp32 (none for the zoo models).
+
+A code of a ``b >= 2`` bit channel is stored as ``code + 2^(b-1) - 1`` (0 .. 2^b - 2); a 1-bit code as its sign bit
+(1 = +1, 0 = -1); a removed (0-bit) channel stores nothing. The weights are ``code * scale``, which is exactly the
+simulated model's weight (:mod:`ajpq.quant`), so the payload is ``CostModel.size_bits / 8`` bytes plus less than one
+byte of padding per layer.
+
+The slim network is rebuilt from the recorded model name (``build_model``): each folded BatchNorm becomes an
+Identity, the recorded removed channels are cut with torch-pruning (which also cuts the coupled inputs of the layers
+that read them: residual sums, depthwise convs, flatten -> linear), the unpacked weights are loaded, and every
+compressible layer gets its calibrated input-activation quantizer back.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import statistics
+import struct
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ajpq.analysis import ModelAnalysis, fingerprint_of
+from ajpq.compress import SimulatedModel, set_module
+from ajpq.cost import CostModel
+from ajpq.errors import ArtifactError, ModelError, PolicyError
+from ajpq.io import atomic_write, atomic_write_bytes
+from ajpq.models import build_model
+from ajpq.policy import Policy, policy_from_dict
+from ajpq.quant import MAX_WEIGHT_BITS, activation_scale, quantize_activation, weight_levels
+
+MAGIC = b"\x89AJPQ\r\n\x1a"
+ARTIFACT_FORMAT = "ajpq-artifact"
+ARTIFACT_VERSION = 1
+READABLE_VERSIONS: tuple[int, ...] = (1,)
+_PREAMBLE = struct.Struct("<8sHHI32s")
+PREAMBLE_BYTES = _PREAMBLE.size  # 48
+ONNX_OPSET = 17
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sub-byte packing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _levels(widths: np.ndarray) -> np.ndarray:
+    return weight_levels(torch.from_numpy(np.asarray(widths, dtype=np.int64))).numpy()
+
+
+def pack_codes(codes: np.ndarray, widths: np.ndarray) -> bytes:
+    """Pack integer codes (one row per channel) into one LSB-first bit stream, ``widths[c]`` bits per code of row c.
+
+    Rows of 0-bit channels must be all zero and take no space. The stream is padded with zero bits to a whole byte.
+    Rows are packed one after the other, so a later per-weight mask (sparse rows of different lengths) only changes
+    which codes a row holds, not the stream layout.
+
+    Raises:
+        ArtifactError: a code does not fit its channel's width.
+    """
+    widths = np.asarray(widths, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int64).reshape(len(widths), -1)
+    if widths.size and (widths.min() < 0 or widths.max() > MAX_WEIGHT_BITS):
+        raise ArtifactError(f"weight widths must be 0..{MAX_WEIGHT_BITS}, but got {sorted(set(widths.tolist()))}")
+    levels = _levels(widths)[:, None]
+    bad = (np.abs(codes) > levels) | ((widths[:, None] == 1) & (codes == 0))
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise ArtifactError(f"code out of range for a {int(widths[row])}-bit channel (row {row})")
+    per_row = codes.shape[1]
+    total = int((widths * per_row).sum())
+    bits = np.zeros(total, dtype=np.uint8)
+    unsigned = np.where(widths[:, None] == 1, (codes > 0).astype(np.int64), codes + levels)
+    position = 0
+    for width in range(1, MAX_WEIGHT_BITS + 1):
+        rows = np.flatnonzero(widths == width)
+        if rows.size == 0:
+            continue
+        shifts = np.arange(width, dtype=np.int64)
+        stream = ((unsigned[rows][:, :, None] >> shifts) & 1).astype(np.uint8).reshape(rows.size, -1)
+        starts = np.cumsum(np.concatenate([[0], widths * per_row]))[rows]
+        for row_bits, start in zip(stream, starts, strict=True):
+            bits[start : start + row_bits.size] = row_bits
+        position += stream.size
+    assert position == total
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def packed_bytes(widths: np.ndarray, per_row: int) -> int:
+    """Length of :func:`pack_codes`' stream."""
+    return math.ceil(int(np.asarray(widths, dtype=np.int64).sum()) * per_row / 8)
+
+
+def unpack_codes(data: bytes, widths: np.ndarray, per_row: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: an int64 array ``(len(widths), per_row)`` (0-bit rows are zeros)."""
+    widths = np.asarray(widths, dtype=np.int64)
+    expected = packed_bytes(widths, per_row)
+    if len(data) != expected:
+        raise ArtifactError(f"a weight stream has {len(data)} bytes, but its widths need {expected}")
+    total = int(widths.sum()) * per_row
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little", count=total).astype(np.int64)
+    codes = np.zeros((len(widths), per_row), dtype=np.int64)
+    starts = np.cumsum(np.concatenate([[0], widths * per_row]))
+    for width in range(1, MAX_WEIGHT_BITS + 1):
+        rows = np.flatnonzero(widths == width)
+        if rows.size == 0:
+            continue
+        index = starts[rows][:, None] + np.arange(per_row * width)[None, :]
+        stream = bits[index].reshape(rows.size, per_row, width)
+        values = (stream << np.arange(width, dtype=np.int64)).sum(axis=2)
+        codes[rows] = 2 * values - 1 if width == 1 else values - int(_levels(np.array([width]))[0])
+    return codes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation quantizers of the slim model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ActivationFakeQuant:
+    """Forward pre-hook: the simulated model's input-activation quantizer ``clamp(round(x / s)) * s``.
+
+    Computed with in-place ops after the division, bit-identical to :func:`ajpq.quant.quantize_activation`.
+    (``torch.fake_quantize_per_tensor_affine`` is one kernel but multiplies by ``1/s``, which rounds a few values
+    per million the other way; in a deep net those flips grow into visible logit differences.) ONNX export gets
+    explicit Div/Round/Clip/Mul, since ONNX's QuantizeLinear only knows 8-bit ranges.
+    """
+
+    def __init__(self, bits: int, max_abs: float, signed: bool) -> None:
+        self.bits = int(bits)
+        self.max_abs = float(max_abs)
+        self.signed = bool(signed)
+        self.scale = activation_scale(self.max_abs, self.bits, self.signed) if self.bits < 32 else 1.0
+        high = 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        self.quant_min, self.quant_max = (-high if self.signed else 0), high
+
+    def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.bits >= 32:
+            return inputs
+        x = inputs[0]
+        if torch.onnx.is_in_onnx_export() or x.requires_grad:
+            quantized = quantize_activation(x, self.bits, self.max_abs, self.signed)
+        else:
+            quantized = torch.div(x, self.scale).round_().clamp_(self.quant_min, self.quant_max).mul_(self.scale)
+        return (quantized, *inputs[1:])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "max_abs": self.max_abs, "signed": self.signed}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slim architecture: fold structure, physical pruning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fold_structure(model: nn.Module, layers: list[dict[str, Any]]) -> None:
+    """Turn each folded BatchNorm into an Identity and give its layer a bias (the values are loaded later)."""
+    for entry in layers:
+        if not entry.get("bn_name"):
+            continue
+        module = model.get_submodule(entry["name"])
+        set_module(model, entry["bn_name"], nn.Identity())
+        if module.bias is None:
+            out = module.weight.shape[0]
+            module.bias = nn.Parameter(torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))
+
+
+def _prune(model: nn.Module, groups: list[dict[str, Any]], input_shape: tuple[int, ...]) -> None:
+    """Remove each group's channels with torch-pruning (coupled layers follow) in place."""
+    todo = [g for g in groups if g["removed"]]
+    if not todo:
+        return
+    import torch_pruning as tp
+
+    example = torch.zeros(1, *input_shape)
+    try:
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            for group in todo:
+                module = model.get_submodule(group["root"])
+                fn = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+                graph.get_pruning_group(module, fn, idxs=[int(i) for i in group["removed"]]).prune()
+    except Exception as exc:  # torch-pruning raises many types on graphs it cannot handle
+        raise ModelError(
+            f"torch-pruning could not remove the channels physically ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _architecture(analysis: ModelAnalysis, policy: Policy) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Header entries of the layers (BatchNorm to fold) and of the groups (channels to remove)."""
+    layers = [{"name": layer.name, "type": layer.type, "bn_name": layer.bn_name} for layer in analysis.layers]
+    groups = []
+    for group in analysis.groups:
+        root = group.members[0]
+        removed = np.flatnonzero(policy.layers[root].weight_bits == 0)
+        groups.append({"id": group.id, "members": list(group.members), "root": root, "removed": removed.tolist()})
+    return layers, groups
+
+
+def _install_quantizers(model: nn.Module, activations: dict[str, dict[str, Any]]) -> dict[str, ActivationFakeQuant]:
+    quantizers = {}
+    for name, spec in activations.items():
+        quantizer = ActivationFakeQuant(int(spec["bits"]), float(spec["max_abs"]), bool(spec["signed"]))
+        model.get_submodule(name).register_forward_pre_hook(quantizer)
+        quantizers[name] = quantizer
+    return quantizers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building and writing an artifact
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompressedArtifact:
+    """An artifact in memory: header, payload, the slim model it encodes and the simulated model it reproduces."""
+
+    header: dict[str, Any]
+    payload: bytes
+    slim: nn.Module
+    simulated: nn.Module
+
+    @property
+    def header_bytes(self) -> bytes:
+        return json.dumps(self.header, separators=(",", ":")).encode("utf-8")
+
+    def to_bytes(self) -> bytes:
+        header = self.header_bytes
+        preamble = _PREAMBLE.pack(MAGIC, ARTIFACT_VERSION, 0, len(header), hashlib.sha256(header).digest())
+        return preamble + header + self.payload
+
+    def write(self, path: str | Path) -> Path:
+        """Write the file atomically."""
+        data = self.to_bytes()
+        return atomic_write_bytes(path, data)
+
+
+def _segment(payload: io.BytesIO, data: bytes) -> list[int]:
+    offset = payload.tell()
+    payload.write(data)
+    return [offset, len(data)]
+
+
+@torch.no_grad()
+def build_artifact(
+    model: nn.Module,
+    analysis: ModelAnalysis,
+    policy: Policy,
+    calibration: torch.Tensor,
+    *,
+    model_name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    dataset: str | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> CompressedArtifact:
+    """Compress ``model`` (FP32, BatchNorm unfolded) with a complete, validated ``policy`` into an artifact.
+
+    The simulated model is ``SimulatedModel(model, analysis, calibration).apply(policy)`` on the CPU; the slim model
+    is rebuilt from the artifact bytes exactly as :func:`load_compressed` does, and checked against it on the
+    calibration images (``metrics["max_abs_logit_diff"]``).
+    """
+    refuse_weight_sparsity(policy, "export-model")
+    model = copy.deepcopy(model).cpu().eval()
+    calibration = calibration.cpu()
+    simulator = SimulatedModel(model, analysis, calibration, "cpu")
+    simulated = simulator.apply(policy)
+    cost = simulator.cost_model.evaluate(policy)
+    layers, groups = _architecture(analysis, policy)
+
+    slim = copy.deepcopy(simulated)
+    for layer in analysis.layers:
+        slim.get_submodule(layer.name)._forward_pre_hooks.clear()
+    _prune(slim, groups, input_shape)
+
+    payload = io.BytesIO()
+    tensors: dict[str, Any] = {}
+    scales_of = _simulated_scales(model, analysis, policy)
+    for entry, layer in zip(layers, analysis.layers, strict=True):
+        module = slim.get_submodule(layer.name)
+        bits = policy.layers[layer.name].weight_bits
+        widths = bits[bits > 0]
+        weight = module.weight.detach().float()
+        if weight.shape[0] != widths.size:
+            raise ArtifactError(
+                f"layer '{layer.name}' has {weight.shape[0]} channels after pruning, but the policy keeps "
+                f"{widths.size}; the model's channel coupling is not what the analysis found"
+            )
+        scale = scales_of[layer.name][torch.from_numpy(bits > 0)]
+        flat = weight.reshape(weight.shape[0], -1)
+        codes = torch.round(flat / scale[:, None])
+        if not torch.equal(codes * scale[:, None], flat):
+            raise ArtifactError(f"layer '{layer.name}': the pruned weights are not codes x scales (internal error)")
+        entry["shape"] = list(weight.shape)
+        entry["weights"] = _segment(payload, pack_codes(codes.to(torch.int64).numpy(), widths))
+        entry["scales"] = _segment(payload, scale.numpy().astype("<f2").tobytes())
+        if module.bias is not None:
+            entry["bias"] = _segment(payload, module.bias.detach().float().numpy().astype("<f4").tobytes())
+        else:
+            entry["bias"] = None
+    layer_keys = {f"{layer.name}.{p}" for layer in analysis.layers for p in ("weight", "bias")}
+    for key, value in slim.state_dict().items():
+        if key in layer_keys:
+            continue
+        array = value.detach().cpu().numpy()
+        dtype = "<f4" if array.dtype.kind == "f" else array.dtype.newbyteorder("<").str
+        tensors[key] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data": _segment(payload, array.astype(dtype).tobytes()),
+        }
+
+    activations = {
+        name: {"bits": int(q.bits), "max_abs": float(q.max_abs), "signed": bool(q.signed)}
+        for name, q in simulator.quantizers.items()
+    }
+    data = payload.getvalue()
+    from ajpq import __version__
+
+    header: dict[str, Any] = {
+        "format": ARTIFACT_FORMAT,
+        "version": ARTIFACT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ajpq_version": __version__,
+        "model": {
+            "name": model_name,
+            "input_shape": [int(s) for s in input_shape],
+            "num_classes": int(num_classes),
+            "fingerprint": analysis.fingerprint,
+            "dataset": dataset,
+        },
+        "encoding": {
+            "bit_order": "lsb-first",
+            "codes": "offset binary code + 2^(b-1) - 1 for b >= 2; sign bit for b = 1; nothing for b = 0",
+            "scales": "<f2",
+            "bias": "<f4",
+            "weight_layout": "dense",
+        },
+        "layers": layers,
+        "groups": groups,
+        "activations": activations,
+        "tensors": tensors,
+        "policy": policy.to_dict(),
+        "metrics": {
+            **cost.as_dict(),
+            "expected_payload_bytes": cost.size_bits / 8,
+            **(metrics or {}),
+        },
+        "payload": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+    }
+    rebuilt = _load_slim(header, data, model_factory=lambda: copy.deepcopy(model))
+    artifact = CompressedArtifact(header, data, rebuilt, simulated)
+    header["metrics"]["max_abs_logit_diff"] = max_logit_difference(rebuilt, simulated, calibration)
+    return artifact
+
+
+def refuse_weight_sparsity(policy: Policy, command: str) -> None:
+    """Artifact version 1 stores dense kept channels only; a policy with ``weight_sparsity`` is refused clearly."""
+    sparse = [name for name, layer in policy.layers.items() if getattr(layer, "weight_sparsity", 0) > 0]
+    if sparse:
+        raise PolicyError(
+            f"{command} does not support weight_sparsity yet (layers {', '.join(sparse[:4])}"
+            f"{', ...' if len(sparse) > 4 else ''} have it); set it to 0 or use `ajpq evaluate` on the policy"
+        )
+
+
+def _simulated_scales(model: nn.Module, analysis: ModelAnalysis, policy: Policy) -> dict[str, torch.Tensor]:
+    """Per layer, the fp16-exact scales the simulated model used (BN folded, removed inputs masked)."""
+    from ajpq.analysis import folded_weights
+    from ajpq.compress import input_masks
+    from ajpq.quant import quantize_codes
+
+    folded = folded_weights(model, {layer.name: layer.bn_name for layer in analysis.layers if layer.bn_name})
+    masks = input_masks(analysis, CostModel(analysis), policy)
+    scales = {}
+    for layer in analysis.layers:
+        weight = folded[layer.name][0]
+        mask = masks[layer.name].to(weight.dtype)
+        masked = weight * mask.reshape(*mask.shape, *([1] * (weight.dim() - 2)))
+        _, scale = quantize_codes(masked, torch.from_numpy(policy.layers[layer.name].weight_bits))
+        scales[layer.name] = scale
+    return scales
+
+
+@torch.no_grad()
+def max_logit_difference(slim: nn.Module, simulated: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
+    """Largest absolute logit difference between two models and the logit range it is measured against."""
+    a = slim(inputs.cpu())
+    b = simulated(inputs.cpu())
+    diff = float((a - b).abs().max())
+    span = float(b.max() - b.min())
+    return {"abs": diff, "logit_range": span, "relative": diff / span if span > 0 else diff}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArtifactFile:
+    """A verified artifact read from disk."""
+
+    header: dict[str, Any]
+    payload: bytes
+    file_bytes: int
+
+    @property
+    def payload_bytes(self) -> int:
+        return len(self.payload)
+
+    @property
+    def header_bytes(self) -> int:
+        return self.file_bytes - len(self.payload)
+
+    @property
+    def policy(self) -> Policy:
+        return policy_from_dict(self.header["policy"], "artifact policy")
+
+
+def parse_artifact(data: bytes, source: str = "artifact") -> ArtifactFile:
+    """Check magic, version, lengths and both checksums; raise :class:`ArtifactError` with one clear message."""
+    hint = "re-export it with `ajpq export-model`"
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        if MAGIC.startswith(data):
+            raise ArtifactError(f"{source} is truncated ({len(data)} bytes, not even a preamble); {hint}")
+        raise ArtifactError(
+            f"{source} is not an AJPQ artifact (its first bytes are not the AJPQ magic {MAGIC!r}); "
+            "write one with `ajpq export-model --out model.ajpq`"
+        )
+    if len(data) < PREAMBLE_BYTES:
+        raise ArtifactError(
+            f"{source} is truncated ({len(data)} bytes, the preamble alone has {PREAMBLE_BYTES}); {hint}"
+        )
+    _, version, _, header_length, header_sha = _PREAMBLE.unpack_from(data)
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+        newer = " newer than" if version > max(READABLE_VERSIONS) else " not"
+        raise ArtifactError(
+            f"{source} has artifact format version {version}, which is{newer} what this build of AJPQ reads "
+            f"(version {readable}); upgrade AJPQ (pip install -U ajpq) or re-export the model with this version"
+        )
+    end = PREAMBLE_BYTES + header_length
+    if len(data) < end:
+        raise ArtifactError(
+            f"{source} is truncated: {len(data)} bytes, but its header alone ends at byte {end}; {hint}"
+        )
+    header_data = data[PREAMBLE_BYTES:end]
+    if hashlib.sha256(header_data).digest() != header_sha:
+        raise ArtifactError(f"{source} is corrupted: the header's sha256 checksum does not match; {hint}")
+    try:
+        header = json.loads(header_data.decode("utf-8"))
+        payload_info = header["payload"]
+        payload_length, payload_sha = int(payload_info["bytes"]), str(payload_info["sha256"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ArtifactError(
+            f"{source} has a malformed header (checksum fine, content not an AJPQ header); {hint}"
+        ) from None
+    if header.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{source}: header format is {header.get('format')!r}, not {ARTIFACT_FORMAT!r}")
+    payload = data[end:]
+    if len(payload) < payload_length:
+        raise ArtifactError(
+            f"{source} is truncated: the payload has {len(payload)} of its {payload_length} bytes; {hint}"
+        )
+    if len(payload) > payload_length:
+        raise ArtifactError(
+            f"{source} is corrupted: {len(payload) - payload_length} unexpected bytes at its end; {hint}"
+        )
+    if hashlib.sha256(payload).hexdigest() != payload_sha:
+        raise ArtifactError(f"{source} is corrupted: the payload's sha256 checksum does not match; {hint}")
+    return ArtifactFile(header, payload, len(data))
+
+
+def read_artifact(path: str | Path) -> ArtifactFile:
+    """Read and verify an artifact file (see :func:`parse_artifact`)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"artifact {path} does not exist; write one with `ajpq export-model --out {path}`"
+        ) from None
+    except IsADirectoryError:
+        raise ArtifactError(f"artifact {path} is a folder; give the .ajpq file") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read artifact {path}: {exc.strerror}") from None
+    return parse_artifact(data, str(path))
+
+
+def _load_slim(header: dict[str, Any], payload: bytes, model_factory: Any = None) -> nn.Module:
+    info = header["model"]
+    input_shape = tuple(int(s) for s in info["input_shape"])
+    if model_factory is None:
+        model = build_model(info["name"], input_shape, int(info["num_classes"]))  # type: ignore[arg-type]
+    else:
+        model = model_factory()
+    if fingerprint_of(model) != info["fingerprint"]:
+        raise ArtifactError(
+            f"model '{info['name']}' as built here has fingerprint {fingerprint_of(model)}, but the artifact was made "
+            f"from fingerprint {info['fingerprint']}; the model code changed since the export"
+        )
+    model = model.cpu().float().eval()
+    _fold_structure(model, header["layers"])
+    _prune(model, header["groups"], input_shape)
+    policy = policy_from_dict(header["policy"], "artifact policy")
+
+    def segment(span: list[int] | None) -> bytes:
+        offset, length = span  # type: ignore[misc]
+        if offset < 0 or offset + length > len(payload):
+            raise ArtifactError("a tensor segment lies outside the payload; the artifact is corrupted")
+        return payload[offset : offset + length]
+
+    with torch.no_grad():
+        for entry in header["layers"]:
+            module = model.get_submodule(entry["name"])
+            bits = policy.layers[entry["name"]].weight_bits
+            widths = bits[bits > 0]
+            shape = tuple(entry["shape"])
+            if tuple(module.weight.shape) != shape:
+                raise ArtifactError(
+                    f"layer '{entry['name']}' rebuilt with shape {tuple(module.weight.shape)}, but the artifact "
+                    f"stores {shape}; the model code or torch-pruning changed since the export"
+                )
+            per_row = int(np.prod(shape[1:]))
+            codes = unpack_codes(segment(entry["weights"]), widths, per_row)
+            scales = np.frombuffer(segment(entry["scales"]), dtype="<f2").astype(np.float32)
+            weight = torch.from_numpy(codes.astype(np.float32) * scales[:, None]).reshape(shape)
+            module.weight.copy_(weight)
+            if entry["bias"] is not None:
+                module.bias.copy_(torch.from_numpy(np.frombuffer(segment(entry["bias"]), dtype="<f4").copy()))
+        state = model.state_dict()
+        for key, spec in header["tensors"].items():
+            if key not in state:
+                raise ArtifactError(f"the artifact stores '{key}', which the rebuilt model does not have")
+            array = np.frombuffer(segment(spec["data"]), dtype=spec["dtype"]).reshape(spec["shape"])
+            state[key].copy_(torch.from_numpy(array.copy()))
+    model.ajpq_quantizers = _install_quantizers(model, header["activations"])  # type: ignore[assignment]
+    model.ajpq_header = header  # type: ignore[assignment]
+    return model.eval()
+
+
+def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the slim compressed model of an artifact as a CPU ``nn.Module`` in eval mode.
+
+    Args:
+        path: The ``.ajpq`` file written by ``ajpq export-model``.
+        model: An unpruned instance of the architecture (only needed for models that ``build_model`` cannot
+            build from the recorded name, e.g. a class defined in a script); it is not modified.
+
+    Raises:
+        ArtifactError: Missing, truncated, corrupted or newer-version file, or a model that no longer matches.
+    """
+    artifact = read_artifact(path)
+    factory = None if model is None else (lambda: copy.deepcopy(model))
+    return _load_slim(artifact.header, artifact.payload, factory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX and latency
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise ModelError(
+            "ONNX export needs the optional packages onnx and onnxruntime; install them with `pip install 'ajpq[onnx]'`"
+        ) from None
+    return onnx, onnxruntime
+
+
+def export_onnx(slim: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, check: bool = True) -> float:
+    """Write the slim model as ONNX (opset 17, dynamic batch) and return onnxruntime's max |logit difference|."""
+    onnx, onnxruntime = _require_onnx()
+    example = torch.randn(4, *input_shape)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            slim,
+            (example,),
+            buffer,
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    data = buffer.getvalue()
+    onnx.checker.check_model(onnx.load_from_string(data))
+    atomic_write(path, lambda handle: handle.write(data))
+    if not check:
+        return 0.0
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {"input": example.numpy()})
+    with torch.no_grad():
+        expected = slim(example).numpy()
+    return float(np.abs(output - expected).max())
+
+
+def _timed(model: nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(x)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def _warm_up(model: nn.Module, x: torch.Tensor, calls: int = 15, seconds: float = 0.3) -> None:
+    """Run until both ``calls`` passes and ``seconds`` are done (oneDNN's first passes per shape are slow)."""
+    deadline = time.perf_counter() + seconds
+    done = 0
+    while done < calls or time.perf_counter() < deadline:
+        model(x)
+        done += 1
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int, *, repeats: int = 30) -> float:
+    """Median CPU wall time of one forward pass in milliseconds, after a warm-up."""
+    model = model.cpu().eval()
+    x = torch.randn(batch, *input_shape)
+    _warm_up(model, x)
+    return statistics.median(_timed(model, x) for _ in range(repeats)) * 1000.0
+
+
+@torch.inference_mode()
+def latency_report(
+    slim: nn.Module, fp32: nn.Module, input_shape: tuple[int, ...], *, repeats: int = 30
+) -> dict[str, float]:
+    """``{"batch1", "batch64", "fp32_batch1", "fp32_batch64"}``: CPU milliseconds, median of ``repeats``.
+
+    The two models are timed alternately, so a load spike from another process hits both alike.
+    """
+    slim, fp32 = slim.cpu().eval(), fp32.cpu().eval()
+    report = {}
+    for batch, count in ((1, repeats * 2), (64, repeats)):
+        x = torch.randn(batch, *input_shape)
+        _warm_up(slim, x)
+        _warm_up(fp32, x)
+        pairs = [(_timed(slim, x), _timed(fp32, x)) for _ in range(count)]
+        report[f"batch{batch}"] = statistics.median(p[0] for p in pairs) * 1000.0
+        report[f"fp32_batch{batch}"] = statistics.median(p[1] for p in pairs) * 1000.0
+    return {key: report[key] for key in ("batch1", "batch64", "fp32_batch1", "fp32_batch64")}
+
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "ARTIFACT_VERSION",
+    "MAGIC",
+    "ActivationFakeQuant",
+    "ArtifactFile",
+    "CompressedArtifact",
+    "build_artifact",
+    "export_onnx",
+    "latency_report",
+    "load_compressed",
+    "max_logit_difference",
+    "measure_latency",
+    "pack_codes",
+    "parse_artifact",
+    "read_artifact",
+    "unpack_codes",
+]

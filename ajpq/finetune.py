@@ -1,0 +1,235 @@
+"""Quantization-aware fine-tuning with a fixed policy (the OPQ recipe).
+
+The FP32 model keeps its BatchNorms (folding happens at export, as in :class:`~ajpq.compress.SimulatedModel`).
+Each compressible layer's weight is a parametrization ``quantize_weight_ste(weight * input_mask, bits)``: quantized
+per output channel in the forward pass, straight-through gradient in the backward pass. Per-channel symmetric
+quantization commutes with BatchNorm's per-channel scaling (up to the fp16 rounding of the scale), so training
+against the unfolded weights trains what the exported, folded model computes. Every layer's input is fake-quantized
+(STE) at the policy's activation bits with ranges calibrated like the simulated model's (on the BN-folded FP32
+weights), recalibrated after every epoch. A layer with ``weight_sparsity`` keeps the magnitude mask the simulation
+and the cost model compute from the starting weights. Removed channels, the weights that read removed inputs, and the
+bias/BatchNorm affine of removed channels are zeroed before training and after every optimizer step, so they never
+come back and fold to exact zeros.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ajpq.analysis import ModelAnalysis
+from ajpq.compress import ActivationQuantizer, SimulatedModel, calibrate_activations, fold_batchnorm, input_masks
+from ajpq.cost import CostModel
+from ajpq.data import Split
+from ajpq.policy import Policy
+from ajpq.quant import quantize_weight_ste
+from ajpq.train import TrainConfig, evaluate_accuracy, train_model
+
+OPQ_RECIPE: dict[str, Any] = {"lr": 0.005, "momentum": 0.9, "weight_decay": 1e-4}
+"""OPQ's fine-tuning hyperparameters (Hu et al., AAAI 2021); SGD with a cosine schedule."""
+
+
+def finetune_config(**overrides: Any) -> TrainConfig:
+    """A :class:`~ajpq.train.TrainConfig` with the OPQ recipe (lr 0.005, momentum 0.9, weight decay 1e-4), 3 epochs.
+
+    ``None`` values in ``overrides`` are ignored, so CLI options can be passed through as they are.
+    """
+    values: dict[str, Any] = {"epochs": 3, "batch_size": 128, **OPQ_RECIPE}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+class _QuantizedWeight(nn.Module):
+    """Parametrization: the policy's quantized weight (STE) of the kept channels, reading kept inputs only."""
+
+    def __init__(self, bits: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bits", bits)
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return quantize_weight_ste(weight * self.mask, self.bits)
+
+
+class QATModel:
+    """The FP32 model prepared for quantization-aware training with a fixed, complete and validated policy."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        analysis: ModelAnalysis,
+        policy: Policy,
+        calibration: torch.Tensor,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.analysis = analysis
+        self.policy = policy
+        self.device = torch.device(device)
+        self.calibration = calibration.to(self.device)
+        self._template = copy.deepcopy(model).to(self.device)
+        self.module = copy.deepcopy(model).to(self.device)
+        cost_model = CostModel.from_model(analysis, model)
+        masks = input_masks(analysis, cost_model, policy)
+        group_kept = cost_model.group_kept(policy)
+        self._keep: dict[str, torch.Tensor] = {}
+        self._weight_mask: dict[str, torch.Tensor] = {}
+        for layer in analysis.layers:
+            module = self.module.get_submodule(layer.name)
+            bits = torch.from_numpy(policy.layers[layer.name].weight_bits).to(self.device)
+            keep = bits > 0
+            weight = module.weight
+            mask = masks[layer.name].to(self.device, weight.dtype)
+            mask = mask.reshape(*mask.shape, *([1] * (weight.dim() - 2))) * keep.to(weight.dtype).reshape(
+                -1, *([1] * (weight.dim() - 1))
+            )
+            layer_policy = policy.layers[layer.name]
+            if layer_policy.weight_sparsity > 0:  # the magnitude mask of the simulation and cost model stays fixed
+                stored = cost_model.weight_mask(
+                    layer,
+                    layer_policy.weight_bits,
+                    cost_model.input_kept(layer, group_kept),
+                    layer_policy.weight_sparsity,
+                )
+                mask = mask * torch.from_numpy(stored).reshape(weight.shape).to(self.device, weight.dtype)
+            self._keep[layer.name] = keep
+            self._weight_mask[layer.name] = mask
+            parametrize.register_parametrization(module, "weight", _QuantizedWeight(bits, mask))
+        self.enforce()
+        self.quantizers: dict[str, ActivationQuantizer] = {}
+        for layer in analysis.layers:
+            quantizer = ActivationQuantizer(1.0, True, policy.layers[layer.name].activation_bits, ste=True)
+            self.module.get_submodule(layer.name).register_forward_pre_hook(quantizer)
+            self.quantizers[layer.name] = quantizer
+        self.recalibrate()
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """Zero removed channels, weights reading removed inputs, and removed channels' bias and BatchNorm affine."""
+        for layer in self.analysis.layers:
+            module = self.module.get_submodule(layer.name)
+            keep = self._keep[layer.name]
+            module.parametrizations.weight.original.mul_(self._weight_mask[layer.name])
+            if module.bias is not None:
+                module.bias.mul_(keep.to(module.bias.dtype))
+            if layer.bn_name is not None:
+                bn = self.module.get_submodule(layer.bn_name)
+                for param in (bn.weight, bn.bias):
+                    if param is not None:
+                        param.mul_(keep.to(param.dtype))
+
+    def fp32_model(self) -> nn.Module:
+        """A plain copy of the current FP32 weights: no parametrization, no quantizer hooks.
+
+        (Deep-copying a parametrized module shares its generated class, and removing the parametrization from the
+        copy would break the original, so the copy is built from the untouched model and a renamed state dict.)
+        """
+        state = {}
+        for key, value in self.module.state_dict().items():
+            if ".parametrizations." in key:
+                if key.endswith(".parametrizations.weight.original"):
+                    state[key.replace(".parametrizations.weight.original", ".weight")] = value
+                continue
+            state[key] = value
+        plain = copy.deepcopy(self._template)
+        plain.load_state_dict(state)
+        return plain
+
+    @torch.no_grad()
+    def recalibrate(self) -> None:
+        """Activation ranges as :class:`~ajpq.compress.SimulatedModel` calibrates them for the current weights."""
+        folded = fold_batchnorm(self.fp32_model(), self.analysis).eval()
+        ranges = calibrate_activations(folded, self.analysis, self.calibration)
+        for name, (max_abs, signed) in ranges.items():
+            self.quantizers[name].max_abs = max_abs
+            self.quantizers[name].signed = signed
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned FP32 model and what fine-tuning did to the compressed model's accuracy."""
+
+    model: nn.Module
+    """FP32 parameters (BatchNorm unfolded); ``SimulatedModel(model, ...).apply(policy)`` is the compressed model."""
+    history: list[dict[str, float]]
+    accuracy_before: dict[str, float] = field(default_factory=dict)
+    accuracy_after: dict[str, float] = field(default_factory=dict)
+
+
+def compressed_accuracy(
+    model: nn.Module,
+    analysis: ModelAnalysis,
+    policy: Policy,
+    calibration: torch.Tensor,
+    splits: dict[str, Split],
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Accuracy of the simulated compressed model on each named split."""
+    module = SimulatedModel(model, analysis, calibration, device).apply(policy)
+    return {name: evaluate_accuracy(module, split, device) for name, split in splits.items()}
+
+
+def finetune(
+    model: nn.Module,
+    analysis: ModelAnalysis,
+    policy: Policy,
+    train: Split,
+    calibration: torch.Tensor,
+    config: TrainConfig | None = None,
+    *,
+    val: Split | None = None,
+    report: dict[str, Split] | None = None,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` with the policy's quantization in the forward pass; ``model`` itself is not changed.
+
+    Args:
+        model: The FP32 model (BatchNorm unfolded).
+        analysis: Its analysis.
+        policy: A complete, validated policy (see :func:`ajpq.policy.validate_policy`).
+        train: Training split.
+        calibration: The images the simulated model calibrates its activation ranges on.
+        config: Training hyperparameters (default :func:`finetune_config`).
+        val: Split whose accuracy is reported after each epoch (``on_epoch``).
+        report: Splits on which the compressed model's accuracy is measured before and after.
+        device: Where to train.
+        generator: Data-order generator (see :func:`ajpq.train.seed_everything`).
+        progress: Show a progress bar.
+        on_epoch: Called with ``(epoch, mean loss, val accuracy)`` after each epoch.
+    """
+    config = config or finetune_config()
+    report = report or {}
+    before = compressed_accuracy(model, analysis, policy, calibration, report, device)
+    qat = QATModel(model, analysis, policy, calibration, device)
+
+    def epoch_done(epoch: int, loss: float, val_accuracy: float | None) -> None:
+        qat.recalibrate()
+        if on_epoch is not None:
+            on_epoch(epoch, loss, val_accuracy)
+
+    history = train_model(
+        qat.module,
+        train,
+        config,
+        device=device,
+        generator=generator,
+        val=val,
+        progress=progress,
+        description="finetune",
+        on_epoch=epoch_done,
+        after_step=qat.enforce,
+    )
+    result = qat.fp32_model().eval()
+    after = compressed_accuracy(result, analysis, policy, calibration, report, device)
+    return FinetuneResult(result, history, before, after)
+
+
+__all__ = ["OPQ_RECIPE", "FinetuneResult", "QATModel", "compressed_accuracy", "finetune", "finetune_config"]

@@ -1,0 +1,168 @@
+"""Quantization-aware fine-tuning: removed channels stay removed, the recipe, the CLI and its outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ajpq.analysis import analyze_model
+from ajpq.cli import main
+from ajpq.compress import SimulatedModel
+from ajpq.data import load_dataset
+from ajpq.errors import ConfigError
+from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config
+from ajpq.models import build_model
+from ajpq.policy import Policy, validate_policy
+from ajpq.train import TrainConfig, evaluate_accuracy, seed_everything, train_model
+from ajpq.workspace import load_checkpoint, save_checkpoint
+
+
+def half_policy(analysis, bits: int = 3) -> Policy:
+    policy = Policy.uniform(analysis, bits, 8)
+    for group in analysis.groups:
+        if not group.prunable:
+            continue
+        removed = group.order[group.size // 2 :]
+        for member in group.members:
+            layer_bits = np.full(group.size, bits)
+            layer_bits[np.isin(analysis.out_root[member], removed)] = 0
+            policy.layers[member].weight_bits = layer_bits
+    return validate_policy(policy, analysis)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    digits = load_dataset("digits")
+    generator = seed_everything(0)
+    model = build_model("digits_cnn", digits.input_shape, digits.num_classes)
+    train_model(model, digits.train, TrainConfig(epochs=4, lr=0.05, batch_size=64), generator=generator, progress=False)
+    analysis = analyze_model(model, digits.input_shape, model_name="digits_cnn")
+    calibration = next(digits.train.batches(256))[0]
+    return digits, model.eval(), analysis, calibration
+
+
+def test_config_defaults_are_the_opq_recipe() -> None:
+    config = finetune_config()
+    assert (config.lr, config.momentum, config.weight_decay) == (0.005, 0.9, 1e-4) == tuple(OPQ_RECIPE.values())
+    assert finetune_config(lr=0.01, momentum=None).lr == 0.01
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        finetune_config(lr=-1.0)
+
+
+def test_removed_channels_never_come_back(setup) -> None:
+    digits, model, analysis, calibration = setup
+    policy = half_policy(analysis)
+    result = finetune(
+        model, analysis, policy, digits.train, calibration, finetune_config(max_steps=6, batch_size=64), progress=False
+    )
+    tuned = result.model
+    for layer in analysis.layers:
+        removed = torch.from_numpy(policy.layers[layer.name].weight_bits == 0)
+        module = tuned.get_submodule(layer.name)
+        assert float(module.weight.detach()[removed].abs().sum()) == 0.0
+        if module.bias is not None:
+            assert float(module.bias.detach()[removed].abs().sum()) == 0.0
+        if layer.bn_name:
+            bn = tuned.get_submodule(layer.bn_name)
+            assert float(bn.weight.detach()[removed].abs().sum()) == float(bn.bias.detach()[removed].abs().sum()) == 0.0
+    # the weights reading removed inputs are zero too, and weights did change elsewhere
+    removed_in = torch.from_numpy(policy.layers["conv1"].weight_bits == 0)
+    assert float(tuned.conv2.weight.detach()[:, removed_in].abs().sum()) == 0.0
+    assert not torch.equal(tuned.conv2.weight, model.conv2.weight)
+    simulated = SimulatedModel(tuned, analysis, calibration).apply(policy)
+    removed_out = torch.from_numpy(policy.layers["conv2"].weight_bits == 0)
+    assert isinstance(simulated.bn2, torch.nn.Identity)
+    assert float(simulated.conv2.bias.detach()[removed_out].abs().sum()) == 0.0  # folds to a zero bias
+
+
+def test_forward_uses_quantized_weights_and_straight_through_gradient(setup) -> None:
+    _, model, analysis, calibration = setup
+    policy = half_policy(analysis, bits=2)
+    qat = QATModel(model, analysis, policy, calibration)
+    conv = qat.module.conv2
+    levels = conv.weight.detach()
+    kept = torch.from_numpy(policy.layers["conv2"].weight_bits > 0)
+    per_channel = [torch.unique(levels[c].abs()).numel() for c in torch.nonzero(kept).flatten().tolist()]
+    assert max(per_channel) <= 2  # 2 bits: codes -1, 0, 1 -> |w| in {0, scale}
+    qat.module.train()
+    loss = qat.module(calibration[:16]).sum()
+    loss.backward()
+    grad = conv.parametrizations.weight.original.grad
+    assert float(grad[~kept].abs().sum()) == 0.0 and float(grad[kept].abs().sum()) > 0.0
+
+
+def test_finetune_recovers_accuracy(setup) -> None:
+    digits, model, analysis, calibration = setup
+    policy = half_policy(analysis, bits=2)
+    result = finetune(
+        model,
+        analysis,
+        policy,
+        digits.train,
+        calibration,
+        finetune_config(epochs=2, batch_size=64),
+        val=digits.val,
+        report={"val": digits.val},
+        progress=False,
+    )
+    assert result.accuracy_after["val"] > result.accuracy_before["val"]
+    assert len(result.history) == 2 and "val_accuracy" in result.history[0]
+    simulated = SimulatedModel(result.model, analysis, calibration).apply(policy)
+    assert evaluate_accuracy(simulated, digits.val) == pytest.approx(result.accuracy_after["val"])
+
+
+def test_cli_finetune_then_export(setup, tmp_path: Path, capsys) -> None:
+    _, model, analysis, _ = setup
+    weights = tmp_path / "ref.pt"
+    save_checkpoint(weights, model, {"model": "digits_cnn", "dataset": "digits"})
+    policy_path = tmp_path / "policy.json"
+    half_policy(analysis).save(policy_path)
+    out = tmp_path / "tuned.pt"
+    common = ["--dataset", "digits", "--device", "cpu"]
+    argv = ["finetune", *common, "--weights", str(weights), "--policy", str(policy_path), "--out", str(out)]
+    assert main([*argv, "--epochs", "1", "--max-steps", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["accuracy"]) == {"before", "after"} and set(report["accuracy"]["after"]) == {"val", "test"}
+    assert list((tmp_path / "tuned_tb").glob("events.out.tfevents.*"))
+    checkpoint = load_checkpoint(out)
+    assert checkpoint["policy"]["format"] == "ajpq-policy" and checkpoint["model"] == "digits_cnn"
+    artifact = tmp_path / "tuned.ajpq"
+    assert main(["export-model", *common, "--weights", str(out), "--out", str(artifact), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["accuracy"]["test"] == pytest.approx(report["accuracy"]["after"]["test"])
+    assert exported["max_abs_logit_diff"]["relative"] <= 1e-4
+
+
+def test_cli_refuses_policy_of_another_model(setup, tmp_path: Path, capsys) -> None:
+    digits, model, _, _ = setup
+    weights = tmp_path / "ref.pt"
+    save_checkpoint(weights, model, {"model": "digits_cnn", "dataset": "digits"})
+    other = build_model("lenet300", digits.input_shape, digits.num_classes)
+    policy_path = tmp_path / "other.json"
+    Policy.uniform(analyze_model(other, digits.input_shape, model_name="lenet300"), 4).save(policy_path)
+    for command in ("finetune", "export-model"):
+        argv = [command, "--dataset", "digits", "--device", "cpu", "--weights", str(weights)]
+        assert main([*argv, "--policy", str(policy_path), "--out", str(tmp_path / "x.out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "fingerprint" in err[0]
+
+
+def test_weight_sparsity_mask_is_kept_through_fine_tuning(setup) -> None:
+    digits, model, analysis, calibration = setup
+    policy = half_policy(analysis, bits=4)
+    policy.layers["fc1"].weight_sparsity = 0.6
+    simulated = SimulatedModel(model, analysis, calibration)
+    before = (simulated.apply(policy).fc1.weight != 0).clone()
+    stored_before = int(before.sum())
+    result = finetune(
+        model, analysis, policy, digits.train, calibration, finetune_config(max_steps=6, batch_size=64), progress=False
+    )
+    tuned_fc1 = result.model.fc1.weight.detach()
+    assert torch.count_nonzero(tuned_fc1[~before]) == 0  # pruned weights stay exactly zero
+    assert not torch.equal(tuned_fc1[before], model.fc1.weight.detach()[before])  # the others trained
+    after = SimulatedModel(result.model, analysis, calibration).apply(policy).fc1.weight != 0
+    assert int(after.sum()) == stored_before and torch.equal(after, before)  # same mask, so same cost
