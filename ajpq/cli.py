@@ -18,7 +18,12 @@ from typing import Any
 from ajpq import __version__
 from ajpq.errors import AJPQError
 
-COMMAND_MODULES: tuple[str, ...] = ("ajpq.commands",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "ajpq.commands",
+    "ajpq.search_commands",
+    "ajpq.export_commands",
+    "ajpq.compare_commands",
+)
 """Modules that register subcommands, in the order they appear in ``ajpq --help``."""
 EXIT_USAGE = 2
 

@@ -114,9 +114,16 @@ class Workspace:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     _simulated: SimulatedModel | None = field(default=None, repr=False)
 
+    _cost_model: CostModel | None = field(default=None, repr=False)
+
     @property
     def cost_model(self) -> CostModel:
-        return self.simulated.cost_model if self._simulated is not None else CostModel(self.analysis)
+        """The cost model with this model's weights (needed to price policies with weight sparsity)."""
+        if self._simulated is not None:
+            return self._simulated.cost_model
+        if self._cost_model is None:
+            self._cost_model = CostModel.from_model(self.analysis, self.model)
+        return self._cost_model
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -138,6 +145,16 @@ class Workspace:
         """Accuracy of the FP32 model (no policy) or of the simulated compressed model."""
         module = self.model.to(self.device) if policy is None else self.simulated.apply(policy)
         return evaluate_accuracy(module, self.split(split), self.device)
+
+
+def reference_cache_path(model_name: str, splits: DataSplits) -> Path:
+    """Where the auto-pretrained FP32 reference of a model on these splits is cached.
+
+    The key holds the split seed and the validation size: a reference trained on other training images would have
+    seen validation images.
+    """
+    key = f"{model_name.replace(':', '_')}__{splits.name}__split{splits.split_seed}__val{len(splits.val)}"
+    return cache_dir() / "pretrained" / f"{key}.pt"
 
 
 def default_pretrain_config(model_name: str) -> TrainConfig:
@@ -205,7 +222,7 @@ def open_workspace(
         if checkpoint.get("dataset") not in (None, splits.name):
             log(f"note: {weights} was trained on '{checkpoint['dataset']}', evaluating on '{splits.name}'")
     elif need_weights:
-        cached = cache_dir() / "pretrained" / f"{model_name.replace(':', '_')}__{splits.name}__split{split_seed}.pt"
+        cached = reference_cache_path(model_name, splits)
         if cached.is_file():
             checkpoint = load_checkpoint(cached)
             load_weights(model, checkpoint, model_name, str(cached))

@@ -35,7 +35,16 @@ def test_inspect_json_has_layers_groups_and_reference(capsys):
     assert report["model"] == "digits_cnn" and len(report["fingerprint"]) == 16
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
     assert set(report["layers"][0]) >= {
-        "name", "type", "in_channels", "out_channels", "kernel_size", "stride", "groups", "out_hw", "params", "macs",
+        "name",
+        "type",
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "groups",
+        "out_hw",
+        "params",
+        "macs",
         "group",
     }
     assert report["layers"][1]["macs"] == 32 * 16 * 9 * 64
@@ -64,7 +73,13 @@ def test_evaluate_fp32_and_policy_json(checkpoint, tmp_path, capsys):
     assert main(["evaluate", "--weights", str(checkpoint), "--policy", str(tmp_path / "p.json"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {
-        "accuracy", "size_bits", "size_ratio", "compression_rate", "bops", "bops_ratio", "reference_size_bits",
+        "accuracy",
+        "size_bits",
+        "size_ratio",
+        "compression_rate",
+        "bops",
+        "bops_ratio",
+        "reference_size_bits",
         "reference_bops",
     }
     assert report["size_ratio"] < 0.25 and report["compression_rate"] == pytest.approx(1 / report["size_ratio"])

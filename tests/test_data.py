@@ -215,12 +215,8 @@ def test_cifar_batches_and_augmentation(tmp_path: Path) -> None:
     assert isinstance(train, TensorSplit)
     plain = torch.cat([x for x, _ in train.batches(32)])
     assert torch.equal(plain, train.x)
-    aug1 = torch.cat(
-        [x for x, _ in train.batches(32, augment=True, generator=torch.Generator().manual_seed(0))]
-    )
-    aug2 = torch.cat(
-        [x for x, _ in train.batches(32, augment=True, generator=torch.Generator().manual_seed(0))]
-    )
+    aug1 = torch.cat([x for x, _ in train.batches(32, augment=True, generator=torch.Generator().manual_seed(0))])
+    aug2 = torch.cat([x for x, _ in train.batches(32, augment=True, generator=torch.Generator().manual_seed(0))])
     assert aug1.shape == train.x.shape and torch.equal(aug1, aug2) and not torch.equal(aug1, train.x)
 
 

@@ -48,9 +48,7 @@ def test_resnet20_param_count_and_names() -> None:
     model = build_model("resnet20", (3, 32, 32), 10)
     assert 260_000 <= _n_params(model) <= 280_000
     names = dict(model.named_modules())
-    assert isinstance(names["layer1.0.conv1"], nn.Conv2d) and isinstance(
-        names["layer1.0.bn1"], nn.BatchNorm2d
-    )
+    assert isinstance(names["layer1.0.conv1"], nn.Conv2d) and isinstance(names["layer1.0.bn1"], nn.BatchNorm2d)
     assert isinstance(names["layer2.0.shortcut.0"], nn.Conv2d)
     assert isinstance(names["layer2.0.shortcut.1"], nn.BatchNorm2d)
     assert isinstance(names["fc"], nn.Linear)
