@@ -15,7 +15,6 @@ Layout of ``runs/<model>__<dataset>__<seed>__<YYYYmmdd-HHMMSS>/``:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -163,7 +162,11 @@ class RunDir:
 
     # ---- episodes ----------------------------------------------------------------------------------------
     def append_episode(self, record: dict[str, Any], policy: Policy | None = None) -> None:
-        """Append one episode line (and its policy line), flushed to disk at once."""
+        """Append one episode line (and its policy line), handed to the OS at once.
+
+        Closing the file after each line is enough for a killed search to keep every finished episode; an fsync per
+        line would cost more than a small model's evaluation, and resume truncates to the last checkpoint anyway.
+        """
         for path, obj in (
             (self.policies_path, None if policy is None else {"episode": record["episode"], **encode_policy(policy)}),
             (self.episodes_path, record),
@@ -172,8 +175,6 @@ class RunDir:
                 continue
             with path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(obj) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
 
     def read_episodes(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.episodes_path)
