@@ -116,23 +116,9 @@ CONFIG_KEYS = tuple(f.name for f in fields(CompareConfig))
 
 def load_compare_config(path: str | Path, **overrides: Any) -> CompareConfig:
     """Read ``experiments/compare_*.yaml`` (a ``default:`` block), checking every key."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("default"), dict):
-        raise ConfigError(f"--config {path}: expected a mapping with a `default:` block of compare options")
-    values = {}
-    for key, value in data["default"].items():
-        name = str(key).replace("-", "_")
-        if name not in CONFIG_KEYS:
-            close = difflib.get_close_matches(name, CONFIG_KEYS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
-        values[name] = value
+    from ajpq.search_commands import load_config_file
+
+    values = load_config_file(path, CONFIG_KEYS, "compare")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return CompareConfig(**values)
 

@@ -94,9 +94,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     export.set_defaults(handler=run_export)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The ``default:`` block of an experiment YAML, with keys checked against :class:`SearchConfig`."""
-    from ajpq.search import CONFIG_KEYS
+def load_config_file(path: str | Path, keys: tuple[str, ...] | None = None, what: str = "search") -> dict[str, Any]:
+    """The ``default:`` block of an experiment YAML, with keys checked against ``keys`` (default: the search's).
+
+    Dashes in keys are read as underscores; an unknown key is refused with the closest known one.
+    """
+    if keys is None:
+        from ajpq.search import CONFIG_KEYS as keys
 
     path = Path(path)
     try:
@@ -106,12 +110,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("default"), dict):
-        raise ConfigError(f"--config {path}: expected a mapping with a `default:` block of search options")
+        raise ConfigError(f"--config {path}: expected a mapping with a `default:` block of {what} options")
     values: dict[str, Any] = {}
     for key, value in data["default"].items():
         name = str(key).replace("-", "_")
-        if name not in CONFIG_KEYS:
-            close = difflib.get_close_matches(name, CONFIG_KEYS, n=1)
+        if name not in keys:
+            close = difflib.get_close_matches(name, keys, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
         values[name] = value
