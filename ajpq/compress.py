@@ -17,7 +17,7 @@ from torch import nn
 from ajpq.analysis import ModelAnalysis, folded_weights
 from ajpq.cost import CostModel
 from ajpq.policy import Policy
-from ajpq.quant import _fp16_ceil, quantize_activation, quantize_weight
+from ajpq.quant import dequantize, quantize_activation, quantize_codes
 
 
 class ActivationQuantizer:
@@ -88,23 +88,6 @@ def calibrate_activations(
     return ranges
 
 
-def quantize_sparse_weight(weight: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Quantize the weights ``keep`` marks (others give exactly 0); a 1-bit channel's scale is its stored weights'
-    mean ``|w|`` (the zeros are not stored, so they do not shrink it)."""
-    keep_f = keep.to(weight.dtype)
-    masked = weight * keep_f
-    quantized = quantize_weight(masked, bits) * keep_f
-    one_bit = bits.to(weight.device) == 1
-    if bool(one_bit.any()):
-        flat = masked.reshape(weight.shape[0], -1).abs()
-        count = keep_f.reshape(weight.shape[0], -1).sum(dim=1).clamp(min=1)
-        scale = _fp16_ceil(flat.sum(dim=1) / count).to(weight.dtype)
-        signs = torch.where(masked >= 0, 1.0, -1.0).to(weight.dtype) * keep_f
-        binary = signs * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-        quantized = torch.where(one_bit.reshape(-1, *([1] * (weight.dim() - 1))), binary, quantized)
-    return quantized
-
-
 def input_masks(analysis: ModelAnalysis, cost_model: CostModel, policy: Policy) -> dict[str, torch.Tensor]:
     """Per layer, a ``(out_channels, in_channels/groups)`` mask of the weights that read kept inputs."""
     group_kept = cost_model.group_kept(policy)
@@ -152,6 +135,8 @@ class SimulatedModel:
             self.module.get_submodule(layer.name).register_forward_pre_hook(quantizer)
             self.quantizers[layer.name] = quantizer
         self.policy: Policy | None = None
+        self.scales: dict[str, torch.Tensor] = {}
+        """The fp16-exact per-channel weight scales of the last applied policy (what the artifact stores)."""
 
     def reference_weights(self) -> dict[str, torch.Tensor]:
         """The BN-folded FP32 weight of every compressible layer, by name (do not modify them)."""
@@ -168,18 +153,18 @@ class SimulatedModel:
             layer_policy = policy.layers[layer.name]
             bits = torch.from_numpy(layer_policy.weight_bits).to(self.device)
             mask = masks[layer.name].to(self.device, weight.dtype)
-            mask = mask.reshape(*mask.shape, *([1] * (weight.dim() - 2)))
+            keep = mask.reshape(*mask.shape, *([1] * (weight.dim() - 2))).expand_as(weight).bool()
             if layer_policy.weight_sparsity > 0:
-                keep = self.cost_model.weight_mask(
+                stored = self.cost_model.weight_mask(
                     layer,
                     layer_policy.weight_bits,
                     self.cost_model.input_kept(layer, group_kept),
                     layer_policy.weight_sparsity,
                 )
-                keep = torch.from_numpy(keep).reshape(weight.shape).to(self.device)
-                module.weight.copy_(quantize_sparse_weight(weight, bits, keep))
-            else:
-                module.weight.copy_(quantize_weight(weight * mask, bits))
+                keep = torch.from_numpy(stored).reshape(weight.shape).to(self.device)
+            codes, scale = quantize_codes(weight, bits, keep)
+            module.weight.copy_(dequantize(codes, scale))
+            self.scales[layer.name] = scale
             if bias is not None:
                 module.bias.copy_(bias * (bits > 0).to(bias.dtype))
             self.quantizers[layer.name].bits = layer_policy.activation_bits

@@ -50,7 +50,6 @@ from torch import nn
 
 from ajpq.analysis import ModelAnalysis, fingerprint_of
 from ajpq.compress import SimulatedModel, set_module
-from ajpq.cost import CostModel
 from ajpq.errors import ArtifactError, ModelError, PolicyError
 from ajpq.io import atomic_write, atomic_write_bytes
 from ajpq.models import build_model
@@ -303,7 +302,7 @@ def build_artifact(
 
     payload = io.BytesIO()
     tensors: dict[str, Any] = {}
-    scales_of = _simulated_scales(model, analysis, policy)
+    scales_of = {name: scale.cpu() for name, scale in simulator.scales.items()}
     for entry, layer in zip(layers, analysis.layers, strict=True):
         module = slim.get_submodule(layer.name)
         bits = policy.layers[layer.name].weight_bits
@@ -392,25 +391,6 @@ def refuse_weight_sparsity(policy: Policy, command: str) -> None:
         )
 
 
-def _simulated_scales(model: nn.Module, analysis: ModelAnalysis, policy: Policy) -> dict[str, torch.Tensor]:
-    """Per layer, the fp16-exact scales the simulated model used (BN folded, removed inputs masked)."""
-    from ajpq.analysis import folded_weights
-    from ajpq.compress import input_masks
-    from ajpq.quant import quantize_codes
-
-    folded = folded_weights(model, {layer.name: layer.bn_name for layer in analysis.layers if layer.bn_name})
-    masks = input_masks(analysis, CostModel(analysis), policy)
-    scales = {}
-    for layer in analysis.layers:
-        weight = folded[layer.name][0]
-        mask = masks[layer.name].to(weight.dtype)
-        masked = weight * mask.reshape(*mask.shape, *([1] * (weight.dim() - 2)))
-        _, scale = quantize_codes(masked, torch.from_numpy(policy.layers[layer.name].weight_bits))
-        scales[layer.name] = scale
-    return scales
-
-
-@torch.no_grad()
 def max_logit_difference(slim: nn.Module, simulated: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
     """Largest absolute logit difference between two models and the logit range it is measured against."""
     a = slim(inputs.cpu())

@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning with a fixed policy (the OPQ recipe).
 
 The FP32 model keeps its BatchNorms (folding happens at export, as in :class:`~ajpq.compress.SimulatedModel`).
-Each compressible layer's weight is a parametrization ``quantize_weight_ste(weight * input_mask, bits)``: quantized
+Each compressible layer's weight is a parametrization ``quantize_weight_ste(weight, bits, stored_mask)``: quantized
 per output channel in the forward pass, straight-through gradient in the backward pass. Per-channel symmetric
 quantization commutes with BatchNorm's per-channel scaling (up to the fp16 rounding of the scale), so training
 against the unfolded weights trains what the exported, folded model computes. Every layer's input is fake-quantized
@@ -54,7 +54,7 @@ class _QuantizedWeight(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return quantize_weight_ste(weight * self.mask, self.bits)
+        return quantize_weight_ste(weight, self.bits, self.mask > 0)
 
 
 class QATModel:

@@ -37,19 +37,35 @@ def _fp16_ceil(values: torch.Tensor) -> torch.Tensor:
     return torch.where(low, bumped, half).float()
 
 
-def quantize_codes(weight: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (same shape as ``weight``, int8) and fp16-exact float32 scales (one per output channel)."""
+def quantize_codes(
+    weight: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (same shape as ``weight``, int8) and fp16-exact float32 scales (one per output channel).
+
+    ``keep`` (broadcastable to ``weight``) marks the weights that are stored: those reading kept inputs and, with
+    weight sparsity, those the magnitude mask keeps. The others get code 0 and do not count in a 1-bit channel's
+    mean ``|w|`` (they do not exist in the exported artifact).
+    """
     bits = bits.to(device=weight.device, dtype=torch.int64)
     flat = weight.detach().reshape(weight.shape[0], -1).float()
+    if keep is None:
+        stored = None
+        count = torch.full((flat.shape[0],), float(flat.shape[1]), device=flat.device)
+    else:
+        stored = keep.to(flat.device).bool().expand_as(weight).reshape(flat.shape)
+        flat = flat * stored
+        count = stored.sum(dim=1).clamp(min=1).float()
     levels = weight_levels(bits)
     abs_flat = flat.abs()
     absmax = abs_flat.amax(dim=1)
-    mean_abs = abs_flat.mean(dim=1)
+    mean_abs = abs_flat.sum(dim=1) / count
     raw_scale = torch.where(bits == 1, mean_abs, absmax / levels.clamp(min=1).float())
     scale = _fp16_ceil(raw_scale)
     level_col = levels.unsqueeze(1).float()
     codes = torch.clamp(torch.round(flat / scale.unsqueeze(1)), -level_col, level_col)
     signs = torch.where(flat >= 0, 1.0, -1.0)
+    if stored is not None:
+        signs = signs * stored
     codes = torch.where((bits == 1).unsqueeze(1), signs, codes)
     codes = torch.where((bits <= 0).unsqueeze(1), torch.zeros_like(codes), codes)
     scale = torch.where(bits <= 0, torch.zeros_like(scale), scale)
@@ -61,20 +77,26 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.reshape(-1, *([1] * (codes.dim() - 1)))
 
 
-def quantize_weight(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize ``weight`` with ``bits[c]`` bits for output channel ``c`` (0 gives zeros)."""
-    codes, scale = quantize_codes(weight, bits)
+def quantize_weight(weight: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``weight`` with ``bits[c]`` bits for output channel ``c`` (0 gives zeros).
+
+    ``keep`` as in :func:`quantize_codes`: unstored weights come out exactly 0.
+    """
+    codes, scale = quantize_codes(weight, bits, keep)
     return dequantize(codes, scale).to(weight.dtype)
 
 
-def quantize_weight_ste(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+def quantize_weight_ste(weight: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Quantized weight in the forward pass, identity gradient (straight-through estimator) in the backward pass.
 
-    Removed channels (0 bits) get zero weight and zero gradient, so they never come back during fine-tuning.
+    Removed channels (0 bits) and unstored weights (``keep``) get zero weight and zero gradient, so they never come
+    back during fine-tuning.
     """
-    quantized = quantize_weight(weight.detach(), bits)
-    keep = (bits.to(weight.device) > 0).to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
-    return quantized + (weight - weight.detach()) * keep
+    quantized = quantize_weight(weight.detach(), bits, keep)
+    mask = (bits.to(weight.device) > 0).to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
+    if keep is not None:
+        mask = mask * keep.to(weight.device, weight.dtype)
+    return quantized + (weight - weight.detach()) * mask
 
 
 def activation_scale(max_abs: float, bits: int, signed: bool) -> float:

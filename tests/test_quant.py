@@ -88,3 +88,15 @@ def test_activation_quantizer_unsigned_signed_and_passthrough():
     assert sorted(set(torch.round(unsigned * 3).int().tolist())) == [0, 1, 2, 3]
     clipped = quantize_activation(torch.tensor([5.0]), 8, 1.0, False)
     assert float(clipped) == 1.0
+
+
+def test_unstored_weights_are_zero_and_do_not_dilute_the_one_bit_scale():
+    weight = torch.tensor([[1.0, -3.0, 0.5, 2.0], [0.25, -0.5, 4.0, 1.0]])
+    keep = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    codes, scale = quantize_codes(weight, torch.tensor([1, 2]), keep)
+    assert codes[0].tolist() == [1, -1, 0, 0] and float(scale[0]) == 2.0  # mean |w| of the two stored weights
+    assert codes[1].tolist() == [0, 0, 1, 0] and float(scale[1]) == 4.0  # 2 bits: levels -1..1, scale max|w|
+    assert torch.equal(quantize_weight(weight, torch.tensor([1, 2]), keep)[0], torch.tensor([2.0, -2.0, 0.0, 0.0]))
+    grad_weight = weight.clone().requires_grad_(True)
+    quantize_weight_ste(grad_weight, torch.tensor([1, 2]), keep).sum().backward()
+    assert grad_weight.grad[0].tolist() == [1.0, 1.0, 0.0, 0.0]

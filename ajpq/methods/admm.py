@@ -172,7 +172,7 @@ def run(
         scale = folded_scale(model, workspace)[name].clamp(min=1e-12)
         mask = masks.get(name, torch.ones_like(value))
         layer_bits = torch.full((value.shape[0],), bits, dtype=torch.int64, device=value.device)
-        return quantize_weight(value * scale * mask, layer_bits) / scale
+        return quantize_weight(value * scale, layer_bits, mask > 0) / scale
 
     if float(opts["quant_epochs"]) > 0:
         admm(project_quant, float(opts["quant_epochs"]), apply_masks(model, masks))
