@@ -121,3 +121,12 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, digits):
     Policy.uniform(digits, 2).save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
     assert load_policy(path, digits).layers["conv1"].weight_bits[0] == 2
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, digits):
+    import os
+
+    path = Policy.uniform(digits).save(tmp_path / "shared.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
