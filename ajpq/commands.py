@@ -197,8 +197,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 def evaluation_report(workspace: Workspace, policy: Policy | None, split: str) -> dict[str, Any]:
     """The numbers ``ajpq evaluate --json`` prints (accuracy plus the cost model's figures)."""
     if policy is None:
-        policy = Policy(layers={}, model_name=workspace.model_name)
-        costs = CostModel(workspace.analysis)
+        costs = workspace.cost_model
         report: dict[str, Any] = {
             "accuracy": workspace.accuracy(None, split),
             "size_bits": costs.reference_size_bits,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import difflib
 import io
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
@@ -271,12 +270,8 @@ def pareto_png(rows: list[dict[str, Any]], fp32: dict[str, float] | None = None,
 
     figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        tuned = all(math.isfinite(r["test_after"]) for r in mine)
-        key = "test_after" if tuned else "test_before"
-        points = sorted((r["size_compression"], r[key]) for r in mine)
-        label = method if tuned else f"{method} (not fine-tuned)"
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o" if tuned else "x", label=label)
+        points = sorted((r["size_compression"], r["test_after"]) for r in rows if r["method"] == method)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
     if fp32:
         axes.axhline(fp32["test"], color="gray", linestyle="--", linewidth=1, label="FP32")
     axes.set_xscale("log")
