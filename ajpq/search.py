@@ -397,38 +397,10 @@ METHODS: dict[str, Callable[[SearchContext], None]] = {"ajpq": run_ajpq, **SEARC
 """Search methods by ``--method`` name; add one with ``METHODS["name"] = fn`` (see the module docstring)."""
 
 
-def _finetune_evaluator(workspace: Workspace, steps: int, seed: int) -> Callable[[Any], float]:
-    """Evaluation after a short fine-tune: ``steps`` SGD steps (lr 0.005) of a copy of the FP32 model on the training
-    split, then the policy is applied to that copy (BN folded, quantized, pruned) and evaluated."""
-    import copy
-
-    from ajpq.compress import SimulatedModel
-    from ajpq.train import TrainConfig, evaluate_accuracy, train_model
-    from ajpq.workspace import CALIBRATION_SIZE
-
-    calibration = next(workspace.splits.train.batches(CALIBRATION_SIZE))[0]
-
-    def evaluate(policy: Any) -> float:
-        model = copy.deepcopy(workspace.model)
-        generator = torch.Generator().manual_seed(seed)
-        train_model(
-            model,
-            workspace.splits.train,
-            TrainConfig(epochs=1, lr=0.005, max_steps=steps, augment=False),
-            device=workspace.device,
-            generator=generator,
-            progress=False,
-        )
-        model.eval()
-        simulated = SimulatedModel(model, workspace.analysis, calibration, workspace.device)
-        return evaluate_accuracy(simulated.apply(policy), workspace.splits.val, workspace.device)
-
-    return evaluate
-
-
 def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> SearchResult:
     """Run (or resume) a search and return its summary; every bad input raises an AJPQError before any search."""
     from ajpq.envs import CompressionProblem
+    from ajpq.proxy import ProxyOptions, make_evaluator
     from ajpq.train import evaluate_accuracy
 
     seed_all(config.seed)
@@ -450,13 +422,7 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
     )
     val = workspace.splits.val
     fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
-    if config.episode_finetune_steps:
-        evaluate = _finetune_evaluator(workspace, config.episode_finetune_steps, config.seed)
-    else:
-
-        def evaluate(policy: Any) -> float:
-            return evaluate_accuracy(workspace.simulated.apply(policy), val, workspace.device)
-
+    evaluate = make_evaluator(workspace, ProxyOptions(finetune_steps=config.episode_finetune_steps, seed=config.seed))
     problem = CompressionProblem(
         workspace.analysis,
         evaluate,

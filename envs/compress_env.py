@@ -34,18 +34,14 @@ def default_problem(**kwargs: Any) -> CompressionProblem:
 
 def problem_from_workspace(workspace: Any = None, **kwargs: Any) -> CompressionProblem:
     """A :class:`CompressionProblem` whose reward evaluates the simulated model on the validation split."""
+    from ajpq.proxy import make_evaluator
     from ajpq.train import evaluate_accuracy
     from ajpq.workspace import open_workspace
 
     if workspace is None:
         workspace = open_workspace("digits_cnn", "digits", device="cpu", progress=False)
-    val = workspace.splits.val
-
-    def evaluate(policy: Any) -> float:
-        return evaluate_accuracy(workspace.simulated.apply(policy), val, workspace.device)
-
-    fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
-    return CompressionProblem(workspace.analysis, evaluate, fp32, **kwargs)
+    fp32 = evaluate_accuracy(workspace.model, workspace.splits.val, workspace.device)
+    return CompressionProblem(workspace.analysis, make_evaluator(workspace), fp32, **kwargs)
 
 
 def _info(result: EpisodeResult | None) -> dict[str, Any]:

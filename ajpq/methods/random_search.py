@@ -32,6 +32,7 @@ def run(
     problem: Any = None,
 ) -> MethodResult:
     from ajpq.envs import CompressionProblem, Episode
+    from ajpq.proxy import make_evaluator
 
     opts = options_with_defaults("random", DEFAULTS, options)
     episodes = check_positive_int("random episodes", opts["episodes"])
@@ -43,7 +44,7 @@ def run(
         fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
         problem = CompressionProblem(
             workspace.analysis,
-            lambda policy: evaluate_accuracy(simulated.apply(policy), val, workspace.device),
+            make_evaluator(workspace),
             fp32,
             budget=budget,
             max_sparsity=max_sparsity,
