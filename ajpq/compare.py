@@ -81,6 +81,8 @@ class CompareConfig:
     """Fine-tuning epochs given to every result (0: no fine-tuning; 'after' equals 'before')."""
     finetune_lr: float = 0.005
     """Fine-tuning learning rate (OPQ's recipe)."""
+    distill: bool = True
+    """Fine-tune every result by distilling from the FP32 reference (soft targets mixed with the labels)."""
     search: dict[str, Any] = field(default_factory=dict)
     """Extra ``ajpq search`` options for the ajpq method (keys of its configuration)."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -190,6 +192,8 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: float, 
         device=workspace.device,
         generator=seed_everything(config.seed),
         progress=False,
+        distill=config.distill,
+        teacher=workspace.model,
     )
     before, after = tuned.accuracy_before, tuned.accuracy_after
     if config.finetune_epochs == 0:

@@ -45,6 +45,23 @@ class ConcatNet(nn.Module):
         return self.head(y) * self.temperature
 
 
+class BatchNormNet(nn.Module):
+    """conv-BN-ReLU twice, pool, linear: a plain BatchNorm CNN for 1x8x8 inputs (digits)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.flatten(1))
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics so folding is really exercised."""
     generator = torch.Generator().manual_seed(seed)
