@@ -377,8 +377,50 @@ def build_artifact(
     }
     rebuilt = _load_slim(header, data, model_factory=lambda: copy.deepcopy(model))
     artifact = CompressedArtifact(header, data, rebuilt, simulated)
+    exact = check_reproduces(rebuilt, simulated, calibration, [*simulator.quantizers.values()])
     header["metrics"]["max_abs_logit_diff"] = max_logit_difference(rebuilt, simulated, calibration)
+    header["metrics"]["max_abs_logit_diff_fp_activations"] = exact
     return artifact
+
+
+REPRODUCE_TOLERANCE = 1e-3
+"""Largest logit difference (relative to the logit range) allowed between the rebuilt slim model and the simulated
+model with activation quantization off. Both compute the same weights, so only float rounding separates them (about
+1e-6); with activations quantized, a rounding flip at one layer's input can move the logits by one activation step
+per flip, which is why the check is made without them."""
+
+
+def check_reproduces(
+    slim: nn.Module, simulated: nn.Module, inputs: torch.Tensor, simulated_quantizers: list[Any]
+) -> dict[str, float]:
+    """Refuse (:class:`ModelError`) a rebuilt model that does not compute the simulated model.
+
+    The two models are compared with their activation quantizers switched off, where only float rounding may separate
+    them; a larger difference means the physical pruning cut other channels than the simulation removed (a channel
+    mapping the analysis does not know, e.g. a reshape or permutation between layers).
+    """
+    quantizers = [*getattr(slim, "ajpq_quantizers", {}).values(), *simulated_quantizers]
+    saved = [q.bits for q in quantizers]
+    try:
+        for quantizer in quantizers:
+            quantizer.bits = 32
+        difference = max_logit_difference(slim, simulated, inputs)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"the model rebuilt with the removed channels cut out cannot run ({str(exc).splitlines()[0]}); the "
+            "model's channel coupling is not what the analysis found (a reshape or permutation of channels?)"
+        ) from None
+    finally:
+        for quantizer, bits in zip(quantizers, saved, strict=True):
+            quantizer.bits = bits
+    if not difference["relative"] <= REPRODUCE_TOLERANCE:
+        raise ModelError(
+            f"the rebuilt slim model does not compute the simulated compressed model: its logits differ by "
+            f"{difference['relative']:.1%} of their range with activation quantization off (allowed "
+            f"{REPRODUCE_TOLERANCE:.0e}); the model's channel coupling is not what the analysis found (a reshape "
+            "or permutation of channels between layers?), so no artifact was written"
+        )
+    return difference
 
 
 def refuse_weight_sparsity(policy: Policy, command: str) -> None:

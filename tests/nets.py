@@ -62,6 +62,28 @@ class BatchNormNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class ShuffleNet(nn.Module):
+    """conv1 -> channel shuffle (view/transpose/reshape, 2 groups of 3) -> conv2 -> mean -> fc, on 1x6x6 inputs.
+
+    With ``shuffle=False`` the same modules without the shuffle: what an analysis that ignores the shuffle sees.
+    """
+
+    def __init__(self, shuffle: bool = True) -> None:
+        super().__init__()
+        self.shuffle = shuffle
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        if self.shuffle:
+            b, c, h, w = x.shape
+            x = x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics so folding is really exercised."""
     generator = torch.Generator().manual_seed(seed)
