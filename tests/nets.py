@@ -84,6 +84,36 @@ class ShuffleNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class LayerNormMLP(nn.Module):
+    """flatten -> fc1 -> LayerNorm over its 32 features -> fc2 -> fc3, on 1x8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 16)
+        self.fc3 = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm(self.fc1(x.flatten(1))))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+class GroupedConvNet(nn.Module):
+    """conv1 -> grouped conv (2 groups, not depthwise) -> 1x1 conv -> mean -> fc, on 1x6x6 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.relu(self.conv3(x)).mean(dim=(2, 3)))
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics so folding is really exercised."""
     generator = torch.Generator().manual_seed(seed)

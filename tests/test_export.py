@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from nets import ShuffleNet
+from nets import GroupedConvNet, LayerNormMLP, ShuffleNet
 
 from ajpq import load_compressed
 from ajpq.analysis import analyze_model
@@ -373,6 +373,30 @@ def test_export_refuses_a_rebuilt_model_that_differs_from_the_simulation() -> No
             input_shape=(1, 6, 6),
             num_classes=3,
         )
+
+
+@pytest.mark.parametrize(
+    ("net", "shape"), [(ShuffleNet, (1, 6, 6)), (LayerNormMLP, (1, 8, 8)), (GroupedConvNet, (1, 6, 6))]
+)
+def test_shuffles_layernorms_and_grouped_convs_export_what_was_simulated(net, shape, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = net().eval()
+    analysis = analyze_model(model, shape, model_name="net")
+    policy = half_policy(analysis, seed=1, activation_bits=32)
+    assert any((layer.weight_bits == 0).any() for layer in policy.layers.values())  # something is still removed
+    artifact = build_artifact(
+        model, analysis, policy, torch.randn(64, *shape), model_name="net", input_shape=shape, num_classes=10
+    )
+    path = tmp_path / "net.ajpq"
+    artifact.write(path)
+    slim = load_compressed(path, model=net())
+    x = torch.randn(256, *shape)
+    with torch.no_grad():
+        expected, got = artifact.simulated(x), slim(x)
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.max() - expected.min())
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    size_bits = artifact.header["metrics"]["size_bits"]
+    assert 0 <= read_artifact(path).payload_bytes - size_bits / 8 < len(analysis.layers)
 
 
 # --- ONNX -------------------------------------------------------------------------------------------------------
