@@ -77,6 +77,8 @@ class ChannelGroup:
     """Channel indices of the group, most important first."""
     importance: np.ndarray = field(repr=False)
     """Group importance of each channel (sum of the members' normalized importances)."""
+    fixed_reason: str = ""
+    """Why the group is not prunable although layers read it (empty otherwise): see :func:`analyze_model`."""
 
 
 @dataclass
@@ -254,7 +256,13 @@ def analyze_model(
     """Find the compressible layers of ``model`` on an input of ``input_shape`` (without batch dimension).
 
     Coupled channels are found with torch-pruning's dependency graph, so residual additions, depthwise convs,
-    concatenations and flattens are handled for any architecture torch-pruning can trace.
+    concatenations and flattens are handled for any architecture torch-pruning can trace. The graph is not trusted
+    blindly: :func:`verify_coupling` perturbs one channel of every group and checks that exactly the reader inputs the
+    graph names change. A group whose channels reach its readers otherwise (a channel shuffle through
+    view/transpose/reshape, a LayerNorm or GroupNorm over the channels) is kept whole (``prunable`` False, with the
+    reason in ``fixed_reason``): its channels are still quantized, but removing one would make the slim model differ
+    from the simulation. So is every group a grouped (not depthwise) convolution writes or reads, since removing
+    different numbers of channels in different conv groups has no slim equivalent.
     """
     if criterion not in CRITERIA:
         raise ModelError(f"importance criterion must be one of {', '.join(CRITERIA)}, but got '{criterion}'")
@@ -322,6 +330,11 @@ def analyze_model(
             members.append(name)
         raw_groups.append((size, members, consumers))
 
+    fixed_reasons = verify_coupling(model, example, modules, group_of_layer, out_root, in_group, in_root)
+    for name, module in modules.items():
+        if _layer_type(module) == "grouped_conv":
+            for gid in {group_of_layer[name], *(int(g) for g in np.unique(in_group[name]) if g != NETWORK_INPUT)}:
+                fixed_reasons.setdefault(gid, f"written or read by the grouped convolution '{name}'")
     weights = folded_weights(model, bn_of)
     layer_importance = {name: channel_importance(weights[name][0], criterion) for name in modules}
     groups: list[ChannelGroup] = []
@@ -333,15 +346,17 @@ def analyze_model(
             normalized = values / mean if mean > 0 else values
             np.add.at(score, out_root[member], normalized)
         real_consumers = [c for c in consumers if c not in members]
+        fixed = fixed_reasons.get(gid, "") if real_consumers else ""
         groups.append(
             ChannelGroup(
                 id=gid,
                 size=size,
                 members=members,
                 consumers=consumers,
-                prunable=bool(real_consumers),
+                prunable=bool(real_consumers) and not fixed,
                 order=np.argsort(-score, kind="stable"),
                 importance=score,
+                fixed_reason=fixed,
             )
         )
 
@@ -368,6 +383,86 @@ def analyze_model(
         in_root=in_root,
         out_root=out_root,
     )
+
+
+@torch.no_grad()
+def verify_coupling(
+    model: nn.Module,
+    example: torch.Tensor,
+    modules: dict[str, nn.Module],
+    group_of_layer: dict[str, int],
+    out_root: dict[str, np.ndarray],
+    in_group: dict[str, np.ndarray],
+    in_root: dict[str, np.ndarray],
+) -> dict[int, str]:
+    """Check the channel mapping of every group empirically; returns, by group id, why a group must stay whole.
+
+    For each group, one channel of every member layer's output is pushed far up (then far down) while every
+    compressible layer's output is otherwise held at its unperturbed value, so the change reaches only the layers
+    that read this group directly. The input channels of those readers that change must be among the ones the
+    dependency graph maps to that channel; a change anywhere else means the graph's mapping is wrong there.
+    """
+    was_training = model.training
+    model.eval()
+    batch = torch.randn(1, *example.shape[1:], generator=torch.Generator().manual_seed(0)).to(example.device)
+    channel_dim = {name: 1 if isinstance(module, nn.Conv2d) else -1 for name, module in modules.items()}
+    baseline_out: dict[str, torch.Tensor] = {}
+    seen_in: dict[str, torch.Tensor] = {}
+    state: dict[str, object] = {"mode": "record", "group": -1, "channel": 0, "delta": 0.0}
+
+    def pre_hook(module: nn.Module, args: tuple, name: str = "") -> None:
+        seen_in[name] = args[0].detach().clone()
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = "") -> torch.Tensor | None:
+        if state["mode"] == "record":
+            baseline_out[name] = output.detach().clone()
+            return None
+        base = baseline_out[name]
+        if group_of_layer[name] != state["group"]:
+            return base
+        index = np.flatnonzero(out_root[name] == state["channel"])
+        changed = base.clone()
+        scale = float(base.abs().max()) + 1.0
+        step = torch.zeros(base.shape[channel_dim[name]], device=base.device, dtype=base.dtype)
+        step[torch.from_numpy(index).to(base.device)] = float(state["delta"]) * scale  # type: ignore[arg-type]
+        shape = [1] * base.dim()
+        shape[channel_dim[name]] = -1
+        return changed + step.reshape(shape)
+
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: pre_hook(m, a, n)))
+        handles.append(module.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n)))
+    reasons: dict[int, str] = {}
+    try:
+        model(batch)
+        baseline_in = {name: x for name, x in seen_in.items()}
+        for gid in sorted(set(group_of_layer.values())):
+            member = next(n for n, g in group_of_layer.items() if g == gid)
+            channel = int(out_root[member][len(out_root[member]) // 2])
+            for delta in (10.0, -10.0):
+                state.update(mode="perturb", group=gid, channel=channel, delta=delta)
+                seen_in.clear()
+                model(batch)
+                for name, x in seen_in.items():
+                    base = baseline_in[name]
+                    if x.shape != base.shape:
+                        continue
+                    axis = channel_dim[name] % x.dim()
+                    dims = [d for d in range(x.dim()) if d != axis]
+                    moved = np.flatnonzero(((x - base).abs().amax(dim=dims) > 0).cpu().numpy())
+                    allowed = (in_group[name] == gid) & (in_root[name] == channel)
+                    unexpected = moved[~allowed[moved]] if moved.size else moved
+                    if unexpected.size and gid not in reasons:
+                        reasons[gid] = (
+                            f"its channel {channel} reaches inputs {unexpected[:4].tolist()} of '{name}', which the "
+                            "dependency graph does not map to it (a channel shuffle, or a norm over the channels?)"
+                        )
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return reasons
 
 
 def _in_channels(module: nn.Module) -> int:

@@ -3,9 +3,12 @@
 For each size budget and each method, the method runs (``ajpq`` through :func:`ajpq.search.run_search`, the others
 through :func:`ajpq.methods.run_method`, each in its own run folder under ``out_dir``), its policy is fine-tuned for
 the same ``finetune_epochs`` with :func:`ajpq.finetune.finetune` (on the method's weights: the retrained ones for
-OLMP and ADMM), and one row is written: method, budget, size and BOPs compression, validation and test accuracy
-before and after fine-tuning, search wall time and evaluations. Outputs: ``compare.csv``, ``compare.md`` (markdown
-table) and ``compare_pareto.png`` (test accuracy after fine-tuning against compression rate, log x).
+OLMP and ADMM; distilled from the FP32 reference), exported (``model.ajpq`` in the method's run folder), and one row is
+written: method, budget, size and BOPs compression, validation and test accuracy before and after fine-tuning, search
+wall time and evaluations, and for the exported artifact its file bytes, its own test accuracy (measured on the slim
+model rebuilt from the file) and its CPU latency at batch 1 and 64 next to the FP32 model's. Outputs:
+``compare.csv``, ``compare.md`` (markdown table) and ``compare_pareto.png`` (test accuracy after fine-tuning against
+compression rate, log x).
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ COLUMNS: tuple[str, ...] = (
     "test_after",
     "search_wall_time",
     "evaluations",
+    "file_bytes",
+    "test_artifact",
+    "latency_b1_ms",
+    "latency_b64_ms",
+    "fp32_latency_b1_ms",
+    "fp32_latency_b64_ms",
 )
 
 
@@ -81,6 +90,8 @@ class CompareConfig:
     """Fine-tuning epochs given to every result (0: no fine-tuning; 'after' equals 'before')."""
     finetune_lr: float = 0.005
     """Fine-tuning learning rate (OPQ's recipe)."""
+    distill: bool = True
+    """Fine-tune every result by distilling from the FP32 reference (soft targets mixed with the labels)."""
     search: dict[str, Any] = field(default_factory=dict)
     """Extra ``ajpq search`` options for the ajpq method (keys of its configuration)."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -190,10 +201,13 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: float, 
         device=workspace.device,
         generator=seed_everything(config.seed),
         progress=False,
+        distill=config.distill,
+        teacher=workspace.model,
     )
     before, after = tuned.accuracy_before, tuned.accuracy_after
     if config.finetune_epochs == 0:
         after = dict(before)
+    exported = _export_row(config, workspace, tuned.model, policy, calibration, run_path / "model.ajpq")
     row = {
         "method": method,
         "budget": budget_label(budget),
@@ -205,12 +219,45 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: float, 
         "test_after": after["test"],
         "search_wall_time": wall,
         "evaluations": evaluations,
+        **exported,
     }
     log(
         f"compare: {method} at {row['budget']}: {row['size_compression']:.1f}x, test accuracy "
-        f"{row['test_before']:.4f} -> {row['test_after']:.4f} after {config.finetune_epochs} fine-tuning epochs"
+        f"{row['test_before']:.4f} -> {row['test_after']:.4f} after {config.finetune_epochs} fine-tuning epochs; "
+        f"artifact {row['file_bytes']:,} bytes, test accuracy {row['test_artifact']:.4f}, CPU "
+        f"{row['latency_b1_ms']:.3f} ms at batch 1 (FP32 {row['fp32_latency_b1_ms']:.3f} ms)"
     )
     return row
+
+
+def _export_row(
+    config: CompareConfig, workspace: Any, model: Any, policy: Any, calibration: Any, path: Path
+) -> dict[str, Any]:
+    """Export the fine-tuned result and measure the artifact: file bytes, its test accuracy, CPU latency."""
+    from ajpq.export import build_artifact, latency_report, load_compressed
+    from ajpq.train import evaluate_accuracy
+
+    artifact = build_artifact(
+        model,
+        workspace.analysis,
+        policy,
+        calibration,
+        model_name=config.model,
+        input_shape=workspace.splits.input_shape,
+        num_classes=workspace.splits.num_classes,
+        dataset=workspace.splits.name,
+    )
+    artifact.write(path)
+    slim = load_compressed(path, model=workspace.model)
+    latency = latency_report(slim, workspace.model, workspace.splits.input_shape)
+    return {
+        "file_bytes": path.stat().st_size,
+        "test_artifact": evaluate_accuracy(slim, workspace.splits.test),
+        "latency_b1_ms": latency["batch1"],
+        "latency_b64_ms": latency["batch64"],
+        "fp32_latency_b1_ms": latency["fp32_batch1"],
+        "fp32_latency_b64_ms": latency["fp32_batch64"],
+    }
 
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
@@ -247,14 +294,17 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
 def markdown_table(rows: list[dict[str, Any]], fp32: dict[str, float] | None = None) -> str:
     header = (
         "| method | budget | size compression | BOPs compression | val before | test before | val after | "
-        "test after | search wall time (s) | evaluations |"
+        "test after | search wall time (s) | evaluations | artifact bytes | artifact test | CPU ms batch 1 (FP32) | "
+        "CPU ms batch 64 (FP32) |"
     )
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['budget']} | {r['size_compression']:.1f}x | {r['bops_compression']:.1f}x | "
             f"{r['val_before']:.4f} | {r['test_before']:.4f} | {r['val_after']:.4f} | {r['test_after']:.4f} | "
-            f"{r['search_wall_time']:.1f} | {r['evaluations']} |"
+            f"{r['search_wall_time']:.1f} | {r['evaluations']} | {r['file_bytes']:,} | {r['test_artifact']:.4f} | "
+            f"{r['latency_b1_ms']:.3f} ({r['fp32_latency_b1_ms']:.3f}) | "
+            f"{r['latency_b64_ms']:.3f} ({r['fp32_latency_b64_ms']:.3f}) |"
         )
     if fp32:
         lines.append(f"\nFP32 reference: val {fp32['val']:.4f}, test {fp32['test']:.4f}.")

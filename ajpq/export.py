@@ -4,15 +4,18 @@ An ``.ajpq`` file is a fixed 48-byte preamble, a JSON header and a binary payloa
 
     offset  size  field
     0       8     magic b"\\x89AJPQ\\r\\n\\x1a" (detects text-mode transfers and non-artifacts)
-    8       2     format version (uint16; this build writes and reads 1)
+    8       2     format version (uint16; this build writes 2 and reads 1 and 2)
     10      2     reserved (0)
     12      4     H = length of the JSON header in bytes (uint32)
     16      32    sha256 of the JSON header bytes
     48      H     JSON header (UTF-8): format, model, slim architecture, policy, activation quantizers,
                   tensor table (offset and length of every payload segment), metrics, payload length and sha256
     48+H    P     payload: per compressible layer, in execution order, three segments:
-                    weights  the kept channels' integer codes, one bit stream per layer (channels one after the
-                             other, each code in its channel's width b, LSB first; padded to a byte at the end)
+                    weights  the kept channels' integer codes, one bit stream per layer (LSB first, padded to a
+                             byte at the end), laid out as the layer's header ``storage`` says: ``dense`` (channels
+                             one after the other, each code in its channel's width b; the only layout of version 1),
+                             or for layers with weight sparsity ``relative-index`` / ``bitmap``, the format the cost
+                             model charged (see :func:`encode_sparse`)
                     scales   one fp16 per kept channel
                     bias     one fp32 per kept channel (only for layers with a bias or a folded BatchNorm)
                   then any other parameters/buffers of the slim model as raw fp32 (none for the zoo models).
@@ -50,7 +53,7 @@ from torch import nn
 
 from ajpq.analysis import ModelAnalysis, fingerprint_of
 from ajpq.compress import SimulatedModel, set_module
-from ajpq.errors import ArtifactError, ModelError, PolicyError
+from ajpq.errors import ArtifactError, ModelError
 from ajpq.io import atomic_write, atomic_write_bytes
 from ajpq.models import build_model
 from ajpq.policy import Policy, policy_from_dict
@@ -58,8 +61,8 @@ from ajpq.quant import MAX_WEIGHT_BITS, activation_scale, quantize_activation, w
 
 MAGIC = b"\x89AJPQ\r\n\x1a"
 ARTIFACT_FORMAT = "ajpq-artifact"
-ARTIFACT_VERSION = 1
-READABLE_VERSIONS: tuple[int, ...] = (1,)
+ARTIFACT_VERSION = 2
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 _PREAMBLE = struct.Struct("<8sHHI32s")
 PREAMBLE_BYTES = _PREAMBLE.size  # 48
 ONNX_OPSET = 17
@@ -136,6 +139,143 @@ def unpack_codes(data: bytes, widths: np.ndarray, per_row: int) -> np.ndarray:
         values = (stream << np.arange(width, dtype=np.int64)).sum(axis=2)
         codes[rows] = 2 * values - 1 if width == 1 else values - int(_levels(np.array([width]))[0])
     return codes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sparse layers (format version 2): relative index with fillers, or bitmap
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _bit_fields(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The bits (uint8, LSB first) of each value in its width, one field after the other."""
+    values = np.asarray(values, dtype=np.int64)
+    widths = np.asarray(widths, dtype=np.int64)
+    total = int(widths.sum())
+    field = np.repeat(np.arange(values.size), widths)
+    offset = np.arange(total) - np.repeat(np.cumsum(widths) - widths, widths)
+    return ((values[field] >> offset) & 1).astype(np.uint8)
+
+
+def _unsigned_codes(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """A code as stored: ``code + 2^(b-1) - 1`` for ``b >= 2``, the sign bit for ``b = 1`` (as :func:`pack_codes`)."""
+    return np.where(widths == 1, (codes > 0).astype(np.int64), codes + _levels(widths))
+
+
+def _signed_codes(stored: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    return np.where(widths == 1, 2 * stored - 1, stored - _levels(widths))
+
+
+def encode_sparse(
+    codes: np.ndarray, widths: np.ndarray, keep: np.ndarray, storage: str
+) -> tuple[bytes, dict[str, Any]]:
+    """One LSB-first bit stream of a sparse layer's kept channels, as the cost model prices it.
+
+    ``codes`` is ``(channels, per_row)`` (the slim weight's codes, row-major, so the positions are the cost model's
+    stream), ``keep`` the same-shaped stored mask. ``bitmap``: one bit per position, then every stored code at its
+    channel's width. ``relative-index``: per stored weight, a 4-bit gap (zeros since the previous entry) then the
+    code; a run of more than 15 zeros is bridged by filler entries (gap 15, a zero code at the width of the channel
+    the filler falls in). Also returns what the header records to read the stream back: for relative indices the
+    number of entries (the stream's padding could otherwise pass for entries) and the entry numbers of fillers in
+    1-bit channels (a 1-bit code has no zero; every other filler decodes to the zero it stands for).
+
+    Raises:
+        ArtifactError: a code does not fit its channel's width, or ``storage`` is unknown.
+    """
+    from ajpq.cost import INDEX_BITS, MAX_GAP
+
+    widths = np.asarray(widths, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int64).reshape(len(widths), -1)
+    keep = np.asarray(keep, dtype=bool).reshape(codes.shape)
+    bad = keep & ((np.abs(codes) > _levels(widths)[:, None]) | ((widths[:, None] == 1) & (codes == 0)))
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise ArtifactError(f"code out of range for a {int(widths[row])}-bit channel (row {row})")
+    per_row = codes.shape[1]
+    stored = np.flatnonzero(keep.ravel())
+    flat_codes, row_of = codes.ravel(), np.arange(codes.size) // max(per_row, 1)
+    if storage == "bitmap":
+        values = np.concatenate(
+            [keep.ravel().astype(np.int64), _unsigned_codes(flat_codes[stored], widths[row_of[stored]])]
+        )
+        field_widths = np.concatenate([np.ones(codes.size, dtype=np.int64), widths[row_of[stored]]])
+        return np.packbits(_bit_fields(values, field_widths), bitorder="little").tobytes(), {}
+    if storage != "relative-index":
+        raise ArtifactError(f"unknown sparse storage {storage!r}")
+    previous = np.concatenate(([-1], stored[:-1])).astype(np.int64)[: stored.size]
+    fillers = (stored - previous - 1) // (MAX_GAP + 1)
+    filler_positions = np.repeat(previous, fillers) + (MAX_GAP + 1) * (
+        np.arange(int(fillers.sum())) - np.repeat(np.cumsum(fillers) - fillers, fillers) + 1
+    )
+    positions = np.sort(np.concatenate([stored, filler_positions]))
+    is_filler = np.isin(positions, filler_positions)
+    gaps = np.diff(np.concatenate(([-1], positions))) - 1
+    entry_widths = widths[row_of[positions]]
+    entry_codes = np.where(is_filler, 0, flat_codes[positions])
+    values = np.stack([gaps, _unsigned_codes(entry_codes, entry_widths)], axis=1).ravel()
+    field_widths = np.stack([np.full(positions.size, INDEX_BITS), entry_widths], axis=1).ravel()
+    info = {
+        "entries": int(positions.size),
+        "one_bit_fillers": np.flatnonzero(is_filler & (entry_widths == 1)).tolist(),
+    }
+    return np.packbits(_bit_fields(values, field_widths), bitorder="little").tobytes(), info
+
+
+def decode_sparse(
+    data: bytes, widths: np.ndarray, per_row: int, storage: str, info: dict[str, Any] | None = None
+) -> np.ndarray:
+    """Inverse of :func:`encode_sparse`: the ``(len(widths), per_row)`` int64 codes (unstored weights 0)."""
+    from ajpq.cost import INDEX_BITS
+
+    widths = np.asarray(widths, dtype=np.int64)
+    size = len(widths) * per_row
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little").astype(np.int64)
+    codes = np.zeros(size, dtype=np.int64)
+    row_of = np.arange(size) // max(per_row, 1)
+    truncated = ArtifactError("a sparse weight stream is shorter than its entries need; the artifact is corrupted")
+    if storage == "bitmap":
+        if bits.size < size:
+            raise truncated
+        stored = np.flatnonzero(bits[:size])
+        field_widths = widths[row_of[stored]]
+        end = size + int(field_widths.sum())
+        if bits.size < end or bits.size - end >= 8:
+            raise truncated
+        starts = size + np.cumsum(field_widths) - field_widths
+        values = np.zeros(stored.size, dtype=np.int64)
+        for width in range(1, MAX_WEIGHT_BITS + 1):
+            chosen = np.flatnonzero(field_widths == width)
+            index = starts[chosen][:, None] + np.arange(width)[None, :]
+            values[chosen] = (bits[index] << np.arange(width, dtype=np.int64)).sum(axis=1)
+        codes[stored] = _signed_codes(values, field_widths)
+        return codes.reshape(len(widths), per_row)
+    if storage != "relative-index":
+        raise ArtifactError(f"unknown sparse storage {storage!r}; re-export the model with this version of AJPQ")
+    info = info or {}
+    try:
+        entries = int(info["entries"])
+        fillers = {int(i) for i in info.get("one_bit_fillers", ())}
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactError("a relative-index layer lacks its entry count; the artifact is corrupted") from None
+    weights = [1 << k for k in range(max(INDEX_BITS, MAX_WEIGHT_BITS))]
+    cursor, position = 0, -1
+    for entry in range(entries):
+        if cursor + INDEX_BITS > bits.size:
+            raise truncated
+        gap = int(np.dot(bits[cursor : cursor + INDEX_BITS], weights[:INDEX_BITS]))
+        position += gap + 1
+        if position >= size:
+            raise ArtifactError("a sparse weight stream points past its layer; the artifact is corrupted")
+        width = int(widths[position // per_row])
+        cursor += INDEX_BITS
+        if cursor + width > bits.size:
+            raise truncated
+        value = int(np.dot(bits[cursor : cursor + width], weights[:width]))
+        cursor += width
+        if entry not in fillers:
+            codes[position] = value - int(_levels(np.array([width]))[0]) if width > 1 else 2 * value - 1
+    if bits.size - cursor >= 8:
+        raise ArtifactError("a sparse weight stream is longer than its entries; the artifact is corrupted")
+    return codes.reshape(len(widths), per_row)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,7 +427,6 @@ def build_artifact(
     is rebuilt from the artifact bytes exactly as :func:`load_compressed` does, and checked against it on the
     calibration images (``metrics["max_abs_logit_diff"]``).
     """
-    refuse_weight_sparsity(policy, "export-model")
     model = copy.deepcopy(model).cpu().eval()
     calibration = calibration.cpu()
     simulator = SimulatedModel(model, analysis, calibration, "cpu")
@@ -319,7 +458,15 @@ def build_artifact(
         if not torch.equal(codes * scale[:, None], flat):
             raise ArtifactError(f"layer '{layer.name}': the pruned weights are not codes x scales (internal error)")
         entry["shape"] = list(weight.shape)
-        entry["weights"] = _segment(payload, pack_codes(codes.to(torch.int64).numpy(), widths))
+        layer_cost = cost.layers[analysis.layers.index(layer)]
+        entry["storage"] = layer_cost.storage
+        if layer_cost.storage == "dense":
+            stream = pack_codes(codes.to(torch.int64).numpy(), widths)
+        else:
+            keep = _stored_mask(simulator, policy, layer).reshape(flat.shape)
+            stream, info = encode_sparse(codes.to(torch.int64).numpy(), widths, keep, layer_cost.storage)
+            entry.update(info)
+        entry["weights"] = _segment(payload, stream)
         entry["scales"] = _segment(payload, scale.numpy().astype("<f2").tobytes())
         if module.bias is not None:
             entry["bias"] = _segment(payload, module.bias.detach().float().numpy().astype("<f4").tobytes())
@@ -361,7 +508,7 @@ def build_artifact(
             "codes": "offset binary code + 2^(b-1) - 1 for b >= 2; sign bit for b = 1; nothing for b = 0",
             "scales": "<f2",
             "bias": "<f4",
-            "weight_layout": "dense",
+            "weight_layout": "per layer 'storage': dense, relative-index (4-bit gaps, fillers) or bitmap",
         },
         "layers": layers,
         "groups": groups,
@@ -377,18 +524,62 @@ def build_artifact(
     }
     rebuilt = _load_slim(header, data, model_factory=lambda: copy.deepcopy(model))
     artifact = CompressedArtifact(header, data, rebuilt, simulated)
+    exact = check_reproduces(rebuilt, simulated, calibration, [*simulator.quantizers.values()])
     header["metrics"]["max_abs_logit_diff"] = max_logit_difference(rebuilt, simulated, calibration)
+    header["metrics"]["max_abs_logit_diff_fp_activations"] = exact
     return artifact
 
 
-def refuse_weight_sparsity(policy: Policy, command: str) -> None:
-    """Artifact version 1 stores dense kept channels only; a policy with ``weight_sparsity`` is refused clearly."""
-    sparse = [name for name, layer in policy.layers.items() if getattr(layer, "weight_sparsity", 0) > 0]
-    if sparse:
-        raise PolicyError(
-            f"{command} does not support weight_sparsity yet (layers {', '.join(sparse[:4])}"
-            f"{', ...' if len(sparse) > 4 else ''} have it); set it to 0 or use `ajpq evaluate` on the policy"
+REPRODUCE_TOLERANCE = 1e-3
+"""Largest logit difference (relative to the logit range) allowed between the rebuilt slim model and the simulated
+model with activation quantization off. Both compute the same weights, so only float rounding separates them (about
+1e-6); with activations quantized, a rounding flip at one layer's input can move the logits by one activation step
+per flip, which is why the check is made without them."""
+
+
+def check_reproduces(
+    slim: nn.Module, simulated: nn.Module, inputs: torch.Tensor, simulated_quantizers: list[Any]
+) -> dict[str, float]:
+    """Refuse (:class:`ModelError`) a rebuilt model that does not compute the simulated model.
+
+    The two models are compared with their activation quantizers switched off, where only float rounding may separate
+    them; a larger difference means the physical pruning cut other channels than the simulation removed (a channel
+    mapping the analysis does not know, e.g. a reshape or permutation between layers).
+    """
+    quantizers = [*getattr(slim, "ajpq_quantizers", {}).values(), *simulated_quantizers]
+    saved = [q.bits for q in quantizers]
+    try:
+        for quantizer in quantizers:
+            quantizer.bits = 32
+        difference = max_logit_difference(slim, simulated, inputs)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"the model rebuilt with the removed channels cut out cannot run ({str(exc).splitlines()[0]}); the "
+            "model's channel coupling is not what the analysis found (a reshape or permutation of channels?)"
+        ) from None
+    finally:
+        for quantizer, bits in zip(quantizers, saved, strict=True):
+            quantizer.bits = bits
+    if not difference["relative"] <= REPRODUCE_TOLERANCE:
+        raise ModelError(
+            f"the rebuilt slim model does not compute the simulated compressed model: its logits differ by "
+            f"{difference['relative']:.1%} of their range with activation quantization off (allowed "
+            f"{REPRODUCE_TOLERANCE:.0e}); the model's channel coupling is not what the analysis found (a reshape "
+            "or permutation of channels between layers?), so no artifact was written"
         )
+    return difference
+
+
+def _stored_mask(simulator: SimulatedModel, policy: Policy, layer: Any) -> np.ndarray:
+    """The stored-weight mask of a sparse layer in the slim weight's order: the cost model's stream positions."""
+    cost_model = simulator.cost_model
+    layer_policy = policy.layers[layer.name]
+    input_kept = cost_model.input_kept(layer, cost_model.group_kept(policy))
+    mask = cost_model.weight_mask(layer, layer_policy.weight_bits, input_kept, layer_policy.weight_sparsity)
+    candidates = np.repeat(
+        cost_model.candidates(layer, layer_policy.weight_bits, input_kept).ravel(), layer.kernel_area
+    )
+    return mask[candidates]
 
 
 def max_logit_difference(slim: nn.Module, simulated: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
@@ -531,7 +722,11 @@ def _load_slim(header: dict[str, Any], payload: bytes, model_factory: Any = None
                     f"stores {shape}; the model code or torch-pruning changed since the export"
                 )
             per_row = int(np.prod(shape[1:]))
-            codes = unpack_codes(segment(entry["weights"]), widths, per_row)
+            storage = entry.get("storage", "dense")  # version 1 stores every layer dense
+            if storage == "dense":
+                codes = unpack_codes(segment(entry["weights"]), widths, per_row)
+            else:
+                codes = decode_sparse(segment(entry["weights"]), widths, per_row, storage, entry)
             scales = np.frombuffer(segment(entry["scales"]), dtype="<f2").astype(np.float32)
             weight = torch.from_numpy(codes.astype(np.float32) * scales[:, None]).reshape(shape)
             module.weight.copy_(weight)
@@ -662,6 +857,8 @@ __all__ = [
     "ArtifactFile",
     "CompressedArtifact",
     "build_artifact",
+    "decode_sparse",
+    "encode_sparse",
     "export_onnx",
     "latency_report",
     "load_compressed",

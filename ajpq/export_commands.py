@@ -44,6 +44,16 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     tune.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
     tune.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     tune.add_argument("--no-augment", action="store_true", help="train without the dataset's augmentation")
+    tune.add_argument(
+        "--no-distill",
+        action="store_true",
+        help="train on the labels only (default: distil from the FP32 model, soft targets at temperature "
+        "--temperature mixed with the labels' cross-entropy)",
+    )
+    tune.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 4)")
+    tune.add_argument(
+        "--distill-alpha", type=float, default=None, help="weight of the soft targets, 0..1 (default 0.7)"
+    )
     tune.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
     tune.add_argument("--out", required=True, help="checkpoint to write (e.g. finetuned.pt)")
     tune.add_argument("--tb-dir", default=None, help="TensorBoard folder (default: <out without suffix>_tb/)")
@@ -100,14 +110,21 @@ def run_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_steps=args.max_steps,
         augment=not args.no_augment,
+        distill_temperature=args.temperature,
+        distill_alpha=args.distill_alpha,
     )
     workspace = _open(args)
     policy = load_policy(args.policy, workspace.analysis)
     tb_dir = Path(args.tb_dir) if args.tb_dir else out.with_name(f"{out.stem}_tb")
     generator = seed_everything(args.seed)
+    teaching = (
+        "labels only"
+        if args.no_distill
+        else f"distilled from FP32 at temperature {config.distill_temperature}, alpha {config.distill_alpha}"
+    )
     log(
         f"fine-tuning {args.model} on {workspace.splits.name} with {args.policy} for {config.epochs} epochs "
-        f"(lr {config.lr}, momentum {config.momentum}, weight decay {config.weight_decay}) on "
+        f"(lr {config.lr}, momentum {config.momentum}, weight decay {config.weight_decay}, {teaching}) on "
         f"{workspace.device}; TensorBoard in {tb_dir}"
     )
     writer = SummaryWriter(log_dir=str(tb_dir))
@@ -131,6 +148,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             device=workspace.device,
             generator=generator,
             on_epoch=on_epoch,
+            distill=not args.no_distill,
         )
     finally:
         writer.close()
@@ -151,6 +169,10 @@ def run_finetune(args: argparse.Namespace) -> int:
             "weight_decay": config.weight_decay,
             "batch_size": config.batch_size,
             "max_steps": config.max_steps,
+            "warmup": config.warmup,
+            "distill": None
+            if args.no_distill
+            else {"temperature": config.distill_temperature, "alpha": config.distill_alpha},
             "history": result.history,
         },
         "compressed_accuracy": {"before": result.accuracy_before, "after": result.accuracy_after},

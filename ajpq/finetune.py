@@ -1,10 +1,13 @@
 """Quantization-aware fine-tuning with a fixed policy (the OPQ recipe).
 
-The FP32 model keeps its BatchNorms (folding happens at export, as in :class:`~ajpq.compress.SimulatedModel`).
-Each compressible layer's weight is a parametrization ``quantize_weight_ste(weight, bits, stored_mask)``: quantized
-per output channel in the forward pass, straight-through gradient in the backward pass. Per-channel symmetric
-quantization commutes with BatchNorm's per-channel scaling (up to the fp16 rounding of the scale), so training
-against the unfolded weights trains what the exported, folded model computes. Every layer's input is fake-quantized
+The FP32 model keeps its BatchNorms (so they keep training), but each compressible layer's weight is a
+parametrization that quantizes the weight the export stores, the BN-folded one, and unfolds it again:
+``quantize_weight_ste(weight * k, bits, stored_mask) / k`` with ``k = gamma / sqrt(running_var + eps)`` of the
+BatchNorm after the layer (``k = 1`` without one), in the forward pass, with a straight-through gradient. In eval mode
+the BatchNorm multiplies by ``k`` again, so the module computes exactly what :class:`~ajpq.compress.SimulatedModel`
+and the exported artifact compute (up to float rounding), and the accuracy fine-tuning reports is the artifact's.
+(Quantizing the unfolded weight is not the same: the fp16 rounding of the scales, and subnormal scales of channels
+with a small ``k``, make the codes differ.) Every layer's input is fake-quantized
 (STE) at the policy's activation bits with ranges calibrated like the simulated model's (on the BN-folded FP32
 weights), recalibrated after every epoch. A layer with ``weight_sparsity`` keeps the magnitude mask the simulation
 and the cost model compute from the starting weights. Removed channels, the weights that read removed inputs, and the
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from ajpq.analysis import ModelAnalysis
@@ -33,28 +37,56 @@ from ajpq.train import TrainConfig, evaluate_accuracy, train_model
 
 OPQ_RECIPE: dict[str, Any] = {"lr": 0.005, "momentum": 0.9, "weight_decay": 1e-4}
 """OPQ's fine-tuning hyperparameters (Hu et al., AAAI 2021); SGD with a cosine schedule."""
+WARMUP = 0.05
+"""Fraction of fine-tuning steps with a linear learning-rate warm-up: a freshly quantized model's first gradients
+are large, and a short run has no time to undo a bad first step."""
 
 
 def finetune_config(**overrides: Any) -> TrainConfig:
-    """A :class:`~ajpq.train.TrainConfig` with the OPQ recipe (lr 0.005, momentum 0.9, weight decay 1e-4), 3 epochs.
+    """A :class:`~ajpq.train.TrainConfig` with the OPQ recipe (lr 0.005, momentum 0.9, weight decay 1e-4), 3 epochs,
+    5% linear warm-up then cosine decay; distillation at the config's defaults when :func:`finetune` distils.
 
     ``None`` values in ``overrides`` are ignored, so CLI options can be passed through as they are.
     """
-    values: dict[str, Any] = {"epochs": 3, "batch_size": 128, **OPQ_RECIPE}
+    values: dict[str, Any] = {"epochs": 3, "batch_size": 128, "warmup": WARMUP, **OPQ_RECIPE}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
 
 
 class _QuantizedWeight(nn.Module):
-    """Parametrization: the policy's quantized weight (STE) of the kept channels, reading kept inputs only."""
+    """Parametrization: the policy's quantized weight (STE) of the kept channels, reading kept inputs only.
 
-    def __init__(self, bits: torch.Tensor, mask: torch.Tensor) -> None:
+    With a BatchNorm after the layer, the folded weight ``weight * k`` is quantized (what the artifact stores) and
+    divided by ``k`` again, since the BatchNorm multiplies by it. ``k`` uses the running statistics, as the export's
+    folding does, and is a constant for the gradient (the BatchNorm's own parameters train through the BatchNorm).
+    """
+
+    bits: torch.Tensor
+    mask: torch.Tensor
+
+    def __init__(self, bits: torch.Tensor, mask: torch.Tensor, bn: _BatchNorm | None = None) -> None:
         super().__init__()
         self.register_buffer("bits", bits)
         self.register_buffer("mask", mask)
+        self._bn: tuple[_BatchNorm, ...] = (bn,) if bn is not None else ()  # not registered twice as a submodule
+
+    def fold_factor(self) -> torch.Tensor | None:
+        """``gamma / sqrt(running_var + eps)`` per output channel, computed as :func:`ajpq.analysis.folded_weights`."""
+        if not self._bn:
+            return None
+        bn = self._bn[0]
+        var = bn.running_var.detach().float() if bn.running_var is not None else torch.ones_like(self.bits).float()
+        gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(var)
+        return gamma / torch.sqrt(var + bn.eps)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return quantize_weight_ste(weight, self.bits, self.mask > 0)
+        factor = self.fold_factor()
+        if factor is None:
+            return quantize_weight_ste(weight, self.bits, self.mask > 0)
+        shape = (-1, *([1] * (weight.dim() - 1)))
+        folded = quantize_weight_ste(weight.float() * factor.reshape(shape), self.bits, self.mask > 0)
+        safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+        return (folded / safe.reshape(shape)).to(weight.dtype)
 
 
 class QATModel:
@@ -99,7 +131,9 @@ class QATModel:
                 mask = mask * torch.from_numpy(stored).reshape(weight.shape).to(self.device, weight.dtype)
             self._keep[layer.name] = keep
             self._weight_mask[layer.name] = mask
-            parametrize.register_parametrization(module, "weight", _QuantizedWeight(bits, mask))
+            bn = self.module.get_submodule(layer.bn_name) if layer.bn_name is not None else None
+            assert bn is None or isinstance(bn, _BatchNorm)  # the analysis folds only BatchNorms
+            parametrize.register_parametrization(module, "weight", _QuantizedWeight(bits, mask, bn))
         self.enforce()
         self.quantizers: dict[str, ActivationQuantizer] = {}
         for layer in analysis.layers:
@@ -188,8 +222,13 @@ def finetune(
     generator: torch.Generator | None = None,
     progress: bool = True,
     on_epoch: Callable[[int, float, float | None], None] | None = None,
+    distill: bool = True,
+    teacher: nn.Module | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` with the policy's quantization in the forward pass; ``model`` itself is not changed.
+
+    The module trained is the exported model (see the module docstring), so each epoch's ``val_accuracy`` is the
+    accuracy the artifact would have with the weights of that epoch; the last one equals ``accuracy_after["val"]``.
 
     Args:
         model: The FP32 model (BatchNorm unfolded).
@@ -204,17 +243,16 @@ def finetune(
         generator: Data-order generator (see :func:`ajpq.train.seed_everything`).
         progress: Show a progress bar.
         on_epoch: Called with ``(epoch, mean loss, val accuracy)`` after each epoch.
+        distill: Distil from the FP32 teacher with :func:`~ajpq.train.distillation_loss` at the config's
+            temperature and alpha, instead of plain cross-entropy on the labels.
+        teacher: The FP32 teacher (default ``model`` itself; ``compare`` passes the reference model, so methods
+            that retrain their weights get the same teacher as the others).
     """
     config = config or finetune_config()
     report = report or {}
     before = compressed_accuracy(model, analysis, policy, calibration, report, device)
     qat = QATModel(model, analysis, policy, calibration, device)
-
-    def epoch_done(epoch: int, loss: float, val_accuracy: float | None) -> None:
-        qat.recalibrate()
-        if on_epoch is not None:
-            on_epoch(epoch, loss, val_accuracy)
-
+    soft = copy.deepcopy(teacher if teacher is not None else model).to(device).eval() if distill else None
     history = train_model(
         qat.module,
         train,
@@ -224,8 +262,10 @@ def finetune(
         val=val,
         progress=progress,
         description="finetune",
-        on_epoch=epoch_done,
+        on_epoch=on_epoch,
         after_step=qat.enforce,
+        end_epoch=qat.recalibrate,
+        teacher=soft,
     )
     result = qat.fp32_model().eval()
     after = compressed_accuracy(result, analysis, policy, calibration, report, device)

@@ -119,4 +119,4 @@ def quantize_activation(x: torch.Tensor, bits: int, max_abs: float, signed: bool
     else:
         high, low = 2**bits - 1, 0
     quantized = torch.clamp(torch.round(x / scale), low, high) * scale
-    return x + (quantized - x).detach() if ste else quantized
+    return x + (quantized - x).detach() if ste and x.requires_grad else quantized

@@ -78,6 +78,12 @@ class TrainConfig:
     """Use the dataset's augmentation (if it has one)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (short fine-tunes); None trains all epochs."""
+    warmup: float = 0.0
+    """Fraction of the steps over which the learning rate rises linearly to ``lr`` before the cosine decay."""
+    distill_temperature: float = 4.0
+    """Softmax temperature of the distillation loss (used only when ``train_model`` is given a teacher)."""
+    distill_alpha: float = 0.7
+    """Weight of the distillation term; ``1 - distill_alpha`` weighs the hard-label cross-entropy."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -88,6 +94,41 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be >= 1, but got {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, but got {self.max_steps}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warmup must be in [0, 1), but got {self.warmup}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"distill_temperature must be > 0, but got {self.distill_temperature}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1], but got {self.distill_alpha}")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., 2015): ``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(q, y)``.
+
+    ``p_T``/``q_T`` are the teacher's and student's softmax at temperature ``T`` (the KL is averaged over the batch);
+    ``T^2`` keeps the soft term's gradient on the scale of the hard one. ``alpha = 0`` is plain cross-entropy.
+    """
+    hard = nn.functional.cross_entropy(student_logits, targets)
+    if alpha == 0:
+        return hard
+    student = nn.functional.log_softmax(student_logits / temperature, dim=1)
+    teacher = nn.functional.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    soft = nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup_steps`` (from ``1/warmup_steps``), then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay = max(total_steps - warmup_steps, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, decay) / decay))
 
 
 def train_model(
@@ -103,10 +144,14 @@ def train_model(
     on_epoch: Callable[[int, float, float | None], None] | None = None,
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    end_epoch: Callable[[], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns per-epoch ``{"epoch", "loss", "val_accuracy"}``.
 
-    ``before_step``/``after_step`` let callers keep constraints (masks, quantization) around each update.
+    ``before_step``/``after_step`` let callers keep constraints (masks, quantization) around each update;
+    ``end_epoch`` runs after each epoch's last step, before validation (e.g. recalibration). With a ``teacher``
+    (kept in eval mode, not trained) the loss is :func:`distillation_loss` at the config's temperature and alpha.
     """
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -117,10 +162,11 @@ def train_model(
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps) if config.epochs else config.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-    )
+    warmup_steps = round(config.warmup * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
     loss_fn = nn.CrossEntropyLoss()
+    if teacher is not None:
+        teacher.to(device).eval()
     history: list[dict[str, float]] = []
     step = 0
     disable = not progress or os.environ.get("AJPQ_NO_PROGRESS") == "1"
@@ -145,7 +191,13 @@ def train_model(
             if before_step is not None:
                 before_step()
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            logits = model(x)
+            if teacher is None:
+                loss = loss_fn(logits, y)
+            else:
+                with torch.no_grad():
+                    soft_targets = teacher(x)
+                loss = distillation_loss(logits, soft_targets, y, config.distill_temperature, config.distill_alpha)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -156,6 +208,8 @@ def train_model(
             step += 1
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.4f}", refresh=False)
+        if end_epoch is not None:
+            end_epoch()
         val_acc = evaluate_accuracy(model, val, device) if val is not None else None
         record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
         if val_acc is not None:

@@ -45,6 +45,75 @@ class ConcatNet(nn.Module):
         return self.head(y) * self.temperature
 
 
+class BatchNormNet(nn.Module):
+    """conv-BN-ReLU twice, pool, linear: a plain BatchNorm CNN for 1x8x8 inputs (digits)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+class ShuffleNet(nn.Module):
+    """conv1 -> channel shuffle (view/transpose/reshape, 2 groups of 3) -> conv2 -> mean -> fc, on 1x6x6 inputs.
+
+    With ``shuffle=False`` the same modules without the shuffle: what an analysis that ignores the shuffle sees.
+    """
+
+    def __init__(self, shuffle: bool = True) -> None:
+        super().__init__()
+        self.shuffle = shuffle
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        if self.shuffle:
+            b, c, h, w = x.shape
+            x = x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class LayerNormMLP(nn.Module):
+    """flatten -> fc1 -> LayerNorm over its 32 features -> fc2 -> fc3, on 1x8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 16)
+        self.fc3 = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm(self.fc1(x.flatten(1))))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+class GroupedConvNet(nn.Module):
+    """conv1 -> grouped conv (2 groups, not depthwise) -> 1x1 conv -> mean -> fc, on 1x6x6 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.relu(self.conv3(x)).mean(dim=(2, 3)))
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics so folding is really exercised."""
     generator = torch.Generator().manual_seed(seed)

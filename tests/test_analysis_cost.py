@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from nets import ConcatNet, ResidualDepthwiseNet, randomize_batchnorm
+from nets import (
+    ConcatNet,
+    GroupedConvNet,
+    LayerNormMLP,
+    ResidualDepthwiseNet,
+    ShuffleNet,
+    randomize_batchnorm,
+)
 
 from ajpq.analysis import NETWORK_INPUT, analyze_model, channel_importance
 from ajpq.compress import SimulatedModel
 from ajpq.cost import CostModel
-from ajpq.errors import ModelError
+from ajpq.errors import ModelError, PolicyError
 from ajpq.models import build_model
 from ajpq.policy import LayerPolicy, Policy, validate_policy
 
@@ -160,3 +167,42 @@ def test_importance_criteria_and_order(residual):
 def test_model_that_does_not_run_on_the_shape_is_refused():
     with pytest.raises(ModelError, match="does not run on input shape"):
         analyze_model(ResidualDepthwiseNet(), (3, 4, 4))
+
+
+# --- coupling the dependency graph gets wrong: verified, and such groups kept whole -----------------------------
+
+
+def test_channel_shuffle_is_detected_and_its_group_kept_whole():
+    analysis = analyze_model(ShuffleNet(), (1, 6, 6))
+    group = analysis.group_of("conv1")
+    assert not group.prunable
+    # a 2x3 shuffle sends channel 3 (the middle one, which is perturbed) to conv2's input 1
+    assert "channel 3 reaches inputs [1] of 'conv2'" in group.fixed_reason
+    assert analysis.group_of("conv2").prunable  # read by fc one to one
+    assert all(g.fixed_reason == "" for g in analyze_model(ShuffleNet(shuffle=False), (1, 6, 6)).groups)
+    policy = Policy.uniform(analysis, 4, 8)
+    policy.layers["conv1"].weight_bits = np.array([4, 0, 4, 4, 4, 4])
+    with pytest.raises(PolicyError, match="conv1"):
+        validate_policy(policy, analysis)
+
+
+def test_layernorm_over_the_features_keeps_its_group_whole():
+    analysis = analyze_model(LayerNormMLP(), (1, 8, 8))
+    assert not analysis.group_of("fc1").prunable and "'fc2'" in analysis.group_of("fc1").fixed_reason
+    assert analysis.group_of("fc2").prunable
+    # nothing of fc1 can be removed, so the LayerNorm's 64 parameters stay whole: 32 bits each, in both costs
+    assert analysis.other_params == 64
+
+
+def test_grouped_convolution_groups_are_kept_whole():
+    analysis = analyze_model(GroupedConvNet(), (1, 6, 6))
+    for name in ("conv1", "conv2"):
+        assert not analysis.group_of(name).prunable
+        assert "grouped convolution 'conv2'" in analysis.group_of(name).fixed_reason
+    assert analysis.group_of("conv3").prunable
+
+
+def test_verified_coupling_has_no_false_alarms():
+    for model, shape in ((ResidualDepthwiseNet(), (1, 4, 4)), (ConcatNet(), (1, 4, 4))):
+        analysis = analyze_model(randomize_batchnorm(model), shape)
+        assert all(g.prunable == bool(set(g.consumers) - set(g.members)) for g in analysis.groups)

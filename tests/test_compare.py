@@ -6,9 +6,12 @@ import csv
 
 import pytest
 
+from ajpq import load_compressed
 from ajpq.cli import main
 from ajpq.compare import CompareConfig, load_compare_config
+from ajpq.data import load_dataset
 from ajpq.errors import ConfigError
+from ajpq.train import evaluate_accuracy
 
 
 def test_compare_writes_csv_table_and_plot(tmp_path, capsys):
@@ -22,6 +25,12 @@ def test_compare_writes_csv_table_and_plot(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["uniform", "opq"]
     assert all(float(r["size_compression"]) >= 16 for r in rows)
     assert {"val_before", "test_after", "search_wall_time", "evaluations"} <= set(rows[0])
+    for row in rows:  # the exported artifact of every row: its bytes, its own accuracy, its CPU latency
+        artifact = out / f"{row['method']}__1_16" / "model.ajpq"
+        assert int(row["file_bytes"]) == artifact.stat().st_size
+        slim = load_compressed(artifact)
+        assert float(row["test_artifact"]) == evaluate_accuracy(slim, load_dataset("digits").test)
+        assert float(row["latency_b1_ms"]) > 0 and float(row["fp32_latency_b64_ms"]) > 0
     table = (out / "compare.md").read_text()
     assert "| uniform | 1/16 |" in table and "test after" in table
     assert (out / "compare_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

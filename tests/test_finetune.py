@@ -8,16 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nets import BatchNormNet
 
 from ajpq.analysis import analyze_model
 from ajpq.cli import main
 from ajpq.compress import SimulatedModel
 from ajpq.data import load_dataset
 from ajpq.errors import ConfigError
+from ajpq.export import build_artifact
 from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
-from ajpq.train import TrainConfig, evaluate_accuracy, seed_everything, train_model
+from ajpq.train import TrainConfig, distillation_loss, evaluate_accuracy, lr_factor, seed_everything, train_model
 from ajpq.workspace import load_checkpoint, save_checkpoint
 
 
@@ -166,3 +168,102 @@ def test_weight_sparsity_mask_is_kept_through_fine_tuning(setup) -> None:
     assert not torch.equal(tuned_fc1[before], model.fc1.weight.detach()[before])  # the others trained
     after = SimulatedModel(result.model, analysis, calibration).apply(policy).fc1.weight != 0
     assert int(after.sum()) == stored_before and torch.equal(after, before)  # same mask, so same cost
+
+
+# --- BatchNorm: fine-tuning trains the exported model -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bn_setup():
+    digits = load_dataset("digits")
+    generator = seed_everything(0)
+    model = BatchNormNet()
+    train_model(model, digits.train, TrainConfig(epochs=2, lr=0.05, batch_size=64), generator=generator, progress=False)
+    with torch.no_grad():  # small and uneven BatchNorm scales make folding matter (fp16 scales of small weights)
+        model.bn2.weight.mul_(torch.linspace(0.002, 1.0, 16))
+    analysis = analyze_model(model, digits.input_shape, model_name="bn")
+    calibration = next(digits.train.batches(256))[0]
+    return digits, model.eval(), analysis, calibration
+
+
+def test_qat_module_computes_the_simulated_model_on_batchnorm_nets(bn_setup) -> None:
+    digits, model, analysis, calibration = bn_setup
+    policy = half_policy(analysis, bits=2)
+    qat = QATModel(model, analysis, policy, calibration)
+    x = next(digits.val.batches(200))[0]
+    with torch.no_grad():
+        got = qat.module.eval()(x)
+        expected = SimulatedModel(qat.fp32_model(), analysis, calibration).apply(policy)(x)
+    span = float(expected.max() - expected.min())
+    assert float((got - expected).abs().max()) <= 1e-4 * span
+
+
+def test_finetuned_accuracy_is_the_exported_artifacts(bn_setup) -> None:
+    digits, model, analysis, calibration = bn_setup
+    policy = half_policy(analysis, bits=2)
+    result = finetune(
+        model,
+        analysis,
+        policy,
+        digits.train,
+        calibration,
+        finetune_config(epochs=2, batch_size=64),
+        val=digits.val,
+        report={"val": digits.val},
+        generator=seed_everything(0),
+        progress=False,
+    )
+    artifact = build_artifact(
+        result.model, analysis, policy, calibration, model_name="bn", input_shape=(1, 8, 8), num_classes=10
+    )
+    exported = evaluate_accuracy(artifact.slim, digits.val)
+    assert result.history[-1]["val_accuracy"] == result.accuracy_after["val"] == exported
+
+
+# --- distillation and the short-run schedule ---------------------------------------------------------------------
+
+
+def test_distillation_loss_by_hand() -> None:
+    # Row 1: teacher softmax at T=2 of [2 ln 3, 0] is [3/4, 1/4], the student's of [0, 0] is [1/2, 1/2]:
+    #   KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.1308120; label 0: CE = ln 2.
+    # Row 2: teacher = student, so KL = 0; label 1: CE = ln 2.
+    # batch mean KL = 0.0654060; loss = 0.25 * 2^2 * 0.0654060 + 0.75 * ln 2 = 0.0654060 + 0.5198604 = 0.5852664.
+    student = torch.zeros(2, 2)
+    teacher = torch.tensor([[2 * np.log(3.0), 0.0], [0.0, 0.0]])
+    targets = torch.tensor([0, 1])
+    loss = distillation_loss(student, teacher, targets, temperature=2.0, alpha=0.25)
+    assert float(loss) == pytest.approx(0.5852664, abs=1e-6)
+    # alpha 0 is plain cross-entropy; alpha 1 and T 1 is the KL alone (row 1 only: 0.1308120 / 2)
+    assert float(distillation_loss(student, teacher, targets, 3.0, 0.0)) == pytest.approx(np.log(2.0), abs=1e-6)
+    assert float(distillation_loss(student, teacher / 2, targets, 1.0, 1.0)) == pytest.approx(0.0654060, abs=1e-6)
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    factors = [lr_factor(step, 20, 4) for step in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and factors[12] == pytest.approx(0.5) and factors[20] == pytest.approx(0.0)
+    assert [lr_factor(step, 10, 0) for step in (0, 5)] == [1.0, pytest.approx(0.5)]  # no warm-up: cosine only
+    with pytest.raises(ConfigError, match="distill_alpha must be in"):
+        finetune_config(distill_alpha=1.5)
+
+
+def test_finetune_distils_from_the_fp32_model_unless_told_not_to(setup) -> None:
+    digits, model, analysis, calibration = setup
+    policy = half_policy(analysis, bits=2)
+    config = finetune_config(max_steps=4, batch_size=64)
+    runs = {
+        distill: finetune(
+            model,
+            analysis,
+            policy,
+            digits.train,
+            calibration,
+            config,
+            generator=seed_everything(0),
+            progress=False,
+            distill=distill,
+        )
+        for distill in (True, False)
+    }
+    assert runs[True].history[0]["loss"] != runs[False].history[0]["loss"]  # a different objective was trained
+    assert not torch.equal(runs[True].model.fc1.weight, runs[False].model.fc1.weight)
