@@ -29,6 +29,11 @@ from stable_baselines3.common.logger import Logger
 from ajpq.errors import ConfigError
 
 AGENT_KINDS: tuple[str, ...] = ("ppo", "ddpg")
+IMITATION_STEPS = 300
+"""Gradient steps of behaviour cloning (Adam, :data:`IMITATION_LR`) on a demonstration."""
+IMITATION_LR = 3e-3
+MIN_IMITATION_STD = 0.15
+"""Smallest standard deviation (in the [-1, 1] action range) behaviour cloning leaves a PPO Gaussian policy."""
 
 
 class Controller:
@@ -50,6 +55,14 @@ class Controller:
 
     def end_episode(self, reward: float, warmup: bool) -> dict[str, float]:
         """Hand the episode's reward to the agent; returns the training statistics of any update it made."""
+        raise NotImplementedError
+
+    def remember(self, steps: list[tuple[np.ndarray, np.ndarray]], reward: float) -> None:
+        """Learn from a demonstrated episode (its (observation, action) pairs and reward) as experience; PPO, being
+        on-policy, keeps nothing (it learns from demonstrations through :meth:`imitate`)."""
+
+    def imitate(self, steps: list[tuple[np.ndarray, np.ndarray]], gradient_steps: int = IMITATION_STEPS) -> float:
+        """Behaviour cloning: move the policy towards the demonstrated actions (the warm start). Returns the loss."""
         raise NotImplementedError
 
     def _random_action(self) -> np.ndarray:
@@ -162,6 +175,31 @@ class PPOController(Controller):
         self.model = PPO.load(folder / f"{self.name}.zip", env=self.env, device="cpu")
         self.model.set_logger(self.logger)
 
+    def imitate(self, steps: list[tuple[np.ndarray, np.ndarray]], gradient_steps: int = IMITATION_STEPS) -> float:
+        """Maximise the log-likelihood of the demonstrated actions; a Gaussian policy's spread is kept at least
+        :data:`MIN_IMITATION_STD`, so PPO still explores around the demonstration."""
+        policy = self.model.policy
+        obs = torch.as_tensor(np.stack([o for o, _ in steps]), dtype=torch.float32)
+        actions = torch.as_tensor(np.stack([a for _, a in steps]))
+        if isinstance(self.env.action_space, gym.spaces.Discrete):
+            actions = actions.reshape(-1).long()
+        else:
+            actions = actions.float().reshape(len(steps), -1)
+        loss = torch.zeros(())
+        optimizer = torch.optim.Adam(policy.parameters(), lr=IMITATION_LR)
+        policy.set_training_mode(True)
+        for _ in range(gradient_steps):
+            _, log_prob, _ = policy.evaluate_actions(obs, actions)
+            loss = -log_prob.mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if hasattr(policy, "log_std"):
+                with torch.no_grad():
+                    policy.log_std.clamp_(min=float(np.log(MIN_IMITATION_STD)))
+        policy.set_training_mode(False)
+        return float(loss.detach())
+
 
 class DDPGController(Controller):
     kind = "ddpg"
@@ -234,6 +272,27 @@ class DDPGController(Controller):
         self.noise *= self.noise_decay
         self.model.train(gradient_steps=self.gradient_steps, batch_size=self.batch_size)
         return self._drain_logger()
+
+    def remember(self, steps: list[tuple[np.ndarray, np.ndarray]], reward: float) -> None:
+        self.transitions = [(obs, action.astype(np.float32)) for obs, action in steps]
+        self.end_episode(reward, warmup=True)
+
+    def imitate(self, steps: list[tuple[np.ndarray, np.ndarray]], gradient_steps: int = IMITATION_STEPS) -> float:
+        """Regress the actor (and its target) onto the demonstrated actions."""
+        actor = self.model.actor
+        obs = torch.as_tensor(np.stack([o for o, _ in steps]), dtype=torch.float32)
+        actions = torch.as_tensor(np.stack([a for _, a in steps]), dtype=torch.float32).reshape(len(steps), -1)
+        loss = torch.zeros(())
+        optimizer = torch.optim.Adam(actor.parameters(), lr=IMITATION_LR)
+        actor.set_training_mode(True)
+        for _ in range(gradient_steps):
+            loss = torch.nn.functional.mse_loss(actor(obs), actions)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        actor.set_training_mode(False)
+        self.model.actor_target.load_state_dict(actor.state_dict())
+        return float(loss.detach())
 
     def save(self, folder: Path) -> None:
         super().save(folder)

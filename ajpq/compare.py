@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from ajpq.budget import Budget
-from ajpq.errors import ConfigError
+from ajpq.errors import BudgetError, ConfigError
 from ajpq.io import atomic_write_bytes, atomic_write_text
 from ajpq.workspace import log
 
@@ -82,6 +82,8 @@ class CompareConfig:
     """Methods to run, from ajpq, random, uniform, opq, olmp, admm."""
     budgets: list[Any] = field(default_factory=lambda: ["1/16", "1/32", "1/64"])
     """Size budgets as ratios of FP32 (numbers or "1/16" strings)."""
+    bops_budgets: list[Any] = field(default_factory=list)
+    """BOPs budgets as ratios of FP32, each run as a row of its own (no size budget)."""
     seed: int = 0
     """Seed of every method and of fine-tuning."""
     episodes: int = 100
@@ -93,7 +95,8 @@ class CompareConfig:
     distill: bool = True
     """Fine-tune every result by distilling from the FP32 reference (soft targets mixed with the labels)."""
     search: dict[str, Any] = field(default_factory=dict)
-    """Extra ``ajpq search`` options for the ajpq method (keys of its configuration)."""
+    """Extra ``ajpq search`` options for ajpq and random (keys of its configuration; e.g. the proxy, and
+    ``search_activation_bits``, which both then search), so the two search the same space with the same score."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Options per method name (see each method's DEFAULTS in the README)."""
     out_dir: str = "runs/compare"
@@ -107,9 +110,13 @@ class CompareConfig:
                 close = difflib.get_close_matches(str(method), ALL_METHODS, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown method {method!r} in methods{hint} (known: {', '.join(ALL_METHODS)})")
-        if not isinstance(self.budgets, list) or not self.budgets:
-            raise ConfigError(f"budgets must be a non-empty list of ratios, but got {self.budgets!r}")
+        for name in ("budgets", "bops_budgets"):
+            if not isinstance(getattr(self, name), list):
+                raise ConfigError(f"{name} must be a list of ratios, but got {getattr(self, name)!r}")
+        if not self.budgets and not self.bops_budgets:
+            raise ConfigError("budgets and bops_budgets are both empty; give at least one ratio, e.g. budgets: [1/16]")
         self.budgets = [parse_ratio("budgets", b) for b in self.budgets]
+        self.bops_budgets = [parse_ratio("bops_budgets", b) for b in self.bops_budgets]
         for name in ("seed", "episodes", "finetune_epochs", "split_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "episodes" else 0):
@@ -133,12 +140,25 @@ def load_compare_config(path: str | Path, **overrides: Any) -> CompareConfig:
     return CompareConfig(**values)
 
 
-def budget_label(ratio: float) -> str:
+def ratio_label(ratio: float) -> str:
     inverse = 1.0 / ratio
     return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{ratio:g}"
 
 
-def _run_one(config: CompareConfig, workspace: Any, method: str, budget: float, out: Path) -> dict[str, Any]:
+def budget_label(budget: Budget) -> str:
+    """ "1/32" for a size budget, "BOPs 1/256" for a BOPs budget (both when both are given)."""
+    parts = [] if budget.size is None else [ratio_label(budget.size)]
+    if budget.bops is not None:
+        parts.append(f"BOPs {ratio_label(budget.bops)}")
+    return " + ".join(parts)
+
+
+def compare_budgets(config: CompareConfig) -> list[Budget]:
+    """The rows' budgets: each size budget, then each BOPs budget."""
+    return [Budget(size=b) for b in config.budgets] + [Budget(bops=b) for b in config.bops_budgets]
+
+
+def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path) -> dict[str, Any]:
     """Run one method at one budget, fine-tune its policy, and return its table row."""
     from ajpq.finetune import finetune, finetune_config
     from ajpq.methods import run_method
@@ -147,11 +167,11 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: float, 
     from ajpq.runs import RunDir
     from ajpq.train import seed_everything
 
-    tag = f"{method}__{budget_label(budget).replace('/', '_')}"
+    tag = f"{method}__{budget_label(budget).replace('/', '_').replace(' + ', '__').replace(' ', '_')}"
     run_path = out / tag
     started = time.perf_counter()
     model = workspace.model
-    if method == "ajpq":
+    if method in ("ajpq", "random"):
         from ajpq.search import SearchConfig, run_search
 
         search_values = {
@@ -162,25 +182,28 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: float, 
             "split_seed": config.split_seed,
             "val_size": config.val_size,
             "device": config.device,
-            "method": "ajpq",
-            "size_budget": budget,
+            "method": method,
+            "size_budget": budget.size,
+            "bops_budget": budget.bops,
             "episodes": config.episodes,
             "seed": config.seed,
             "run_dir": str(run_path),
             "progress": False,
             **config.search,
         }
+        if method == "random":
+            search_values["method_options"] = {
+                k: v for k, v in config.method_options.get("random", {}).items() if k != "episodes"
+            }
         result = run_search(SearchConfig(**search_values))
         if result.best is None:
-            raise ConfigError(f"ajpq found no policy within {budget_label(budget)} in {result.episodes} episodes")
+            raise ConfigError(f"{method} found no policy within {budget_label(budget)} in {result.episodes} episodes")
         policy = load_policy(result.run_dir / "best_policy.json", workspace.analysis)
         evaluations = result.episodes
     else:
         options = dict(config.method_options.get(method, {}))
-        if method == "random":
-            options.setdefault("episodes", config.episodes)
         run_dir = RunDir.create(out, config.model, config.dataset, config.seed, path=run_path)
-        outcome = run_method(method, workspace, Budget(size=budget), config.seed, options, run_dir)
+        outcome = run_method(method, workspace, budget, config.seed, options, run_dir)
         policy = outcome.policy
         evaluations = outcome.evaluations
         model = outcome.extra.get("model", workspace.model)
@@ -283,9 +306,13 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         "test": evaluate_accuracy(workspace.model, workspace.splits.test, workspace.device),
     }
     rows = []
-    for budget in config.budgets:
+    for budget in compare_budgets(config):
         for method in config.methods:
-            rows.append(_run_one(config, workspace, method, budget, out))
+            try:
+                rows.append(_run_one(config, workspace, method, budget, out))
+            except BudgetError as exc:  # a method that cannot meet this budget is reported, not fatal
+                log(f"compare: {method} at {budget_label(budget)}: no result ({exc})")
+                rows.append({"method": method, "budget": budget_label(budget), "note": str(exc)})
             write_outputs(out, rows, fp32, config)
     paths = write_outputs(out, rows, fp32, config)
     return {"rows": rows, "fp32": fp32, **{k: str(v) for k, v in paths.items()}}
@@ -299,6 +326,9 @@ def markdown_table(rows: list[dict[str, Any]], fp32: dict[str, float] | None = N
     )
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "note" in r:
+            lines.append(f"| {r['method']} | {r['budget']} | no result: {r['note']} |" + " - |" * 11)
+            continue
         lines.append(
             f"| {r['method']} | {r['budget']} | {r['size_compression']:.1f}x | {r['bops_compression']:.1f}x | "
             f"{r['val_before']:.4f} | {r['test_before']:.4f} | {r['val_after']:.4f} | {r['test_after']:.4f} | "
@@ -320,7 +350,9 @@ def pareto_png(rows: list[dict[str, Any]], fp32: dict[str, float] | None = None,
 
     figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["size_compression"], r["test_after"]) for r in rows if r["method"] == method)
+        points = sorted(
+            (r["size_compression"], r["test_after"]) for r in rows if r["method"] == method and "note" not in r
+        )
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
     if fp32:
         axes.axhline(fp32["test"], color="gray", linestyle="--", linewidth=1, label="FP32")
@@ -341,10 +373,10 @@ def write_outputs(
     out: Path, rows: list[dict[str, Any]], fp32: dict[str, float], config: CompareConfig
 ) -> dict[str, Path]:
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=[*COLUMNS, "note"], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row[k] for k in COLUMNS})
+        writer.writerow({k: row.get(k, "") for k in (*COLUMNS, "note")})
     paths = {"csv": out / "compare.csv", "table": out / "compare.md", "plot": out / "compare_pareto.png"}
     atomic_write_text(paths["csv"], text.getvalue())
     title = f"{config.model} on {config.dataset}, {config.finetune_epochs} fine-tuning epochs"

@@ -85,6 +85,13 @@ class SearchConfig:
     """PPO: episodes collected per update."""
     episode_finetune_steps: int = 0
     """SGD steps of fine-tuning before each episode's evaluation (0: none)."""
+    sensitivity: bool = True
+    """ajpq: measure each layer step's sensitivity once (cached) and give it to both controllers."""
+    warm_start: bool = True
+    """ajpq: evaluate the sensitivity allocation and uniform policies first, and teach them to the agents (they
+    replace the random warm-up episodes)."""
+    refine_episodes: int | None = None
+    """ajpq: episodes of local search around the best policy at the end (default: a fifth of ``episodes``)."""
     checkpoint_every: int = 20
     """Save a resumable checkpoint every this many episodes (a multiple of ``episodes_per_update``)."""
     run_root: str = "runs"
@@ -122,6 +129,7 @@ class SearchConfig:
         integer("episodes_per_update", 1)
         integer("episode_finetune_steps", 0)
         integer("checkpoint_every", 1)
+        integer("refine_episodes", 0, allow_none=True)
         Budget(self.size_budget, self.bops_budget, self.budget_mode)
         if number("soft_penalty") < 0:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
@@ -157,7 +165,7 @@ class SearchConfig:
                 raise ConfigError(
                     f"method_options {unknown} are not options of method {self.method!r} (it has: {known})"
                 )
-        for name in ("search_activation_bits", "progress"):
+        for name in ("search_activation_bits", "progress", "sensitivity", "warm_start"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, but got {getattr(self, name)!r}")
 
@@ -337,15 +345,41 @@ def seed_all(seed: int) -> None:
 
 
 # ---- AJPQ: hierarchical RL -------------------------------------------------------------------------------------
+def refine_count(config: SearchConfig) -> int:
+    """Episodes of local search at the end of an ajpq search."""
+    count = config.episodes // 5 if config.refine_episodes is None else config.refine_episodes
+    return min(count, config.episodes)
+
+
+def _best_result(context: SearchContext) -> Any:
+    """The best recorded episode as an :class:`~ajpq.envs.EpisodeResult` (rebuilt from the run folder)."""
+    from ajpq.envs import EpisodeResult
+
+    best = context.recorder.best
+    if best is None:
+        return None
+    info = context.run_dir.read_info()
+    policy = context.run_dir.read_policy(best["episode"], context.config.model, info.get("fingerprint"))
+    report = context.problem.cost_model.evaluate(policy)
+    return EpisodeResult(float(best["reward"]), float(best["accuracy"]), report, True, False, policy, 0.0)
+
+
 def run_ajpq(context: SearchContext) -> None:
-    """The hierarchical RL search: a layer agent and a channel agent act in every episode and learn from it."""
+    """The hierarchical RL search: a layer agent and a channel agent act in every episode and learn from it.
+
+    Three phases share the episode count: the warm start (the sensitivity allocation and uniform policies,
+    demonstrated to the agents), the RL episodes, and a local search around the best policy (:mod:`ajpq.refine`).
+    """
     from ajpq.agents import make_controller
+    from ajpq.allocation import warm_start_policies
     from ajpq.envs import ChannelCompressEnv, LayerCompressEnv
+    from ajpq.refine import refine
 
     config, recorder, problem = context.config, context.recorder, context.problem
     rng = np.random.default_rng(config.seed)
-    layer_env = LayerCompressEnv(problem, channel_discrete=config.channel_agent == "ppo")
-    channel_env = ChannelCompressEnv(problem, discrete=config.channel_agent == "ppo")
+    channel_discrete = config.channel_agent == "ppo"
+    layer_env = LayerCompressEnv(problem, channel_discrete=channel_discrete)
+    channel_env = ChannelCompressEnv(problem, discrete=channel_discrete)
     agent_options = {"ppo": {"episodes_per_update": config.episodes_per_update}, "ddpg": {}}
     layer_agent = make_controller(
         config.layer_agent, "layer_agent", layer_env, config.seed, rng, **agent_options[config.layer_agent]
@@ -353,6 +387,7 @@ def run_ajpq(context: SearchContext) -> None:
     channel_agent = make_controller(
         config.channel_agent, "channel_agent", channel_env, config.seed + 1, rng, **agent_options[config.channel_agent]
     )
+    rl_start = 0
     state = context.resume_state
     if state is not None:
         slot = context.run_dir.checkpoint_dir / state["slot"]
@@ -362,7 +397,31 @@ def run_ajpq(context: SearchContext) -> None:
         layer_agent.set_state(method_state.get("layer_agent", {}))
         channel_agent.set_state(method_state.get("channel_agent", {}))
         rng.bit_generator.state = method_state["rng"]
+        rl_start = int(method_state.get("rl_start", 0))
         _set_rng_state(state["rng"])
+    elif config.warm_start:
+        policies = warm_start_policies(
+            problem.analysis,
+            problem.cost_model,
+            problem.sensitivity,
+            problem.budget,
+            max_sparsity=config.max_sparsity,
+            activation_bits=config.activation_bits,
+            search_activation_bits=config.search_activation_bits,
+        )[: max(1, config.episodes // 2)]
+        demos = []
+        for target in policies:
+            layer_steps, channel_steps = layer_env.episode.demonstrate(target, channel_discrete)
+            result = layer_env.episode.finish()
+            recorder.record(result, {"warmup": False, "phase": "warm_start"})
+            layer_agent.remember(layer_steps, result.reward)
+            channel_agent.remember(channel_steps, result.reward)
+            demos.append((result.reward, layer_steps, channel_steps))
+        _, layer_demo, channel_demo = max(demos, key=lambda demo: demo[0])
+        layer_agent.imitate(layer_demo)
+        channel_agent.imitate(channel_demo)
+        rl_start = recorder.episode
+    warmup_episodes = 0 if config.warm_start else config.warmup_episodes
 
     def save(folder: Path) -> dict[str, Any]:
         layer_agent.save(folder)
@@ -371,26 +430,46 @@ def run_ajpq(context: SearchContext) -> None:
             "layer_agent": layer_agent.state(),
             "channel_agent": channel_agent.state(),
             "rng": rng.bit_generator.state,
+            "rl_start": rl_start,
         }
 
     warmup = False
     layer_env.channel_controller = lambda obs: channel_agent.act(obs, warmup)
     writer_tags = {"layer_agent": layer_agent, "channel_agent": channel_agent}
-    while recorder.episode < config.episodes:
-        warmup = recorder.episode < config.warmup_episodes
-        obs, _ = layer_env.reset()
-        done = False
-        reward = 0.0
-        while not done:
-            obs, reward, done, _, _ = layer_env.step(layer_agent.act(obs, warmup))
-        result = layer_env.episode.result
-        assert result is not None
-        for name, agent in writer_tags.items():
-            stats = agent.end_episode(float(reward), warmup)
-            context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
-        recorder.record(result, {"warmup": warmup})
-        if recorder.episode % config.checkpoint_every == 0 or recorder.episode == config.episodes:
+
+    def rl_episodes(until: int) -> None:
+        nonlocal warmup
+        while recorder.episode < until:
+            warmup = recorder.episode < warmup_episodes
+            obs, _ = layer_env.reset()
+            done = False
+            reward = 0.0
+            while not done:
+                obs, reward, done, _, _ = layer_env.step(layer_agent.act(obs, warmup))
+            result = layer_env.episode.result
+            assert result is not None
+            for name, agent in writer_tags.items():
+                stats = agent.end_episode(float(reward), warmup)
+                context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
+            recorder.record(result, {"warmup": warmup, "phase": "rl"})
+            if (recorder.episode - rl_start) % config.checkpoint_every == 0 or recorder.episode == config.episodes:
+                context.checkpoint(save)
+
+    rl_episodes(config.episodes - refine_count(config))
+    start = _best_result(context)
+    if recorder.episode < config.episodes and start is not None:
+        refine_rng = np.random.default_rng([config.seed, recorder.episode])
+
+        def evaluate(policies: Any) -> list[Any]:
+            results = [problem.finish(policy) for policy in policies]
+            for result in results:
+                recorder.record(result, {"warmup": False, "phase": "refine"})
+            return results
+
+        refine(problem, start, evaluate, config.episodes - recorder.episode, refine_rng)
+        if recorder.episode == config.episodes:
             context.checkpoint(save)
+    rl_episodes(config.episodes)  # whatever the refinement left (it stops early when no new neighbour is left)
 
 
 METHODS: dict[str, Callable[[SearchContext], None]] = {"ajpq": run_ajpq, **SEARCH_METHODS}
@@ -423,6 +502,20 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
     val = workspace.splits.val
     fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
     evaluate = make_evaluator(workspace, ProxyOptions(finetune_steps=config.episode_finetune_steps, seed=config.seed))
+    sensitivity = None
+    if config.method == "ajpq" and config.sensitivity:
+        from ajpq.sensitivity import load_or_measure
+        from ajpq.workspace import cache_dir
+
+        sensitivity, cached = load_or_measure(
+            workspace.model,
+            workspace.simulated,
+            workspace.analysis,
+            val,
+            config.activation_bits,
+            cache_dir() / "sensitivity",
+        )
+        log(f"layer sensitivity {'read from the cache' if cached else 'measured and cached'}")
     problem = CompressionProblem(
         workspace.analysis,
         evaluate,
@@ -433,6 +526,7 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
         search_activation_bits=config.search_activation_bits,
         channel_group_size=config.channel_group_size,
         soft_penalty=config.soft_penalty,
+        sensitivity=sensitivity,
     )
     state = None
     if resume is not None:
@@ -463,6 +557,8 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
         best_policy = run_dir.read_policy(state["best"]["episode"], config.model, info.get("fingerprint"))
         best_policy.metrics = {**state["best"], "fp32_accuracy": fp32, "split": "val"}
         run_dir.write_best(best_policy.with_meta(config.method, config.seed, run=str(run_dir.path)))
+    if sensitivity is not None:
+        run_dir.writer.add_text("sensitivity/table", sensitivity.markdown(workspace.analysis), 0)
     context = SearchContext(workspace, config, run_dir, problem, recorder, resume_state=state)
     started = time.perf_counter()
     try:

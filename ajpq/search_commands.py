@@ -73,6 +73,19 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     add("--channel-group-size", type=_optional_int, default=None, help="channels per channel step (default auto)")
     add("--episodes-per-update", type=int, default=None, help="PPO episodes per update (default 4)")
     add("--episode-finetune-steps", type=int, default=None, help="fine-tune steps before each evaluation (default 0)")
+    add(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure each layer step's sensitivity once (cached) and observe it (default on)",
+    )
+    add(
+        "--warm-start",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start from the sensitivity allocation and uniform policies (default on)",
+    )
+    add("--refine-episodes", type=int, default=None, help="local-search episodes at the end (default episodes/5)")
     add("--checkpoint-every", type=int, default=None, help="checkpoint period in episodes (default 20)")
     add("--run-root", default=None, help="parent folder of run folders (default runs)")
     add("--run-dir", default=None, help="exact run folder to create")

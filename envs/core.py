@@ -24,12 +24,16 @@ from ajpq.budget import Budget, max_pruned, project_to_budget, smallest_policy
 from ajpq.cost import BIAS_BITS, SCALE_BITS, CostModel, CostReport
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
+from ajpq.sensitivity import SensitivityTable
 
 MAX_STEPS_PER_LAYER = 16
 """Default bound on channel steps per layer: wider layers are decided in chunks of adjacent channels."""
 ACTIVATION_CHOICES: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 """Activation bits the layer agent picks from with ``search_activation_bits``."""
-LAYER_STATIC = 16
+SHAPE_FEATURES = 16
+SENSITIVITY_FEATURES = 8
+"""Damage of pruning 25/50/75%, 1/2/4-bit weights, 2/4-bit activations (see :mod:`ajpq.sensitivity`)."""
+LAYER_STATIC = SHAPE_FEATURES + SENSITIVITY_FEATURES
 LAYER_OBS_DIM = LAYER_STATIC + 6
 CHANNEL_OBS_DIM = LAYER_STATIC + 9
 
@@ -88,6 +92,8 @@ class CompressionProblem:
     """Channels decided per channel step (None: enough to keep each layer at <= 16 steps)."""
     soft_penalty: float = 1.0
     """Soft mode: reward -= soft_penalty * sum_k max(0, ratio_k / budget_k - 1)."""
+    sensitivity: SensitivityTable | None = None
+    """Measured damage per layer step, given to both controllers (zeros in the observations when None)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_sparsity < 1.0:
@@ -139,6 +145,11 @@ class CompressionProblem:
                     sum(m.params for m in members) / total_params,
                     sum(m.macs for m in members) / total_macs,
                     _squash(float(imp.std() / mean) if mean > 0 else 0.0) + top_half - 0.5,
+                    *(
+                        self.sensitivity.features(group.id)
+                        if self.sensitivity is not None
+                        else np.zeros(SENSITIVITY_FEATURES)
+                    ),
                 ],
                 dtype=np.float64,
             )
@@ -328,6 +339,44 @@ class Episode:
     def finish(self) -> EpisodeResult:
         self.result = self.problem.finish(self.policy)
         return self.result
+
+    def demonstrate(
+        self, target: Policy, channel_discrete: bool
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
+        """Walk a new episode towards ``target``: the actions that reproduce its pruning, activation bits and (per
+        chunk, rounded mean) weight bits, with the observations they are taken in.
+
+        Returns the layer and the channel (observation, action) pairs; the episode is then complete and can be
+        finished. This is how known good policies (the warm start) become demonstrations for the agents.
+        """
+        p = self.problem
+        self.reset()
+        layer_steps: list[tuple[np.ndarray, np.ndarray]] = []
+        channel_steps: list[tuple[np.ndarray, np.ndarray]] = []
+        while (unit := self.next_unit) is not None:
+            group = unit.group
+            member = group.members[0]
+            pruned = int((target.layers[member].weight_bits == 0).sum()) if group.prunable else 0
+            sparsity = pruned / group.size
+            action = [2.0 * sparsity / p.max_sparsity - 1.0 if p.max_sparsity > 0 else -1.0]
+            if p.search_activation_bits:
+                index = ACTIVATION_CHOICES.index(
+                    min(ACTIVATION_CHOICES, key=lambda b: abs(b - target.layers[member].activation_bits))
+                )
+                action.append(-1.0 + (index + 0.5) / len(ACTIVATION_CHOICES) * 2.0)
+            layer_action = np.clip(np.array(action, dtype=np.float32), -1.0, 1.0)
+            layer_steps.append((self.layer_obs(), layer_action))
+            self.begin_unit(layer_action.astype(np.float64))
+            while not self.unit_done:
+                layer, channels, _ = self.chunks[self.chunk_index]
+                wanted = target.layers[layer.name].weight_bits[channels]
+                bits = int(np.clip(round(float(wanted[wanted > 0].mean())) if (wanted > 0).any() else 1, 1, 8))
+                channel_action = (
+                    np.array([bits - 1]) if channel_discrete else np.array([-1.0 + (bits - 0.5) / 4.0], np.float32)
+                )
+                channel_steps.append((self.channel_obs(), channel_action))
+                self.assign(bits)
+        return layer_steps, channel_steps
 
 
 def bits_of(action: Any, discrete: bool) -> int:

@@ -55,3 +55,27 @@ def test_shipped_configs_load():
         config = load_compare_config(f"experiments/{name}.yaml")
         assert len(config.methods) == 6
     assert load_compare_config("experiments/compare_fmnist_lenet5.yaml").budgets == [1 / 16, 1 / 32, 1 / 64]
+
+
+def test_compare_bops_budget_runs_random_through_the_search(tmp_path):
+    """A BOPs row; random goes through `ajpq search` with the same search options (activation bits searched)."""
+    import json
+
+    import yaml
+
+    out = tmp_path / "cmp"
+    config = tmp_path / "bops.yaml"
+    config.write_text(
+        "default:\n  methods: [random, uniform]\n  budgets: []\n  bops_budgets: ['1/64']\n  episodes: 4\n"
+        f"  finetune_epochs: 0\n  search: {{search_activation_bits: true}}\n  out_dir: {out}\n"
+    )
+    assert main(["compare", "--config", str(config), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [(r["method"], r["budget"]) for r in rows] == [("random", "BOPs 1/64"), ("uniform", "BOPs 1/64")]
+    assert all(float(r["bops_compression"]) >= 64 for r in rows)
+    run = out / "random__BOPs_1_64"
+    saved = yaml.safe_load((run / "config.yaml").read_text())["default"]
+    assert saved["method"] == "random" and saved["search_activation_bits"] is True and saved["bops_budget"] == 1 / 64
+    assert len((run / "episodes.jsonl").read_text().splitlines()) == 4 == int(rows[0]["evaluations"])
+    best = json.loads((run / "best_policy.json").read_text())
+    assert best["metrics"]["bops_ratio"] <= 1 / 64

@@ -1,0 +1,255 @@
+"""Is AJPQ's search the best method? Every method at every budget through `ajpq compare`, medians over seeds.
+
+    python experiments/bench_quality.py --quick                 # digits only, a few minutes: what CI can afford
+    python experiments/bench_quality.py --out runs/bench_quality  # the README's numbers (hours on 2 CPU cores)
+    python experiments/bench_quality.py --suites digits lenet5 --seeds 3 --episodes 300
+
+Suites (full mode):
+* ``lenet5``: LeNet-5 on Fashion-MNIST, size budgets 1/32, 1/64, 1/100 and a BOPs budget 1/256 with activation bits
+  searched; ajpq and random on every seed (equal evaluation counts, the same scorer), the one-shot and retraining
+  methods (uniform, opq, olmp, admm) on the first seed; every result fine-tuned the same (3 epochs).
+* ``resnet20``: ResNet-20 on Fashion-MNIST (BatchNorm, residual coupling), size budgets 1/16 and 1/32, one seed.
+* ``digits``: digits_cnn on digits, size budgets 0.1 and 0.05, ajpq against random search (best validation accuracy
+  of the search itself, no fine-tuning), every seed.
+
+Writes ``bench_quality.json`` (every row, the medians, the wins and losses of ajpq) and ``bench_quality.md`` in
+``--out``, and prints the JSON on stdout. A loss is a median test accuracy after fine-tuning more than
+:data:`TIE` below another method's at the same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ajpq.compare import CompareConfig, budget_label, compare_budgets, run_compare
+from ajpq.io import atomic_write_json, atomic_write_text
+from ajpq.search import SearchConfig, run_search
+
+TIE = 0.002
+"""Accuracy differences up to 0.2 points count as ties."""
+SEARCHES = ("ajpq", "random")
+OTHERS = ("uniform", "opq", "olmp", "admm")
+NUMERIC = (
+    "size_compression",
+    "bops_compression",
+    "val_before",
+    "test_before",
+    "val_after",
+    "test_after",
+    "search_wall_time",
+    "evaluations",
+)
+OLMP_ADMM_OPTIONS = {
+    "olmp": {"rounds": 2, "population": 4, "iterations": 3, "retrain_epochs": 1, "eval_limit": 1000},
+    "admm": {"steps": 2, "admm_epochs": 1, "retrain_epochs": 1, "quant_epochs": 0.5},
+}
+
+
+def suites(quick: bool, episodes: int | None) -> dict[str, list[dict[str, Any]]]:
+    """Compare runs per suite: each is a CompareConfig's keys (without seed and out_dir)."""
+    if quick:
+        return {
+            "digits-compare": [
+                {
+                    "model": "digits_cnn",
+                    "dataset": "digits",
+                    "budgets": [0.1, 0.05],
+                    "episodes": episodes or 16,
+                    "finetune_epochs": 1,
+                    "method_options": {"olmp": {"rounds": 1, "population": 2, "iterations": 2}},
+                }
+            ],
+        }
+    lenet = {
+        "model": "lenet5",
+        "dataset": "fashion-mnist",
+        "val_size": 2000,
+        "episodes": episodes or 300,
+        "finetune_epochs": 3,
+        "method_options": OLMP_ADMM_OPTIONS,
+    }
+    return {
+        "lenet5": [
+            {**lenet, "budgets": ["1/32", "1/64", "1/100"]},
+            {**lenet, "budgets": [], "bops_budgets": ["1/256"], "search": {"search_activation_bits": True}},
+        ],
+        "resnet20": [
+            {
+                "model": "resnet20",
+                "dataset": "fashion-mnist",
+                "val_size": 1000,
+                "budgets": ["1/16", "1/32"],
+                "episodes": episodes or 100,
+                "finetune_epochs": 3,
+                "method_options": OLMP_ADMM_OPTIONS,
+                "seeds": 1,
+            }
+        ],
+    }
+
+
+def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, budget): the median of every numeric column over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if "note" not in row:
+            groups.setdefault((row["method"], row["budget"]), []).append(row)
+    out = []
+    for (method, budget), members in groups.items():
+        merged: dict[str, Any] = {"method": method, "budget": budget, "seeds": len(members)}
+        for key in members[0]:
+            values = [m[key] for m in members if isinstance(m.get(key), int | float) and not isinstance(m[key], bool)]
+            if key not in ("method", "budget", "seed") and len(values) == len(members):
+                merged[key] = statistics.median(values)
+        out.append(merged)
+    return out
+
+
+def verdicts(medians: list[dict[str, Any]], key: str = "test_after") -> list[dict[str, Any]]:
+    """For each budget: ajpq's margin over every other method (win, tie within TIE, or loss)."""
+    result = []
+    for budget in dict.fromkeys(r["budget"] for r in medians):
+        at = {r["method"]: r for r in medians if r["budget"] == budget}
+        if "ajpq" not in at:
+            continue
+        for method, row in at.items():
+            if method == "ajpq":
+                continue
+            margin = at["ajpq"][key] - row[key]
+            outcome = "win" if margin > TIE else "loss" if margin < -TIE else "tie"
+            result.append({"budget": budget, "against": method, "margin": round(margin, 4), "outcome": outcome})
+    return result
+
+
+def run_compare_suite(name: str, runs: list[dict[str, Any]], seeds: int, out: Path) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    fp32: dict[str, float] = {}
+    for spec in runs:
+        spec = dict(spec)
+        suite_seeds = min(seeds, spec.pop("seeds", seeds))
+        for seed in range(suite_seeds):
+            methods = [*SEARCHES, *OTHERS] if seed == 0 else list(SEARCHES)
+            config = CompareConfig(**spec, methods=methods, seed=seed, device="auto")
+            budgets = "_".join(budget_label(b).replace("/", "_").replace(" ", "") for b in compare_budgets(config))
+            config.out_dir = str(out / name / f"{budgets}__seed{seed}")
+            print(f"bench_quality: {name} seed {seed} budgets {budgets}", file=sys.stderr, flush=True)
+            result = run_compare(config)
+            fp32 = result["fp32"]
+            rows += [{**row, "seed": seed} for row in result["rows"]]
+    medians = median_rows(rows)
+    return {"fp32": fp32, "rows": rows, "medians": medians, "verdicts": verdicts(medians)}
+
+
+def run_digits_search(seeds: int, episodes: int, out: Path) -> dict[str, Any]:
+    """ajpq against random search on digits: best validation accuracy of the search (no fine-tuning)."""
+    rows = []
+    for budget in (0.1, 0.05):
+        for seed in range(seeds):
+            for method in SEARCHES:
+                started = time.perf_counter()
+                result = run_search(
+                    SearchConfig(
+                        method=method,
+                        size_budget=budget,
+                        episodes=episodes,
+                        seed=seed,
+                        progress=False,
+                        run_dir=str(out / "digits" / f"{method}__{budget}__seed{seed}"),
+                    )
+                )
+                assert result.best is not None
+                rows.append(
+                    {
+                        "method": method,
+                        "budget": f"{budget:g}",
+                        "seed": seed,
+                        "val_accuracy": result.best["accuracy"],
+                        "best_episode": result.best["episode"],
+                        "search_wall_time": time.perf_counter() - started,
+                    }
+                )
+    per_seed = []
+    for budget in ("0.1", "0.05"):
+        for seed in range(seeds):
+            acc = {r["method"]: r["val_accuracy"] for r in rows if r["budget"] == budget and r["seed"] == seed}
+            per_seed.append({"budget": budget, "seed": seed, **acc, "ajpq_wins": acc["ajpq"] > acc["random"]})
+    return {"rows": rows, "per_seed": per_seed}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# bench_quality ({report['mode']} mode, {report['wall_time_s']:.0f} s)", ""]
+    for name, suite in report["suites"].items():
+        if "per_seed" in suite:
+            lines += [f"## {name}: best validation accuracy of the search", "", "| budget | seed | ajpq | random |"]
+            lines.append("|---|---:|---:|---:|")
+            for r in suite["per_seed"]:
+                lines.append(f"| {r['budget']} | {r['seed']} | {r['ajpq']:.4f} | {r['random']:.4f} |")
+            lines.append("")
+            continue
+        fp32 = suite["fp32"]
+        lines += [f"## {name} (FP32 test {fp32.get('test', float('nan')):.4f}); medians over seeds", ""]
+        extra = [k for k in ("file_bytes", "test_artifact") if any(k in r for r in suite["medians"])]
+        lines.append(
+            "| method | budget | seeds | size x | BOPs x | test before | test after | "
+            + "".join(f"{k.replace('_', ' ')} | " for k in extra)
+            + "search s | evaluations |"
+        )
+        lines.append("|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra) + "---:|---:|")
+        for r in suite["medians"]:
+            cells = "".join(f"{r.get(k, float('nan')):.4g} | " for k in extra)
+            lines.append(
+                f"| {r['method']} | {r['budget']} | {r['seeds']} | {r['size_compression']:.1f} | "
+                f"{r['bops_compression']:.1f} | {r['test_before']:.4f} | {r['test_after']:.4f} | {cells}"
+                f"{r['search_wall_time']:.0f} | {r['evaluations']:.0f} |"
+            )
+        for r in suite["rows"]:
+            if "note" in r:
+                lines.append(f"\n{r['method']} at {r['budget']} (seed {r['seed']}): no result: {r['note']}")
+        losses = [v for v in suite["verdicts"] if v["outcome"] == "loss"]
+        lines.append("")
+        lines.append(
+            "ajpq against the others (test accuracy after fine-tuning, ties within 0.2 points): "
+            + ", ".join(
+                f"{v['budget']} vs {v['against']} {v['outcome']} ({v['margin']:+.4f})" for v in suite["verdicts"]
+            )
+        )
+        lines.append(f"losses: {len(losses)}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="digits only, one seed, a few episodes (CI)")
+    parser.add_argument("--suites", nargs="*", default=None, help="lenet5 resnet20 digits (default: all)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds for ajpq and random (default 3; quick 1)")
+    parser.add_argument("--episodes", type=int, default=None, help="episodes of ajpq and random (default per suite)")
+    parser.add_argument("--out", default="runs/bench_quality", help="output folder")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    seeds = args.seeds or (1 if args.quick else 3)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"mode": "quick" if args.quick else "full", "seeds": seeds, "suites": {}}
+    wanted = set(args.suites or ["lenet5", "resnet20", "digits", "digits-compare"])
+    for name, runs in suites(args.quick, args.episodes).items():
+        if name in wanted:
+            report["suites"][name] = run_compare_suite(name, runs, seeds, out)
+    if "digits" in wanted:
+        episodes = args.episodes or (16 if args.quick else 100)
+        report["suites"]["digits"] = run_digits_search(seeds, episodes, out)
+    report["wall_time_s"] = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "bench_quality.json", report)
+    atomic_write_text(out / "bench_quality.md", markdown(report))
+    print(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
