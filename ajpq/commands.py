@@ -60,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     evaluate.add_argument(
         "--artifact",
         default=None,
-        help="evaluate a .ajpq artifact instead (accuracy, file bytes, CPU latency next to FP32; no --model needed)",
+        help="evaluate a .ajpq artifact instead (accuracy, file bytes, CPU latency next to FP32); no --model needed "
+        "for zoo and torchvision models, a model of your own needs --model package.module:factory (a name in the "
+        "file is never imported)",
     )
     evaluate.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     evaluate.set_defaults(handler=run_evaluate)

@@ -1,0 +1,138 @@
+"""Files a user receives must never run code: crafted artifact headers and crafted run-folder checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ajpq import load_compressed
+from ajpq.analysis import analyze_model
+from ajpq.cli import main
+from ajpq.errors import ArtifactError
+from ajpq.export import _PREAMBLE, ARTIFACT_VERSION, MAGIC, PREAMBLE_BYTES, build_artifact
+from ajpq.models import build_model
+from ajpq.policy import Policy, validate_policy
+
+EVIL_MODULE = """
+from pathlib import Path
+
+Path(__file__).with_name("MARKER").write_text("code from a received file ran")
+
+
+def build(num_classes):
+    raise SystemExit("factory called")
+"""
+
+
+@pytest.fixture(scope="module")
+def artifact_data() -> bytes:
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", (1, 8, 8), 10).eval()
+    analysis = analyze_model(model, (1, 8, 8), model_name="digits_cnn")
+    policy = validate_policy(Policy.uniform(analysis), analysis)
+    artifact = build_artifact(
+        model,
+        analysis,
+        policy,
+        torch.randn(32, 1, 8, 8),
+        model_name="digits_cnn",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        dataset="digits",
+    )
+    return artifact.to_bytes()
+
+
+def crafted(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """The artifact with its header edited and both checksum fields recomputed (what an attacker can do)."""
+    (length,) = _PREAMBLE.unpack_from(data)[3:4]
+    header = json.loads(data[PREAMBLE_BYTES : PREAMBLE_BYTES + length])
+    payload = data[PREAMBLE_BYTES + length :]
+    edit(header)
+    raw = json.dumps(header).encode("utf-8")
+    preamble = _PREAMBLE.pack(MAGIC, ARTIFACT_VERSION, 0, len(raw), hashlib.sha256(raw).digest())
+    return preamble + raw + payload
+
+
+def _named(name: str) -> Callable[[dict[str, Any]], None]:
+    return lambda header: header["model"].update(name=name)
+
+
+@pytest.fixture
+def evil_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "ajpq_evil_factory.py").write_text(textwrap.dedent(EVIL_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_artifact_naming_a_module_does_not_import_it(artifact_data: bytes, evil_dir: Path, capsys) -> None:
+    path = evil_dir / "evil.ajpq"
+    path.write_bytes(crafted(artifact_data, _named("ajpq_evil_factory:build")))
+    with pytest.raises(ArtifactError, match=r"neither a zoo nor a torchvision model; code named in a file"):
+        load_compressed(path)
+    code = main(["evaluate", "--artifact", str(path), "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and "is never imported" in captured.err
+    assert not (evil_dir / "MARKER").exists()
+    assert "ajpq_evil_factory" not in sys.modules
+
+
+def test_a_users_own_model_must_match_the_fingerprint(artifact_data: bytes, evil_dir: Path) -> None:
+    path = evil_dir / "mine.ajpq"
+    path.write_bytes(crafted(artifact_data, _named("mypackage.nets:small")))
+    same = build_model("digits_cnn", (1, 8, 8), 10)
+    slim = load_compressed(path, model=same)  # the user vouches for the code: same architecture, so it loads
+    assert slim(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ArtifactError, match=r"fingerprint .* but the artifact was made from fingerprint"):
+        load_compressed(path, model=build_model("lenet300", (1, 8, 8), 10))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (_named("this:s"), "neither a zoo nor a torchvision model"),
+        (lambda header: header.pop("model"), "its header has no `model` record"),
+        (lambda header: header["model"].update(input_shape="1x8x8"), "`model` record is malformed"),
+        (lambda header: header.pop("layers"), r"malformed header \(KeyError"),
+    ],
+)
+def test_crafted_headers_are_one_line_exit_2(artifact_data, tmp_path: Path, capsys, edit, message) -> None:
+    path = tmp_path / "crafted.ajpq"
+    path.write_bytes(crafted(artifact_data, edit))
+    assert main(["evaluate", "--artifact", str(path), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # `import this` would print the Zen of Python here
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_artifacts_naming_abort_or_debugger_do_nothing(artifact_data: bytes, tmp_path: Path) -> None:
+    """In a child process: were the names called, ``os.abort`` would kill it and ``pdb`` would wait on stdin."""
+    paths = []
+    for name in ("os:abort", "pdb:set_trace", "builtins:breakpoint"):
+        path = tmp_path / f"{name.replace(':', '_')}.ajpq"
+        path.write_bytes(crafted(artifact_data, _named(name)))
+        paths.append(str(path))
+    script = (
+        "import sys\nfrom ajpq.cli import main\n"
+        "codes = [main(['evaluate', '--artifact', p, '--json']) for p in sys.argv[1:]]\n"
+        "print(codes)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[2, 2, 2]"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 3 and all("is never imported" in line for line in lines)
