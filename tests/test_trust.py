@@ -136,3 +136,31 @@ def test_artifacts_naming_abort_or_debugger_do_nothing(artifact_data: bytes, tmp
     assert done.stdout.strip() == "[2, 2, 2]"
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 3 and all("is never imported" in line for line in lines)
+
+
+# --- run folders ------------------------------------------------------------------------------------------------
+
+FAST = {"warmup_episodes": 2, "episodes_per_update": 2, "checkpoint_every": 2, "progress": False}
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    from ajpq.runs import TIME_KEYS
+
+    rows = [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rows]
+
+
+@pytest.mark.parametrize("agent", ["ppo", "ddpg"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, agent: str) -> None:
+    from ajpq.search import SearchConfig, run_search
+
+    options = {**FAST, "layer_agent": agent, "channel_agent": agent, "seed": 1}
+    whole = run_search(SearchConfig(episodes=8, run_dir=str(tmp_path / "whole"), **options)).run_dir
+    part = run_search(SearchConfig(episodes=4, run_dir=str(tmp_path / "part"), **options)).run_dir
+    slot = next((part / "checkpoint").glob("ep*"))
+    assert sorted(p.name for p in slot.iterdir()) == sorted(
+        [f"{a}.pt" for a in ("layer_agent", "channel_agent")]
+        + ([f"{a}_replay.npz" for a in ("layer_agent", "channel_agent")] if agent == "ddpg" else [])
+    )
+    assert main(["search", "--resume", str(part), "--episodes", "8", "--no-progress"]) == 0
+    assert _records(part) == _records(whole)
