@@ -20,6 +20,7 @@ weights_only=True)``, counters as plain tensors, the DDPG replay buffer as array
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -336,11 +337,14 @@ def load_tensors(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ArtifactError(f"cannot read checkpoint file {path}: {exc.strerror}") from None
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # an unpickler refusal, a truncated zip, ...: all mean "not a checkpoint we wrote"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        refused = "Weights only load failed" in str(exc)
+        reason = "it holds pickled Python objects, which are never loaded" if refused else type(exc).__name__
         raise ArtifactError(
-            f"checkpoint file {path} is not a plain-tensor checkpoint ({reason[:120]}); nothing in it was run; "
+            f"checkpoint file {path} is not a plain-tensor checkpoint ({reason}); nothing in it was run; "
             "start a new run"
         ) from None
     if not isinstance(state, dict):

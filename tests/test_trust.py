@@ -164,3 +164,46 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, agent: str) -> Non
     )
     assert main(["search", "--resume", str(part), "--episodes", "8", "--no-progress"]) == 0
     assert _records(part) == _records(whole)
+
+
+class _Evil:
+    """What an attacker pickles: unpickling it calls ``open(marker, "w")``, creating the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_crafted_checkpoint_files_do_not_run_on_resume(tmp_path: Path, capsys) -> None:
+    import pickle
+
+    from ajpq.search import SearchConfig, run_search
+
+    run = run_search(
+        SearchConfig(episodes=2, layer_agent="ddpg", channel_agent="ppo", run_dir=str(tmp_path / "run"), **FAST)
+    ).run_dir
+    slot = next((run / "checkpoint").glob("ep*"))
+    marker = tmp_path / "MARKER"
+    evil = pickle.dumps(_Evil(marker))
+    for old_name in ("layer_agent.zip", "channel_agent.zip", "layer_agent_replay.pkl"):
+        (slot / old_name).write_bytes(evil)  # the file names SB3's own format used: never read
+    assert main(["search", "--resume", str(run), "--episodes", "4", "--no-progress"]) == 0
+    assert not marker.exists()
+    slot = next((run / "checkpoint").glob("ep*"))
+    cases = [
+        ("layer_agent.pt", lambda path: torch.save({"policy": _Evil(marker)}, path), "not a plain-tensor checkpoint"),
+        ("channel_agent.pt", lambda path: path.write_bytes(evil), "not a plain-tensor checkpoint"),
+        ("layer_agent_replay.npz", lambda path: path.write_bytes(evil), "not a replay buffer of this run"),
+    ]
+    for name, plant, message in cases:
+        original = (slot / name).read_bytes()
+        plant(slot / name)
+        capsys.readouterr()
+        assert main(["search", "--resume", str(run), "--episodes", "6", "--no-progress"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and message in err[0] and name in err[0], err
+        assert not marker.exists()
+        (slot / name).write_bytes(original)
+    assert len(_records(run)) == 4  # the refused resumes recorded nothing
