@@ -9,12 +9,16 @@ Layout of ``runs/<model>__<dataset>__<seed>__<YYYYmmdd-HHMMSS>/``:
 * ``policies.jsonl``: the policy of each episode, compactly (one digit per channel), for ``ajpq export --episode``;
 * ``best_policy.json``: the best feasible policy with its metrics, a valid policy file, rewritten atomically;
 * ``checkpoint/``: the method's state (``state.json`` names the checkpointed episode count; it is written last);
-* ``tb/``: TensorBoard events.
+* ``tb/``: TensorBoard events;
+* ``run.lock``: locked (``flock``) by the process writing the run, and holding its pid; the OS releases the lock when
+  that process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +37,7 @@ BEST_POLICY_FILE = "best_policy.json"
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 STATE_FILE = "state.json"
+LOCK_FILE = "run.lock"
 TIME_KEYS: tuple[str, ...] = ("wall_time", "eval_time")
 """Keys of an episode record that measure time (the only ones that differ between two runs with the same seed)."""
 
@@ -85,6 +90,38 @@ class RunDir:
         self.path = Path(path)
         self._writer: Any = None
         self._purge_step: int | None = None
+        self._lock: Any = None
+
+    def lock(self) -> None:
+        """Take the run folder for this process: a second search or ``--resume`` of it is refused, naming our pid.
+
+        ``flock`` on ``run.lock``; the lock goes with the process (kill -9 included), so a stale file never blocks.
+        """
+        if self._lock is not None:
+            return
+        path = self.path / LOCK_FILE
+        try:
+            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="ascii")
+        except OSError as exc:
+            raise ConfigError(f"cannot lock run folder {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = handle.read(32).strip() or "unknown"
+            handle.close()
+            raise ConfigError(
+                f"run folder {self.path} is in use by another ajpq process (pid {other}); wait for it to end or stop "
+                "it, then --resume"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle  # closed (and so unlocked) by unlock(), or when this object is collected
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @classmethod
     def create(cls, root: str | Path, model: str, dataset: str, seed: int, *, path: str | Path | None = None) -> RunDir:
@@ -104,8 +141,13 @@ class RunDir:
                     f"run folder {candidate} already exists and is not empty; pick another --run-dir, "
                     f"or continue it with --resume {candidate}"
                 )
-        candidate.mkdir(parents=True, exist_ok=True)
-        return cls(candidate)
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create run folder {candidate}: {exc.strerror}; pick another --run-dir") from None
+        run = cls(candidate)
+        run.lock()
+        return run
 
     @classmethod
     def open(cls, path: str | Path, what: str = "--resume") -> RunDir:
@@ -288,3 +330,4 @@ class RunDir:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+        self.unlock()

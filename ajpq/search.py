@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -182,6 +184,8 @@ class SearchResult:
     episodes_per_s: float
     eval_time_fraction: float
     """Mean episode wall time / mean evaluation time (the overhead ratio)."""
+    finished: bool = False
+    """``--resume`` of a run that had already done its episodes: nothing was run or written."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -219,6 +223,16 @@ class Recorder:
         self.best = best
         self.best_reward = -float("inf") if best is None else float(best["reward"])
 
+    def with_meta(self, policy: Any) -> Any:
+        """The meta of a run's best policy (the same on a fresh run and after ``--resume``)."""
+        return policy.with_meta(
+            self.config.method,
+            self.config.seed,
+            run=str(self.run_dir.path),
+            dataset=self.config.dataset,
+            budget={"size": self.config.size_budget, "bops": self.config.bops_budget},
+        )
+
     def record(self, result: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write one evaluated episode (an :class:`~ajpq.envs.EpisodeResult`); returns its record."""
         now = time.perf_counter()
@@ -255,13 +269,7 @@ class Recorder:
             self.best["compression_rate"] = result.report.compression_rate
             policy = result.policy.copy()
             policy.metrics = {**self.best, "fp32_accuracy": self.fp32_accuracy, "split": "val"}
-            policy = policy.with_meta(
-                self.config.method,
-                self.config.seed,
-                run=str(self.run_dir.path),
-                dataset=self.config.dataset,
-                budget={"size": self.config.size_budget, "bops": self.config.bops_budget},
-            )
+            policy = self.with_meta(policy)
             self.run_dir.write_best(policy)
             self.run_dir.add_policy_summaries(policy, self.episode)
         if self.best is not None:
@@ -289,6 +297,12 @@ class SearchContext:
     recorder: Recorder
     resume_state: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    stop: StopOnSignal = field(default_factory=lambda: StopOnSignal())
+
+    def checkpoint_due(self) -> bool:
+        """After an episode: the periodic checkpoint, the last episode, or a stop asked for by SIGINT/SIGTERM."""
+        episode = self.recorder.episode
+        return episode % self.config.checkpoint_every == 0 or episode == self.config.episodes or self.stop.requested
 
     def checkpoint(self, save: Callable[[Path], dict[str, Any]]) -> None:
         """Save a resumable checkpoint: ``save(folder)`` writes the method's files and returns its state dict."""
@@ -306,6 +320,34 @@ class SearchContext:
             }
         )
         self.run_dir.prune_checkpoints(slot)
+        if self.stop.requested:
+            log(f"checkpoint written after episode {episode}; continue with `ajpq search --resume {self.run_dir.path}`")
+            raise KeyboardInterrupt
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM during a search: finish the episode, checkpoint, stop (a second signal stops at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("interrupted: finishing this episode, then writing a checkpoint (interrupt again to stop at once)")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -389,7 +431,7 @@ def run_ajpq(context: SearchContext) -> None:
             stats = agent.end_episode(float(reward), warmup)
             context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
         recorder.record(result, {"warmup": warmup})
-        if recorder.episode % config.checkpoint_every == 0 or recorder.episode == config.episodes:
+        if context.checkpoint_due():
             context.checkpoint(save)
 
 
@@ -397,12 +439,48 @@ METHODS: dict[str, Callable[[SearchContext], None]] = {"ajpq": run_ajpq, **SEARC
 """Search methods by ``--method`` name; add one with ``METHODS["name"] = fn`` (see the module docstring)."""
 
 
+RESUMABLE_METHODS: set[str] = {"ajpq"}
+"""Methods that save checkpoints (``context.checkpoint``): on SIGINT/SIGTERM they checkpoint, then stop."""
+
+
 def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> SearchResult:
-    """Run (or resume) a search and return its summary; every bad input raises an AJPQError before any search."""
+    """Run (or resume) a search and return its summary; every bad input raises an AJPQError before any search.
+
+    The run folder is locked while the search runs (see :meth:`RunDir.lock`). A resumable method interrupted by
+    SIGINT or SIGTERM finishes its episode, writes a checkpoint and raises ``KeyboardInterrupt``.
+    """
+    held: list[RunDir] = []
+    stop = StopOnSignal()
+    try:
+        if config.method in RESUMABLE_METHODS:
+            with stop:
+                return _run_search(config, resume, held, stop)
+        return _run_search(config, resume, held, stop)
+    finally:
+        for run_dir in held:
+            run_dir.close()
+
+
+def _run_search(
+    config: SearchConfig, resume: str | Path | None, held: list[RunDir], stop: StopOnSignal
+) -> SearchResult:
     from ajpq.envs import CompressionProblem
     from ajpq.proxy import ProxyOptions, make_evaluator
     from ajpq.train import evaluate_accuracy
 
+    state = None
+    if resume is not None:
+        run_dir = RunDir.open(resume)
+        held.append(run_dir)
+        run_dir.lock()  # before anything is read or truncated: a second process on the same folder is refused
+        state = run_dir.load_state()
+        done = 0 if state is None else int(state["episode"])
+        if done >= config.episodes:
+            log(
+                f"run {run_dir.path} already finished its {done} episodes; nothing changed (a higher --episodes "
+                "continues it)"
+            )
+            return SearchResult(run_dir.path, done, state.get("best") if state else None, 0.0, 0.0, finished=True)
     seed_all(config.seed)
     workspace = open_workspace(
         config.model,
@@ -434,17 +512,14 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
         channel_group_size=config.channel_group_size,
         soft_penalty=config.soft_penalty,
     )
-    state = None
     if resume is not None:
-        run_dir = RunDir.open(resume)
-        state = run_dir.load_state()
-        done = 0 if state is None else int(state["episode"])
         run_dir.truncate(done)
         if state is None:
             run_dir.best_policy_path.unlink(missing_ok=True)
         log(f"resuming {run_dir.path} after episode {done} (its last checkpoint)")
     else:
         run_dir = RunDir.create(config.run_root, config.model, workspace.splits.name, config.seed, path=config.run_dir)
+        held.append(run_dir)
         run_dir.write_info(
             {
                 "model": config.model,
@@ -462,8 +537,8 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
         info = run_dir.read_info()
         best_policy = run_dir.read_policy(state["best"]["episode"], config.model, info.get("fingerprint"))
         best_policy.metrics = {**state["best"], "fp32_accuracy": fp32, "split": "val"}
-        run_dir.write_best(best_policy.with_meta(config.method, config.seed, run=str(run_dir.path)))
-    context = SearchContext(workspace, config, run_dir, problem, recorder, resume_state=state)
+        run_dir.write_best(recorder.with_meta(best_policy))
+    context = SearchContext(workspace, config, run_dir, problem, recorder, resume_state=state, stop=stop)
     started = time.perf_counter()
     try:
         METHODS[config.method](context)

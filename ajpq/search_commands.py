@@ -17,6 +17,14 @@ _COMMON_KEYS = ("model", "dataset", "data_dir", "split_seed", "val_size", "devic
 
 
 _NONE = "none"
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "model": "digits_cnn",
+    "dataset": "digits",
+    "device": "auto",
+    "importance": "l1",
+    "split_seed": 0,
+}
+"""Defaults of the shared flags: such a flag counts as given only when it differs from its default."""
 
 
 def _ratio_or_none(text: str) -> float | str:
@@ -128,20 +136,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from ajpq.search import CONFIG_KEYS, SearchConfig
 
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    common_defaults = {
-        "model": "digits_cnn",
-        "dataset": "digits",
-        "device": "auto",
-        "importance": "l1",
-        "split_seed": 0,
-    }
     for key in CONFIG_KEYS:
         if not hasattr(args, key):
             continue
         value = getattr(args, key)
         if value is None:
             continue
-        if key in _COMMON_KEYS and key in values and value == common_defaults.get(key, None):
+        if key in _COMMON_KEYS and key in values and value == _COMMON_DEFAULTS.get(key, None):
             continue
         values[key] = None if value is _NONE else value
     if args.no_progress:
@@ -149,24 +150,69 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return SearchConfig(**values)
 
 
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave on the command line or in ``--config`` (not the defaults)."""
+    from ajpq.search import CONFIG_KEYS
+
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for key in CONFIG_KEYS:
+        value = getattr(args, key, None)
+        if value is None or (key in _COMMON_KEYS and value == _COMMON_DEFAULTS.get(key)):
+            continue
+        values[key] = None if value is _NONE else value
+    return values
+
+
+def resume_config(args: argparse.Namespace, run_dir: RunDir) -> Any:
+    """The run's own config; any setting given that differs from it is refused (only a higher --episodes is not)."""
+    from ajpq.models import is_builtin_model
+    from ajpq.search import SearchConfig
+
+    values = run_dir.read_config()
+    given = given_settings(args)
+    differences = []
+    for key, value in given.items():
+        stored = values.get(key)
+        if key == "episodes" and isinstance(value, int) and value >= int(stored or 0):
+            values["episodes"] = value
+        elif key == "progress":
+            continue
+        elif value != stored:
+            differences.append(f"{key} {stored!r} -> {value!r}")
+    if differences:
+        raise ConfigError(
+            f"--resume {run_dir.path}: a resumed run keeps the settings of its config.yaml, but these differ: "
+            f"{', '.join(differences)} (only a higher --episodes is allowed); start a new run for other settings"
+        )
+    model = values.get("model")
+    if isinstance(model, str) and not is_builtin_model(model) and given.get("model") != model:
+        raise ConfigError(
+            f"--resume {run_dir.path}: the run was made with model {model!r}, code named in a run folder is never "
+            f"imported on its own; pass --model {model} yourself to resume it"
+        )
+    if args.no_progress:
+        values["progress"] = False
+    values["run_dir"] = str(run_dir.path)
+    return SearchConfig(**values)
+
+
 def run_search_command(args: argparse.Namespace) -> int:
-    from ajpq.search import SearchConfig, run_search
+    from ajpq.search import run_search
 
     if args.resume is not None:
         run_dir = RunDir.open(args.resume)
-        values = run_dir.read_config()
-        if args.episodes is not None:
-            values["episodes"] = args.episodes
-        if args.no_progress:
-            values["progress"] = False
-        values["run_dir"] = str(run_dir.path)
-        config = SearchConfig(**values)
-        result = run_search(config, resume=run_dir.path)
+        result = run_search(resume_config(args, run_dir), resume=run_dir.path)
     else:
         result = run_search(config_from_args(args))
     summary = result.as_dict()
     if args.json:
-        print_json(summary)
+        print_json({**summary, "already_finished": result.finished})
+        return 0
+    if result.finished:
+        print(
+            f"run {result.run_dir} already finished its {result.episodes} episodes; nothing changed "
+            f"(give a higher --episodes to continue it)"
+        )
         return 0
     best = result.best
     if best is None:

@@ -207,3 +207,69 @@ def test_crafted_checkpoint_files_do_not_run_on_resume(tmp_path: Path, capsys) -
         assert not marker.exists()
         (slot / name).write_bytes(original)
     assert len(_records(run)) == 4  # the refused resumes recorded nothing
+
+
+def test_run_folder_lock_changed_settings_and_finished_runs(tmp_path: Path, capsys) -> None:
+    import os
+
+    from ajpq.runs import RunDir
+    from ajpq.search import SearchConfig, run_search
+
+    run = run_search(SearchConfig(episodes=4, run_dir=str(tmp_path / "run"), **FAST)).run_dir
+    best = (run / "best_policy.json").read_bytes()
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.name != "run.lock"}
+
+    def refused(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(["search", *argv, "--no-progress"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1, err
+        return err[0]
+
+    holder = RunDir(run)
+    holder.lock()  # another process holding the folder (flock conflicts between two open files, even in one process)
+    message = refused("--resume", str(run), "--episodes", "8")
+    assert f"run folder {run} is in use by another ajpq process (pid {os.getpid()})" in message
+    holder.unlock()
+
+    message = refused("--resume", str(run), "--size-budget", "0.5", "--model", "lenet5")
+    assert "size_budget 0.1 -> 0.5" in message and "model 'digits_cnn' -> 'lenet5'" in message
+    assert "only a higher --episodes is allowed" in message
+    assert "episodes 4 -> 2" in refused("--resume", str(run), "--episodes", "2")
+
+    capsys.readouterr()
+    assert main(["search", "--resume", str(run), "--no-progress"]) == 0
+    assert f"run {run} already finished its 4 episodes; nothing changed" in capsys.readouterr().out
+    assert (run / "best_policy.json").read_bytes() == best
+    meta = json.loads(best)["meta"]
+    assert meta["dataset"] == "digits" and meta["budget"] == {"size": 0.1, "bops": None}
+    after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.name != "run.lock"}
+    assert after == before
+    assert len(_records(run)) == 4
+
+
+def test_ctrl_c_before_the_first_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    flags = ["--warmup-episodes", "2", "--episodes-per-update", "2", "--checkpoint-every", "100", "--no-progress"]
+    command = [sys.executable, "-m", "ajpq.cli", "search", "--episodes", "24", "--run-dir", str(run), *flags]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        (run / "episodes.jsonl").is_file() and len((run / "episodes.jsonl").read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    recorded = len(_records(run))
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["episode"] == recorded >= 3  # checkpointed exactly where it stopped, before the first periodic one
+    assert "continue with `ajpq search --resume" in err
+    assert recorded < 24
+    assert main(["search", "--resume", str(run), "--no-progress"]) == 0
+    assert [row["episode"] for row in _records(run)] == list(range(1, 25))
+    policies = [json.loads(line)["episode"] for line in (run / "policies.jsonl").read_text().splitlines()]
+    assert policies == list(range(1, 25))
