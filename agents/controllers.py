@@ -89,7 +89,13 @@ class Controller:
             "n_updates": int(getattr(self.model, "_n_updates", 0)),
             "extra": self._extra_tensors(),
         }
-        atomic_write(folder / f"{self.name}.pt", lambda handle: torch.save(state, handle))
+        buffer = io.BytesIO()  # serialized first, so that a full disk is an OSError of the plain write below
+        torch.save(state, buffer)
+
+        def write(handle: Any) -> None:
+            handle.write(buffer.getvalue())
+
+        atomic_write(folder / f"{self.name}.pt", write)
 
     def load(self, folder: Path) -> None:
         """Load what :meth:`save` wrote into the freshly built model, without unpickling any object."""

@@ -460,7 +460,7 @@ def parse_artifact(data: bytes, source: str = "artifact") -> ArtifactFile:
         header = json.loads(header_data.decode("utf-8"))
         payload_info = header["payload"]
         payload_length, payload_sha = int(payload_info["bytes"]), str(payload_info["sha256"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
         raise ArtifactError(
             f"{source} has a malformed header (checksum fine, content not an AJPQ header); {hint}"
         ) from None

@@ -255,9 +255,14 @@ class RunDir:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            state = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{path} is corrupted ({exc.msg}); start a new run") from None
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise ArtifactError(f"{path} is not a checkpoint state ({type(exc).__name__}); start a new run") from None
+        if not isinstance(state, dict) or not isinstance(state.get("episode"), int):
+            raise ArtifactError(f"{path} is not a checkpoint state (no episode count); start a new run")
+        return state
 
     def checkpoint_slot(self, episode: int) -> Path:
         """A fresh folder for the files of the checkpoint at ``episode``."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ajpq.budget import Budget, check_feasible
-from ajpq.errors import ConfigError
+from ajpq.errors import ConfigError, StorageError
 from ajpq.methods import SEARCH_METHODS
 from ajpq.runs import RunDir
 from ajpq.workspace import Workspace, log, open_workspace
@@ -115,6 +115,9 @@ class SearchConfig:
         for name in ("model", "dataset", "device", "importance", "method", "budget_mode", "run_root"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, but got {getattr(self, name)!r}")
+        for name in ("data_dir", "weights", "run_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a path (a string) or null, but got {getattr(self, name)!r}")
         integer("episodes", 1)
         integer("warmup_episodes", 0)
         integer("seed", 0)
@@ -456,6 +459,15 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
             with stop:
                 return _run_search(config, resume, held, stop)
         return _run_search(config, resume, held, stop)
+    except OSError as exc:  # a full disk, a read-only folder: one line, and the last checkpoint stays whole
+        if not held:
+            raise StorageError(
+                f"cannot write {exc.filename or config.run_dir or config.run_root}: {exc.strerror}"
+            ) from None
+        raise StorageError(
+            f"cannot write {exc.filename or held[0].path} ({exc.strerror}); the run folder keeps its last "
+            f"checkpoint: free some space, then `ajpq search --resume {held[0].path}`"
+        ) from None
     finally:
         for run_dir in held:
             run_dir.close()

@@ -273,3 +273,114 @@ def test_ctrl_c_before_the_first_checkpoint_resumes_where_it_stopped(tmp_path: P
     assert [row["episode"] for row in _records(run)] == list(range(1, 25))
     policies = [json.loads(line)["episode"] for line in (run / "policies.jsonl").read_text().splitlines()]
     assert policies == list(range(1, 25))
+
+
+# --- one clear line, exit 2 --------------------------------------------------------------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if " error: " in line]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to be a policy file"),
+        ('{"format": "ajpq-policy", "layers": "\xe9t\xe9"}'.encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset"),
+    ],
+)
+def test_unreadable_policy_files(tmp_path: Path, capsys, content: bytes, message: str) -> None:
+    path = tmp_path / "policy.json"
+    path.write_bytes(content)
+    assert main(["evaluate", "--policy", str(path)]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_bad_config_values_and_folders(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("default:\n  data_dir: 123\n")
+    assert main(["search", "--config", str(config)]) == 2
+    assert "data_dir must be a path (a string) or null, but got 123" in _one_error_line(capsys)
+    config.write_text("default:\n  size_budget: [0.1\n  seed: 1\n")
+    assert main(["search", "--config", str(config)]) == 2
+    assert "not valid YAML" in _one_error_line(capsys)  # PyYAML's multi-line message, joined on one line
+    assert main(["evaluate", "--weights", str(tmp_path)]) == 2
+    assert f"weights file {tmp_path} is a folder" in _one_error_line(capsys)
+
+
+def test_run_dir_that_cannot_be_created(capsys) -> None:
+    argv = ["search", "--run-dir", "/proc/ajpq-run/x", "--episodes", "2", "--warmup-episodes", "2", "--no-progress"]
+    assert main(argv) == 2
+    assert "cannot create run folder /proc/ajpq-run/x" in _one_error_line(capsys)
+
+
+def test_full_disk_during_a_search(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import ajpq.io
+
+    real_fdopen = ajpq.io.os.fdopen
+
+    class FullDisk:
+        """A file that takes 100 bytes, then fails as a full disk does."""
+
+        def __init__(self, handle: Any) -> None:
+            self.handle = handle
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()
+
+        def write(self, data: bytes) -> int:
+            self.handle.write(data[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.handle, name)
+
+    def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        handle = real_fdopen(fd, *args, **kwargs)
+        return FullDisk(handle) if "checkpoint/ep000004" in os.readlink(f"/proc/self/fd/{fd}") else handle
+
+    import os
+
+    monkeypatch.setattr(ajpq.io.os, "fdopen", fdopen)
+    run = tmp_path / "run"
+    argv = ["search", "--episodes", "6", "--run-dir", str(run), "--no-progress", "--layer-agent", "ddpg"]
+    flags = ["--warmup-episodes", "2", "--episodes-per-update", "2", "--checkpoint-every", "2"]
+    assert main([*argv, *flags]) == 2
+    message = _one_error_line(capsys)
+    assert "No space left on device" in message and f"ajpq search --resume {run}" in message
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["episode"] == 2  # the last whole checkpoint
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written left behind
+    assert sorted(p.name for p in (run / "checkpoint" / state["slot"]).iterdir()) == [
+        "channel_agent.pt",
+        "layer_agent.pt",
+        "layer_agent_replay.npz",
+    ]
+    monkeypatch.setattr(ajpq.io.os, "fdopen", real_fdopen)
+    assert main(["search", "--resume", str(run), "--no-progress"]) == 0
+    assert [row["episode"] for row in _records(run)] == list(range(1, 7))
+
+
+def test_failed_download_leaves_no_empty_folders(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    import torchvision.datasets.mnist
+
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "keep").mkdir()
+    assert main(["evaluate", "--dataset", "mnist", "--model", "lenet5", "--data-dir", str(data)]) == 2
+    message = _one_error_line(capsys)
+    assert "mnist not found" in message and "downloading into" in message
+    assert sorted(p.name for p in data.rglob("*")) == ["keep"]  # no empty MNIST/raw behind
