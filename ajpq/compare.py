@@ -15,13 +15,12 @@ import difflib
 import io
 import time
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ajpq.budget import Budget
+from ajpq.budget import Budget, parse_ratio
 from ajpq.errors import ConfigError
 from ajpq.io import atomic_write_bytes, atomic_write_text
 from ajpq.workspace import log
@@ -39,16 +38,6 @@ COLUMNS: tuple[str, ...] = (
     "search_wall_time",
     "evaluations",
 )
-
-
-def parse_ratio(name: str, value: Any) -> float:
-    """A budget written as a number (0.0625) or a fraction string ("1/16")."""
-    if isinstance(value, str):
-        try:
-            value = float(Fraction(value.strip()))
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"{name}: expected a ratio like 0.0625 or 1/16, but got {value!r}") from None
-    return Budget(size=value).size  # type: ignore[return-value]
 
 
 @dataclass

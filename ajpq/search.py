@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ajpq.budget import Budget, check_feasible
+from ajpq.budget import Budget, check_feasible, parse_ratio
 from ajpq.errors import ConfigError, StorageError
 from ajpq.methods import SEARCH_METHODS
 from ajpq.runs import RunDir
@@ -127,6 +127,8 @@ class SearchConfig:
         integer("episodes_per_update", 1)
         integer("episode_finetune_steps", 0)
         integer("checkpoint_every", 1)
+        self.size_budget = parse_ratio("size_budget", self.size_budget)
+        self.bops_budget = parse_ratio("bops_budget", self.bops_budget)
         Budget(self.size_budget, self.bops_budget, self.budget_mode)
         if number("soft_penalty") < 0:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,21 @@ _COMMON_DEFAULTS: dict[str, Any] = {
 """Defaults of the shared flags: such a flag counts as given only when it differs from its default."""
 
 
+def _fraction(text: str) -> float:
+    """A ratio flag: a number (0.0625) or a fraction (1/16)."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 0.05 or 1/16, but got {text!r}") from None
+
+
 def _ratio_or_none(text: str) -> float | str:
     if text.lower() in ("none", "null", "off"):
         return _NONE
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio such as 0.05 or 'none', but got {text!r}") from None
+        return _fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 0.05, 1/16 or 'none', but got {text!r}") from None
 
 
 def _optional_int(text: str) -> int | None:
@@ -70,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     add("--seed", type=int, default=None, help="search seed (default 0)")
     add("--layer-agent", default=None, choices=AGENT_KINDS, help="layer controller (default ppo)")
     add("--channel-agent", default=None, choices=AGENT_KINDS, help="channel controller (default ppo)")
-    add("--max-sparsity", type=float, default=None, help="largest pruned fraction per layer (default 0.8)")
+    add("--max-sparsity", type=_fraction, default=None, help="largest pruned fraction per layer (default 0.8)")
     add("--activation-bits", type=int, default=None, help="activation bits when not searched (default 8)")
     add(
         "--search-activation-bits",

@@ -384,3 +384,28 @@ def test_failed_download_leaves_no_empty_folders(tmp_path: Path, capsys, monkeyp
     message = _one_error_line(capsys)
     assert "mnist not found" in message and "downloading into" in message
     assert sorted(p.name for p in data.rglob("*")) == ["keep"]  # no empty MNIST/raw behind
+
+
+# --- small things -----------------------------------------------------------------------------------------------
+
+
+def test_fractions_are_read_wherever_a_ratio_is(tmp_path: Path, capsys) -> None:
+    from ajpq.budget import Budget, parse_ratio
+    from ajpq.cli import build_parser
+    from ajpq.search_commands import config_from_args
+
+    args = build_parser().parse_args(
+        ["search", "--size-budget", "1/16", "--bops-budget", "3/8", "--max-sparsity", "1/2"]
+    )
+    config = config_from_args(args)
+    assert (config.size_budget, config.bops_budget, config.max_sparsity) == (0.0625, 0.375, 0.5)
+    yaml_config = tmp_path / "c.yaml"
+    yaml_config.write_text("default:\n  size_budget: 1/32\n")
+    assert config_from_args(build_parser().parse_args(["search", "--config", str(yaml_config)])).size_budget == 1 / 32
+    assert Budget(size="1/4").size == 0.25 and parse_ratio("budgets", "1/16") == 0.0625
+    assert main(["search", "--size-budget", "3/2"]) == 2
+    assert "size_budget must be in (0, 1], but got 1.5" in _one_error_line(capsys)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal: exit 2 with usage
+        main(["search", "--size-budget", "1/0"])
+    assert exit_info.value.code == 2
+    assert "expected a ratio such as 0.05, 1/16 or 'none', but got '1/0'" in capsys.readouterr().err
