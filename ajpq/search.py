@@ -191,6 +191,8 @@ class SearchResult:
     """Mean episode wall time / mean evaluation time (the overhead ratio)."""
     finished: bool = False
     """``--resume`` of a run that had already done its episodes: nothing was run or written."""
+    fp32_accuracy: float | None = None
+    """Validation accuracy of the FP32 model (the reward is the accuracy change against it)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -200,6 +202,7 @@ class SearchResult:
             "best_policy": str(self.run_dir / "best_policy.json") if self.best else None,
             "episodes_per_s": self.episodes_per_s,
             "overhead_ratio": self.eval_time_fraction,
+            "fp32_accuracy": self.fp32_accuracy,
         }
 
 
@@ -494,7 +497,9 @@ def _run_search(
                 f"run {run_dir.path} already finished its {done} episodes; nothing changed (a higher --episodes "
                 "continues it)"
             )
-            return SearchResult(run_dir.path, done, state.get("best") if state else None, 0.0, 0.0, finished=True)
+            fp32 = run_dir.read_info().get("fp32_accuracy_val")
+            best = state.get("best") if state else None
+            return SearchResult(run_dir.path, done, best, 0.0, 0.0, finished=True, fp32_accuracy=fp32)
     seed_all(config.seed)
     workspace = open_workspace(
         config.model,
@@ -572,4 +577,5 @@ def _run_search(
         best=recorder.best,
         episodes_per_s=recorder.count / elapsed if elapsed > 0 else 0.0,
         eval_time_fraction=(recorder.wall_total / count) / max(recorder.eval_total / count, 1e-9),
+        fp32_accuracy=fp32,
     )

@@ -227,13 +227,38 @@ def run_search_command(args: argparse.Namespace) -> int:
     if best is None:
         print(f"no feasible policy in {result.episodes} episodes; run folder {result.run_dir}")
         return 0
-    print(
-        f"best reward {best['reward']:+.4f} (val accuracy {best['accuracy']:.4f}, size ratio {best['size_ratio']:.4f}"
-        f" = {best['compression_rate']:.1f}x smaller, BOPs ratio {best['bops_ratio']:.4f}) at episode "
-        f"{best['episode']} of {result.episodes}; {result.episodes_per_s:.1f} episodes/s; "
-        f"best policy {summary['best_policy']}"
-    )
+    print(summary_text(result, summary["best_policy"], config_of(result.run_dir)))
     return 0
+
+
+def config_of(run: Path) -> dict[str, Any]:
+    try:
+        return RunDir(run).read_config()
+    except ConfigError:
+        return {}
+
+
+def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
+    """The end-of-search summary: the best policy next to FP32, what the reward means, and the next commands."""
+    best = result.best
+    fp32 = result.fp32_accuracy
+    against = f" against FP32 {fp32:.4f}" if fp32 is not None else ""
+    model, dataset = config.get("model", "MODEL"), config.get("dataset", "DATASET")
+    data = f"--model {model} --dataset {dataset}"
+    penalty = ", minus the soft-budget penalty" if config.get("budget_mode") == "soft" else ""
+    return "\n".join(
+        [
+            f"best reward {best['reward']:+.4f} at episode {best['episode']} of {result.episodes}: val accuracy "
+            f"{best['accuracy']:.4f}{against} (reward = val accuracy change against FP32{penalty}); size ratio "
+            f"{best['size_ratio']:.4f} = {best['compression_rate']:.1f}x smaller, BOPs ratio "
+            f"{best['bops_ratio']:.4f}; {result.episodes_per_s:.1f} episodes/s",
+            f"best policy: {best_policy}",
+            "next:",
+            f"  tensorboard --logdir {result.run_dir / 'tb'}",
+            f"  ajpq finetune {data} --policy {best_policy} --out finetuned.pt",
+            f"  ajpq export-model {data} --weights finetuned.pt --out model.ajpq",
+        ]
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -213,10 +213,19 @@ def test_run_folder_lock_changed_settings_and_finished_runs(tmp_path: Path, caps
     import os
 
     from ajpq.runs import RunDir
-    from ajpq.search import SearchConfig, run_search
 
-    run = run_search(SearchConfig(episodes=4, run_dir=str(tmp_path / "run"), **FAST)).run_dir
+    run = tmp_path / "run"
+    flags = ["--warmup-episodes", "2", "--episodes-per-update", "2", "--checkpoint-every", "2", "--no-progress"]
+    assert main(["search", "--episodes", "4", "--run-dir", str(run), *flags]) == 0
+    out = capsys.readouterr().out
+    fp32 = json.loads((run / "run.json").read_text())["fp32_accuracy_val"]
     best = (run / "best_policy.json").read_bytes()
+    reward = json.loads(best)["metrics"]["reward"]
+    assert f"best reward {reward:+.4f} at episode" in out
+    assert f"against FP32 {fp32:.4f} (reward = val accuracy change against FP32)" in out
+    assert f"tensorboard --logdir {run / 'tb'}" in out
+    assert f"ajpq finetune --model digits_cnn --dataset digits --policy {run / 'best_policy.json'}" in out
+    assert "ajpq export-model --model digits_cnn --dataset digits --weights finetuned.pt --out model.ajpq" in out
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.name != "run.lock"}
 
     def refused(*argv: str) -> str:
