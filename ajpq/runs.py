@@ -83,6 +83,43 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def bit_allocation_figure(policy: Policy, importance: dict[str, np.ndarray] | None = None) -> Any:
+    """A matplotlib figure of a policy: one labelled row per layer, its channels left to right in decreasing
+    importance (when given), coloured by weight bits on a 1..8 scale with a colour bar; pruned channels in red."""
+    from matplotlib import colormaps
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+
+    names = list(policy.layers)
+    width = max(len(layer.weight_bits) for layer in policy.layers.values())
+    grid = np.full((len(names), width), np.nan)
+    for row, name in enumerate(names):
+        bits = policy.layers[name].weight_bits
+        order = np.arange(bits.size)
+        if importance is not None and name in importance and len(importance[name]) == bits.size:
+            order = np.argsort(-np.asarray(importance[name]), kind="stable")
+        grid[row, : bits.size] = bits[order]
+    viridis = colormaps["viridis"]
+    cmap = ListedColormap(["#d62728", *(viridis(i / 7) for i in range(8))]).with_extremes(bad="white")
+    figure = Figure(figsize=(10, 1.2 + 0.32 * len(names)), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(
+        np.ma.masked_invalid(grid),
+        cmap=cmap,
+        norm=BoundaryNorm(np.arange(-0.5, 9.5), 9),
+        aspect="auto",
+        interpolation="nearest",
+    )
+    axes.set_yticks(range(len(names)), names, fontsize=8)
+    order_text = "in decreasing importance" if importance is not None else "by index"
+    axes.set_xlabel(f"output channels, {order_text} (white: layer has fewer channels)")
+    axes.set_title("weight bits per channel (red: pruned)")
+    bar = figure.colorbar(image, ax=axes, ticks=range(9), pad=0.01)
+    bar.set_label("bits")
+    bar.ax.set_yticklabels(["0 pruned", *(str(b) for b in range(1, 9))])
+    return figure
+
+
 class RunDir:
     """One run folder (see the module docstring); used by every search method."""
 
@@ -292,20 +329,11 @@ class RunDir:
         for key, value in values.items():
             self.writer.add_scalar(key, float(value), step)
 
-    def add_policy_summaries(self, policy: Policy, step: int, tag: str = "best_policy") -> None:
-        """Bit-allocation image (layers x channels, colormap), histogram of weight bits and the policy as text."""
-        from matplotlib import colormaps
-
-        names = list(policy.layers)
-        width = max(len(layer.weight_bits) for layer in policy.layers.values())
-        grid = np.full((len(names), width), np.nan)
-        for row, name in enumerate(names):
-            grid[row, : len(policy.layers[name].weight_bits)] = policy.layers[name].weight_bits
-        colors = colormaps["viridis"](np.nan_to_num(grid, nan=0.0) / 8.0)[..., :3]
-        colors[np.isnan(grid)] = 1.0
-        scale = max(1, min(32, 512 // max(width, 1)))
-        image = np.kron(colors, np.ones((max(8, scale), scale, 1)))
-        self.writer.add_image(f"{tag}/bits", image, step, dataformats="HWC")
+    def add_policy_summaries(
+        self, policy: Policy, step: int, tag: str = "best_policy", importance: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Bit-allocation figure (see :func:`bit_allocation_figure`), histogram of weight bits, the policy as text."""
+        self.writer.add_figure(f"{tag}/bits", bit_allocation_figure(policy, importance), step, close=True)
         all_bits = np.concatenate([layer.weight_bits for layer in policy.layers.values()])
         self.writer.add_histogram(f"{tag}/weight_bits", all_bits, step, bins=np.arange(-0.5, 9.5))
         lines = ["| layer | kept | mean bits | act bits |", "|---|---|---|---|"]

@@ -222,6 +222,8 @@ class Recorder:
         self.eval_total = 0.0
         self.count = 0
         self.bar: Any = None
+        self.importance: dict[str, np.ndarray] | None = None
+        """Channel importance per layer, to draw the best policy's channels in importance order."""
         if config.progress and not os.environ.get("AJPQ_NO_PROGRESS"):
             from tqdm.auto import tqdm
 
@@ -279,7 +281,7 @@ class Recorder:
             policy.metrics = {**self.best, "fp32_accuracy": self.fp32_accuracy, "split": "val"}
             policy = self.with_meta(policy)
             self.run_dir.write_best(policy)
-            self.run_dir.add_policy_summaries(policy, self.episode)
+            self.run_dir.add_policy_summaries(policy, self.episode, importance=self.importance)
         if self.best is not None:
             scalars["search/best_reward"] = self.best_reward
         self.run_dir.add_scalars(scalars, self.episode)
@@ -551,6 +553,7 @@ def _run_search(
     run_dir.write_config(config.to_dict())
     start = 0 if state is None else int(state["episode"])
     recorder = Recorder(run_dir, config, fp32, start=start)
+    recorder.importance = workspace.analysis.layer_importance
     if state is not None and state.get("best"):
         recorder.restore_best(state["best"])
         info = run_dir.read_info()

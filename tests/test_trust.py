@@ -418,3 +418,34 @@ def test_fractions_are_read_wherever_a_ratio_is(tmp_path: Path, capsys) -> None:
         main(["search", "--size-budget", "1/0"])
     assert exit_info.value.code == 2
     assert "expected a ratio such as 0.05, 1/16 or 'none', but got '1/0'" in capsys.readouterr().err
+
+
+def test_bit_allocation_figure_is_readable(tmp_path: Path) -> None:
+    import io as bytes_io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from ajpq.runs import RunDir
+
+    model = build_model("digits_cnn", (1, 8, 8), 10)
+    analysis = analyze_model(model, (1, 8, 8), model_name="digits_cnn")
+    policy = Policy.uniform(analysis)
+    policy.layers["conv2"].weight_bits = np.array([0, 8] * 16)
+    importance = {name: np.arange(len(layer.weight_bits), dtype=float) for name, layer in policy.layers.items()}
+    from ajpq.runs import bit_allocation_figure
+
+    figure = bit_allocation_figure(policy, importance)
+    axes = figure.axes[0]
+    assert [label.get_text() for label in axes.get_yticklabels()] == list(policy.layers)
+    shown = np.ma.filled(axes.images[0].get_array(), -1)
+    assert list(shown[1, :4]) == [8, 0, 8, 0]  # conv2's channels, most important (index 31) first
+    assert shown[0, 16] == -1  # conv1 has 16 channels: the rest of its row is empty
+    run = RunDir(tmp_path)
+    run.add_policy_summaries(policy, 1, importance=importance)
+    run.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    image = Image.open(bytes_io.BytesIO(events.Images("best_policy/bits")[0].encoded_image_string))
+    assert image.width >= 800 and image.height >= 200  # not a 512x40 strip
