@@ -67,7 +67,10 @@ class LeNet5(nn.Module):
         super().__init__()
         h, w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
         if h < 1 or w < 1:
-            raise ModelError(f"lenet5 needs inputs of at least 16x16, but got {height}x{width}")
+            raise ModelError(
+                f"lenet5 needs inputs of at least 16x16, but got {height}x{width}; use a dataset with larger images "
+                "(--dataset mnist, fashion-mnist, cifar10 or cifar100)"
+            )
         self.conv1 = nn.Conv2d(in_channels, 20, 5)
         self.pool1 = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(20, 50, 5)

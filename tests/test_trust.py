@@ -449,3 +449,31 @@ def test_bit_allocation_figure_is_readable(tmp_path: Path) -> None:
     events.Reload()
     image = Image.open(bytes_io.BytesIO(events.Images("best_policy/bits")[0].encoded_image_string))
     assert image.width >= 800 and image.height >= 200  # not a 512x40 strip
+
+
+def test_commands_take_model_dataset_and_split_from_the_checkpoint(tmp_path: Path, capsys) -> None:
+    from ajpq.workspace import save_checkpoint
+
+    checkpoint = tmp_path / "ft.pt"
+    model = build_model("lenet300", (1, 8, 8), 10)
+    save_checkpoint(checkpoint, model, {"model": "lenet300", "dataset": "digits", "split_seed": 3})
+    assert main(["evaluate", "--weights", str(checkpoint), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "--model lenet300 (from" in captured.err and "--split-seed 3 (from" in captured.err
+    assert 0.0 <= json.loads(captured.out)["accuracy"] <= 1.0
+    assert main(["evaluate", "--weights", str(checkpoint), "--model", "lenet5", "--split-seed", "1"]) == 2
+    message = _one_error_line(capsys)
+    assert (
+        "contradicts --model lenet5 (the checkpoint records lenet300), --split-seed 1 (the checkpoint records 3)"
+        in (message)
+    )
+    save_checkpoint(checkpoint, model, {"model": "os:abort", "dataset": "digits"})
+    assert main(["evaluate", "--weights", str(checkpoint)]) == 2
+    assert "was trained on model 'os:abort'; pass --model os:abort yourself" in _one_error_line(capsys)
+
+
+def test_lenet5_on_the_default_dataset_names_the_datasets_that_fit(capsys) -> None:
+    assert main(["inspect", "--model", "lenet5"]) == 2
+    assert "use a dataset with larger images (--dataset mnist, fashion-mnist, cifar10 or cifar100)" in (
+        _one_error_line(capsys)
+    )
