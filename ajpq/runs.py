@@ -100,7 +100,8 @@ def bit_allocation_figure(policy: Policy, importance: dict[str, np.ndarray] | No
             order = np.argsort(-np.asarray(importance[name]), kind="stable")
         grid[row, : bits.size] = bits[order]
     viridis = colormaps["viridis"]
-    cmap = ListedColormap(["#d62728", *(viridis(i / 7) for i in range(8))]).with_extremes(bad="white")
+    colors = np.vstack([[0.839, 0.153, 0.157, 1.0], viridis(np.linspace(0.0, 1.0, 8))])  # red, then 1..8 bits
+    cmap = ListedColormap(colors).with_extremes(bad="white")
     figure = Figure(figsize=(10, 1.2 + 0.32 * len(names)), dpi=100, layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(
