@@ -30,7 +30,7 @@ Path(__file__).with_name("MARKER").write_text("code from a received file ran")
 
 
 def build(num_classes):
-    raise SystemExit("factory called")
+    raise RuntimeError("factory called")
 """
 
 
@@ -477,3 +477,24 @@ def test_lenet5_on_the_default_dataset_names_the_datasets_that_fit(capsys) -> No
     assert "use a dataset with larger images (--dataset mnist, fashion-mnist, cifar10 or cifar100)" in (
         _one_error_line(capsys)
     )
+
+
+def test_cli_rebuilds_a_users_model_only_from_model_flag(artifact_data, evil_dir: Path, capsys, monkeypatch) -> None:
+    import functools
+
+    import ajpq.export
+
+    monkeypatch.setattr(ajpq.export, "latency_report", functools.partial(ajpq.export.latency_report, repeats=2))
+    (evil_dir / "ajpq_test_mynet.py").write_text(
+        "from ajpq.models import DigitsCNN\n\n\ndef build(num_classes, input_shape):\n"
+        "    return DigitsCNN(*input_shape, num_classes)\n"
+    )
+    path = evil_dir / "mine.ajpq"
+    path.write_bytes(crafted(artifact_data, _named("ajpq_test_mynet:build")))
+    assert main(["evaluate", "--artifact", str(path), "--json"]) == 2
+    assert "pass the model yourself (`--model package.module:factory`" in _one_error_line(capsys)
+    assert main(["evaluate", "--artifact", str(path), "--model", "ajpq_test_mynet:build", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["payload_bytes"] + report["header_bytes"] == path.stat().st_size and 0 <= report["accuracy"] <= 1
+    assert main(["evaluate", "--artifact", str(path), "--model", "ajpq_evil_factory:build"]) == 2  # the user's choice
+    assert "factory called" in _one_error_line(capsys)
