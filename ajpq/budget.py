@@ -24,7 +24,7 @@ import numpy as np
 
 from ajpq.analysis import ModelAnalysis
 from ajpq.cost import CostModel, CostReport
-from ajpq.errors import BudgetError
+from ajpq.errors import BudgetError, ConfigError
 from ajpq.policy import Policy
 
 BudgetMode = Literal["hard", "soft"]
@@ -54,7 +54,7 @@ def parse_ratio(name: str, value: object) -> float | None:
         try:
             value = float(Fraction(value.strip()))
         except (ValueError, ZeroDivisionError):
-            raise BudgetError(f"{name}: expected a ratio like 0.0625 or 1/16, but got {value!r}") from None
+            raise ConfigError(f"{name}: expected a ratio like 0.0625 or 1/16, but got {value!r}") from None
     return check_ratio(name, value)
 
 
