@@ -150,6 +150,7 @@ def _records(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rows]
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("agent", ["ppo", "ddpg"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, agent: str) -> None:
     from ajpq.search import SearchConfig, run_search
@@ -176,6 +177,7 @@ class _Evil:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.expensive
 def test_crafted_checkpoint_files_do_not_run_on_resume(tmp_path: Path, capsys) -> None:
     import pickle
 
@@ -257,6 +259,7 @@ def test_run_folder_lock_changed_settings_and_finished_runs(tmp_path: Path, caps
     assert len(_records(run)) == 4
 
 
+@pytest.mark.expensive
 def test_ctrl_c_before_the_first_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
     import signal
     import time
@@ -325,6 +328,7 @@ def test_run_dir_that_cannot_be_created(capsys) -> None:
     assert "cannot create run folder /proc/ajpq-run/x" in _one_error_line(capsys)
 
 
+@pytest.mark.expensive
 def test_full_disk_during_a_search(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
