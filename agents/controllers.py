@@ -3,7 +3,10 @@
 SB3's ``learn()`` owns the environment loop, but in AJPQ's hierarchy the two agents act inside the *same* episode
 (the layer agent at each layer step, the channel agent at each channel step within it). So the search drives the
 episode itself and feeds each agent its own transitions when the episode ends; the agents keep SB3's networks,
-optimizers, buffers and ``train()`` updates, and their ``.save`` zip format.
+optimizers, buffers and ``train()`` updates. Checkpoints hold no pickle (SB3's zips embed cloudpickle, and a run
+folder may come from someone else): network and optimizer state dicts through ``torch.save`` / ``torch.load(...,
+weights_only=True)``, counters as plain tensors, the DDPG replay buffer as arrays in an ``.npz`` read with
+``allow_pickle=False``; the SB3 models themselves are rebuilt from the run's config before their state is loaded.
 
 * **PPO** (on-policy): actions are sampled from the current policy; the episode's transitions (reward 0 at every
   step but the last, which gets the episode reward; gamma 1, GAE lambda 0.95) are kept until ``episodes_per_update``
@@ -16,6 +19,9 @@ optimizers, buffers and ``train()`` updates, and their ``.save`` zip format.
 
 from __future__ import annotations
 
+import io
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,8 @@ from stable_baselines3 import DDPG, PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.logger import Logger
 
-from ajpq.errors import ConfigError
+from ajpq.errors import ArtifactError, ConfigError
+from ajpq.io import atomic_write
 
 AGENT_KINDS: tuple[str, ...] = ("ppo", "ddpg")
 IMITATION_STEPS = 300
@@ -76,11 +83,49 @@ class Controller:
         self.logger.dump(0)
         return values
 
+    def _optimizers(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _extra_tensors(self) -> dict[str, Any]:
+        """Controller state beyond the networks (tensors, lists and numbers only: it is loaded with weights_only)."""
+        return {}
+
+    def _set_extra_tensors(self, extra: dict[str, Any]) -> None:
+        pass
+
     def save(self, folder: Path) -> None:
-        self.model.save(folder / f"{self.name}.zip")
+        """Write ``<name>.pt`` atomically: the policy's and the optimizers' state dicts and the SB3 counters."""
+        state = {
+            "policy": self.model.policy.state_dict(),
+            "optimizers": {key: opt.state_dict() for key, opt in self._optimizers().items()},
+            "num_timesteps": int(self.model.num_timesteps),
+            "n_updates": int(getattr(self.model, "_n_updates", 0)),
+            "extra": self._extra_tensors(),
+        }
+        buffer = io.BytesIO()  # serialized first, so that a full disk is an OSError of the plain write below
+        torch.save(state, buffer)
+
+        def write(handle: Any) -> None:
+            handle.write(buffer.getvalue())
+
+        atomic_write(folder / f"{self.name}.pt", write)
 
     def load(self, folder: Path) -> None:
-        raise NotImplementedError
+        """Load what :meth:`save` wrote into the freshly built model, without unpickling any object."""
+        path = folder / f"{self.name}.pt"
+        state = load_tensors(path)
+        try:
+            self.model.policy.load_state_dict(state["policy"])
+            for key, opt in self._optimizers().items():
+                opt.load_state_dict(state["optimizers"][key])
+            self.model.num_timesteps = int(state["num_timesteps"])
+            self.model._n_updates = int(state["n_updates"])
+            self._set_extra_tensors(state["extra"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(
+                f"checkpoint {path} does not fit this run's {self.kind.upper()} agent ({type(exc).__name__}); "
+                "start a new run"
+            ) from None
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -171,9 +216,15 @@ class PPOController(Controller):
         self.episodes = []
         return self._drain_logger()
 
-    def load(self, folder: Path) -> None:
-        self.model = PPO.load(folder / f"{self.name}.zip", env=self.env, device="cpu")
-        self.model.set_logger(self.logger)
+    def _optimizers(self) -> dict[str, Any]:
+        return {"policy": self.model.policy.optimizer}
+
+    def _extra_tensors(self) -> dict[str, Any]:
+        """The episodes collected since the last update (a checkpoint on Ctrl-C may fall between updates)."""
+        return {"episodes": [[_as_tensors(item) for item in episode] for episode in self.episodes]}
+
+    def _set_extra_tensors(self, extra: dict[str, Any]) -> None:
+        self.episodes = [[_from_tensors(item) for item in episode] for episode in extra.get("episodes", [])]
 
     def imitate(self, steps: list[tuple[np.ndarray, np.ndarray]], gradient_steps: int = IMITATION_STEPS) -> float:
         """Maximise the log-likelihood of the demonstrated actions; a Gaussian policy's spread is kept at least
@@ -294,14 +345,42 @@ class DDPGController(Controller):
         self.model.actor_target.load_state_dict(actor.state_dict())
         return float(loss.detach())
 
+    def _optimizers(self) -> dict[str, Any]:
+        return {"actor": self.model.actor.optimizer, "critic": self.model.critic.optimizer}
+
     def save(self, folder: Path) -> None:
+        """Networks as in :meth:`Controller.save`; the filled part of the replay buffer as ``<name>_replay.npz``."""
         super().save(folder)
-        self.model.save_replay_buffer(folder / f"{self.name}_replay.pkl")
+        buffer = self.model.replay_buffer
+        end = buffer.buffer_size if buffer.full else buffer.pos
+        arrays = {key: getattr(buffer, key)[:end] for key in _REPLAY_ARRAYS}
+        arrays["position"] = np.array([buffer.pos, int(buffer.full)], dtype=np.int64)
+
+        def write(handle: Any) -> None:
+            np.savez(handle, **arrays)
+
+        atomic_write(folder / f"{self.name}_replay.npz", write)
 
     def load(self, folder: Path) -> None:
-        self.model = DDPG.load(folder / f"{self.name}.zip", env=self.env, device="cpu")
-        self.model.load_replay_buffer(folder / f"{self.name}_replay.pkl")
-        self.model.set_logger(self.logger)
+        super().load(folder)
+        path = folder / f"{self.name}_replay.npz"
+        buffer = self.model.replay_buffer
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                pos, full = (int(v) for v in data["position"])
+                for key in _REPLAY_ARRAYS:
+                    array = data[key]
+                    target = getattr(buffer, key)
+                    if array.shape[1:] != target.shape[1:] or len(array) > len(target):
+                        raise ValueError(f"{key} has shape {array.shape}")
+                    target[: len(array)] = array
+        except FileNotFoundError:
+            raise ArtifactError(f"checkpoint file {path} is missing; start a new run") from None
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ArtifactError(
+                f"checkpoint file {path} is not a replay buffer of this run ({exc}); start a new run"
+            ) from None
+        buffer.pos, buffer.full = pos, bool(full)
 
     def state(self) -> dict[str, Any]:
         return {"noise": self.noise, "baseline": self.baseline}
@@ -309,6 +388,43 @@ class DDPGController(Controller):
     def set_state(self, state: dict[str, Any]) -> None:
         self.noise = float(state.get("noise", self.noise))
         self.baseline = state.get("baseline")
+
+
+_REPLAY_ARRAYS: tuple[str, ...] = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors, containers and numbers only, never a pickled object's code."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"checkpoint file {path} is missing; start a new run") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read checkpoint file {path}: {exc.strerror}") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickler refusal, a truncated zip, ...: all mean "not a checkpoint we wrote"
+        refused = "Weights only load failed" in str(exc)
+        reason = "it holds pickled Python objects, which are never loaded" if refused else type(exc).__name__
+        raise ArtifactError(
+            f"checkpoint file {path} is not a plain-tensor checkpoint ({reason}); nothing in it was run; "
+            "start a new run"
+        ) from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"checkpoint file {path} does not hold a state dictionary; start a new run")
+    return state
+
+
+def _as_tensors(item: tuple[Any, ...]) -> list[torch.Tensor]:
+    return [torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in item]
+
+
+def _from_tensors(item: list[torch.Tensor]) -> tuple[Any, ...]:
+    """Inverse of :func:`_as_tensors` for PPO's (obs, action, value, log_prob[, reward]) transitions."""
+    obs, action, value, log_prob, *rest = item
+    return (obs.numpy(), action.numpy(), value, log_prob, *(float(r) for r in rest))
 
 
 def make_controller(

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import numpy as np
 
 from ajpq.analysis import ModelAnalysis
 from ajpq.cost import CostModel, CostReport
-from ajpq.errors import BudgetError
+from ajpq.errors import BudgetError, ConfigError
 from ajpq.policy import Policy
 
 BudgetMode = Literal["hard", "soft"]
@@ -44,6 +45,19 @@ def check_ratio(name: str, value: object) -> float | None:
     return value
 
 
+def parse_ratio(name: str, value: object) -> float | None:
+    """A ratio written as a number (0.0625) or a fraction string ("1/16"), checked by :func:`check_ratio`.
+
+    The one reader of budget ratios: search flags, YAML configs and ``compare`` all accept both forms.
+    """
+    if isinstance(value, str):
+        try:
+            value = float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{name}: expected a ratio like 0.0625 or 1/16, but got {value!r}") from None
+    return check_ratio(name, value)
+
+
 @dataclass(frozen=True)
 class Budget:
     """A size and/or BOPs budget as ratios of FP32; ``None`` leaves that cost free."""
@@ -56,8 +70,8 @@ class Budget:
     """``hard``: policies are projected onto the budget; ``soft``: a penalty is subtracted from the reward."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", check_ratio("size_budget", self.size))
-        object.__setattr__(self, "bops", check_ratio("bops_budget", self.bops))
+        object.__setattr__(self, "size", parse_ratio("size_budget", self.size))
+        object.__setattr__(self, "bops", parse_ratio("bops_budget", self.bops))
         if self.mode not in BUDGET_MODES:
             raise BudgetError(f"budget mode must be one of {', '.join(BUDGET_MODES)}, but got {self.mode!r}")
 

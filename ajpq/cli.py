@@ -99,6 +99,11 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def one_line(message: str) -> str:
+    """A message on one line: multi-line texts from libraries (YAML marks, download errors) joined with '; '."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -108,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AJPQError as exc:
         if debug:
             raise
-        print(f"ajpq {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ajpq {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"ajpq {args.command}: interrupted", file=sys.stderr)

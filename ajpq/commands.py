@@ -8,7 +8,7 @@ from typing import Any
 
 from ajpq.cli import print_json
 from ajpq.cost import CostModel
-from ajpq.errors import ConfigError
+from ajpq.errors import ConfigError, ModelError
 from ajpq.policy import Policy, load_policy
 from ajpq.train import TrainConfig, resolve_device
 from ajpq.workspace import Workspace, default_pretrain_config, log, open_workspace, pretrain, save_checkpoint
@@ -60,13 +60,54 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     evaluate.add_argument(
         "--artifact",
         default=None,
-        help="evaluate a .ajpq artifact instead (accuracy, file bytes, CPU latency next to FP32; no --model needed)",
+        help="evaluate a .ajpq artifact instead (accuracy, file bytes, CPU latency next to FP32); no --model needed "
+        "for zoo and torchvision models, a model of your own needs --model package.module:factory (a name in the "
+        "file is never imported)",
     )
     evaluate.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     evaluate.set_defaults(handler=run_evaluate)
 
 
+def adopt_checkpoint_settings(args: argparse.Namespace) -> None:
+    """Given ``--weights``, take model, dataset and split seed from the checkpoint unless told otherwise.
+
+    A flag left at its default takes the checkpoint's value; a flag given with another value is refused. A model name
+    the checkpoint records is adopted only if it is a zoo or torchvision name (a file never names code to import).
+    """
+    from ajpq.models import DEFAULT_DATASET, DEFAULT_MODEL, is_builtin_model
+    from ajpq.workspace import load_checkpoint
+
+    if not getattr(args, "weights", None):
+        return
+    checkpoint = load_checkpoint(args.weights)
+    contradictions = []
+    for key, flag, default in (
+        ("model", "--model", DEFAULT_MODEL),
+        ("dataset", "--dataset", DEFAULT_DATASET),
+        ("split_seed", "--split-seed", 0),
+    ):
+        recorded, given = checkpoint.get(key), getattr(args, key)
+        if recorded is None or recorded == given:
+            continue
+        if given != default:
+            contradictions.append(f"{flag} {given} (the checkpoint records {recorded})")
+        elif key == "model" and not is_builtin_model(str(recorded)):
+            raise ModelError(
+                f"{args.weights} was trained on model {recorded!r}; pass --model {recorded} yourself (a model named "
+                "in a file is never imported on its own)"
+            )
+        else:
+            setattr(args, key, recorded)
+            log(f"{flag} {recorded} (from {args.weights})")
+    if contradictions:
+        raise ModelError(
+            f"{args.weights} contradicts {', '.join(contradictions)}; drop those flags to use the checkpoint's, "
+            "or give other weights"
+        )
+
+
 def _workspace(args: argparse.Namespace, *, need_weights: bool = True) -> Workspace:
+    adopt_checkpoint_settings(args)
     return open_workspace(
         args.model,
         args.dataset,

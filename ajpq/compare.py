@@ -18,13 +18,12 @@ import difflib
 import io
 import time
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ajpq.budget import Budget
+from ajpq.budget import Budget, parse_ratio
 from ajpq.errors import BudgetError, ConfigError
 from ajpq.io import atomic_write_bytes, atomic_write_text
 from ajpq.workspace import log
@@ -48,16 +47,6 @@ COLUMNS: tuple[str, ...] = (
     "fp32_latency_b1_ms",
     "fp32_latency_b64_ms",
 )
-
-
-def parse_ratio(name: str, value: Any) -> float:
-    """A budget written as a number (0.0625) or a fraction string ("1/16")."""
-    if isinstance(value, str):
-        try:
-            value = float(Fraction(value.strip()))
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"{name}: expected a ratio like 0.0625 or 1/16, but got {value!r}") from None
-    return Budget(size=value).size  # type: ignore[return-value]
 
 
 @dataclass

@@ -397,13 +397,28 @@ def _torchvision_download(kind: str, root: Path) -> str | None:
         "cifar10": datasets.CIFAR10,
         "cifar100": datasets.CIFAR100,
     }[kind]
+    existed = {root, *_folders_under(root)} if root.exists() else set()
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(root=str(root), train=train, download=True)
     except Exception as exc:  # network errors come in many types (URLError, HTTPError, RuntimeError, ...)
+        _remove_new_empty_folders(root, existed)
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def _folders_under(root: Path) -> list[Path]:
+    return [Path(top) / name for top, names, _ in os.walk(root) for name in names]
+
+
+def _remove_new_empty_folders(root: Path, existed: set[Path]) -> None:
+    """Undo the empty folders (e.g. ``MNIST/raw``) a failed download created, deepest first; keep everything else."""
+    for folder in sorted({root, *_folders_under(root)} - existed, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # only succeeds on an empty folder
+        except OSError:
+            pass
 
 
 def _load_mnist_like(

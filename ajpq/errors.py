@@ -30,3 +30,7 @@ class ArtifactError(AJPQError):
 
 class ConfigError(AJPQError):
     """A configuration value is invalid."""
+
+
+class StorageError(AJPQError):
+    """A file could not be written (disk full, read-only or missing folder, no permission)."""

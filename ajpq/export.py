@@ -55,7 +55,7 @@ from ajpq.analysis import ModelAnalysis, fingerprint_of
 from ajpq.compress import SimulatedModel, set_module
 from ajpq.errors import ArtifactError, ModelError
 from ajpq.io import atomic_write, atomic_write_bytes
-from ajpq.models import build_model
+from ajpq.models import build_model, is_builtin_model
 from ajpq.policy import Policy, policy_from_dict
 from ajpq.quant import MAX_WEIGHT_BITS, activation_scale, quantize_activation, weight_levels
 
@@ -522,7 +522,7 @@ def build_artifact(
         },
         "payload": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
     }
-    rebuilt = _load_slim(header, data, model_factory=lambda: copy.deepcopy(model))
+    rebuilt = _load_slim(header, data, model)
     artifact = CompressedArtifact(header, data, rebuilt, simulated)
     exact = check_reproduces(rebuilt, simulated, calibration, [*simulator.quantizers.values()])
     header["metrics"]["max_abs_logit_diff"] = max_logit_difference(rebuilt, simulated, calibration)
@@ -651,7 +651,7 @@ def parse_artifact(data: bytes, source: str = "artifact") -> ArtifactFile:
         header = json.loads(header_data.decode("utf-8"))
         payload_info = header["payload"]
         payload_length, payload_sha = int(payload_info["bytes"]), str(payload_info["sha256"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
         raise ArtifactError(
             f"{source} has a malformed header (checksum fine, content not an AJPQ header); {hint}"
         ) from None
@@ -687,19 +687,71 @@ def read_artifact(path: str | Path) -> ArtifactFile:
     return parse_artifact(data, str(path))
 
 
-def _load_slim(header: dict[str, Any], payload: bytes, model_factory: Any = None) -> nn.Module:
-    info = header["model"]
-    input_shape = tuple(int(s) for s in info["input_shape"])
-    if model_factory is None:
-        model = build_model(info["name"], input_shape, int(info["num_classes"]))  # type: ignore[arg-type]
+def model_record(header: dict[str, Any], source: str = "artifact") -> dict[str, Any]:
+    """The header's ``model`` entry, checked: name, input shape, class count and fingerprint of the right types."""
+    info = header.get("model")
+    hint = "re-export it with `ajpq export-model`"
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{source}: its header has no `model` record (name, input shape, fingerprint); {hint}")
+    shape = info.get("input_shape")
+    if (
+        not isinstance(info.get("name"), str)
+        or not isinstance(info.get("fingerprint"), str)
+        or not isinstance(info.get("num_classes"), int)
+        or not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(isinstance(s, int) and s >= 1 for s in shape)
+    ):
+        raise ArtifactError(
+            f"{source}: its header's `model` record is malformed (expected name, fingerprint, num_classes and a "
+            f"3-value input_shape); {hint}"
+        )
+    return info
+
+
+def base_model(header: dict[str, Any], model: nn.Module | None = None, source: str = "artifact") -> nn.Module:
+    """The unpruned FP32 architecture an artifact was made from, checked against the header's fingerprint.
+
+    From the file alone only zoo and torchvision names are built: a ``package.module:factory`` name in a received
+    file would import and call code the file names. Such models are rebuilt only from ``model``, which the user
+    passes (``load_compressed(path, model=...)`` or ``ajpq evaluate --artifact A --model package.module:factory``).
+    """
+    info = model_record(header, source)
+    name = info["name"]
+    shown = repr(name if len(name) <= 80 else name[:77] + "...")
+    if model is None:
+        if not is_builtin_model(name):
+            raise ArtifactError(
+                f"{source} was made from model {shown}, which is neither a zoo nor a torchvision model; code named "
+                "in a file is never imported: pass the model yourself (`--model package.module:factory`, or "
+                "`load_compressed(path, model=...)`)"
+            )
+        model = build_model(name, tuple(info["input_shape"]), info["num_classes"])  # type: ignore[arg-type]
     else:
-        model = model_factory()
+        model = copy.deepcopy(model)
     if fingerprint_of(model) != info["fingerprint"]:
         raise ArtifactError(
-            f"model '{info['name']}' as built here has fingerprint {fingerprint_of(model)}, but the artifact was made "
-            f"from fingerprint {info['fingerprint']}; the model code changed since the export"
+            f"{source}: model {shown} as built here has fingerprint {fingerprint_of(model)}, but the artifact was "
+            f"made from fingerprint {info['fingerprint']}; the model code changed since the export, or the model "
+            "given is not the one exported"
         )
-    model = model.cpu().float().eval()
+    return model
+
+
+def _load_slim(
+    header: dict[str, Any], payload: bytes, model: nn.Module | None = None, source: str = "artifact"
+) -> nn.Module:
+    try:
+        return _rebuild(header, payload, model, source)
+    except (KeyError, TypeError, IndexError) as exc:  # a checksummed but hand-made header: one line, not a traceback
+        raise ArtifactError(
+            f"{source} has a malformed header ({type(exc).__name__}: {exc}); re-export it with `ajpq export-model`"
+        ) from None
+
+
+def _rebuild(header: dict[str, Any], payload: bytes, model: nn.Module | None, source: str) -> nn.Module:
+    input_shape = tuple(model_record(header, source)["input_shape"])
+    model = base_model(header, model, source).cpu().float().eval()
     _fold_structure(model, header["layers"])
     _prune(model, header["groups"], input_shape)
     policy = policy_from_dict(header["policy"], "artifact policy")
@@ -748,15 +800,15 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
 
     Args:
         path: The ``.ajpq`` file written by ``ajpq export-model``.
-        model: An unpruned instance of the architecture (only needed for models that ``build_model`` cannot
-            build from the recorded name, e.g. a class defined in a script); it is not modified.
+        model: An unpruned instance of the architecture; needed for every model that is not a zoo or torchvision
+            one (a recorded ``package.module:factory`` is never imported from the file); its fingerprint must
+            match the header's. It is not modified.
 
     Raises:
         ArtifactError: Missing, truncated, corrupted or newer-version file, or a model that no longer matches.
     """
     artifact = read_artifact(path)
-    factory = None if model is None else (lambda: copy.deepcopy(model))
-    return _load_slim(artifact.header, artifact.payload, factory)
+    return _load_slim(artifact.header, artifact.payload, model, str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -278,12 +278,10 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fp32_reference(name: str, splits: Any, weights: str | None) -> torch.nn.Module:
+def _fp32_reference(model: torch.nn.Module, name: str, splits: Any, weights: str | None) -> torch.nn.Module:
     """The FP32 model to time next to the artifact (weights do not change CPU latency, so none are trained)."""
-    from ajpq.models import build_model
     from ajpq.workspace import load_weights
 
-    model = build_model(name, splits.input_shape, splits.num_classes)
     if weights is not None:
         load_weights(model, load_checkpoint(weights), name, str(weights))
         return model
@@ -298,12 +296,17 @@ def _fp32_reference(name: str, splits: Any, weights: str | None) -> torch.nn.Mod
 def run_evaluate_artifact(args: argparse.Namespace) -> int:
     """``ajpq evaluate --artifact A``: accuracy, file/payload/header bytes, CPU latency next to FP32."""
     from ajpq.data import load_dataset
-    from ajpq.export import _load_slim, latency_report, read_artifact
+    from ajpq.export import _load_slim, base_model, latency_report, model_record, read_artifact
+    from ajpq.models import build_model
 
     if getattr(args, "policy", None):
         raise ConfigError("--policy and --artifact exclude each other: the artifact carries its policy")
     artifact = read_artifact(args.artifact)
-    info = artifact.header["model"]
+    info = model_record(artifact.header, args.artifact)
+    user_model = None
+    if ":" in args.model:  # the user's own factory, named on the command line (never the file's name)
+        user_model = build_model(args.model, tuple(info["input_shape"]), info["num_classes"])
+    fp32_model = base_model(artifact.header, user_model, args.artifact)  # refuses a file-named factory up front
     splits = load_dataset(args.dataset, data_dir=args.data_dir, split_seed=args.split_seed, val_size=args.val_size)
     if tuple(splits.input_shape) != tuple(info["input_shape"]) or splits.num_classes != info["num_classes"]:
         raise DataError(
@@ -312,12 +315,13 @@ def run_evaluate_artifact(args: argparse.Namespace) -> int:
             f"exported on ({info.get('dataset')})"
         )
     try:
-        slim = _load_slim(artifact.header, artifact.payload)
+        slim = _load_slim(artifact.header, artifact.payload, fp32_model, args.artifact)
     except ModelError as exc:
-        raise ModelError(f"{args.artifact}: cannot rebuild model '{info['name']}': {exc}") from None
+        raise ModelError(f"{args.artifact}: cannot rebuild model {info['name']!r}: {exc}") from None
     split = splits.val if args.split == "val" else splits.test
     accuracy = evaluate_accuracy(slim, split)
-    fp32 = _fp32_reference(info["name"], splits, args.weights)
+    name = args.model if user_model is not None else info["name"]
+    fp32 = _fp32_reference(fp32_model, name, splits, args.weights)
     latency = latency_report(slim, fp32, splits.input_shape)
     report = {
         "accuracy": accuracy,

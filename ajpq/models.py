@@ -67,7 +67,10 @@ class LeNet5(nn.Module):
         super().__init__()
         h, w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
         if h < 1 or w < 1:
-            raise ModelError(f"lenet5 needs inputs of at least 16x16, but got {height}x{width}")
+            raise ModelError(
+                f"lenet5 needs inputs of at least 16x16, but got {height}x{width}; use a dataset with larger images "
+                "(--dataset mnist, fashion-mnist, cifar10 or cifar100)"
+            )
         self.conv1 = nn.Conv2d(in_channels, 20, 5)
         self.pool1 = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(20, 50, 5)
@@ -211,6 +214,17 @@ def _accepted_kwargs(fn: Callable[..., object], offered: dict[str, object]) -> d
     return {k: v for k, v in offered.items() if k in params and params[k].kind in ok}
 
 
+def is_builtin_model(name: str) -> bool:
+    """True for a zoo or torchvision name: one that ``build_model`` resolves without importing any other code.
+
+    Names read from a file (an artifact header, a checkpoint) are built only when this holds, because
+    ``package.module:factory`` would import and call whatever the file names.
+    """
+    if not isinstance(name, str) or ":" in name:
+        return False
+    return name.strip().lower() in ZOO or name in _torchvision_names()
+
+
 def model_names_help() -> str:
     """One sentence for ``--help``: which model names ``build_model`` accepts."""
     return (
@@ -273,5 +287,6 @@ __all__ = [
     "LeNet5",
     "LeNet300",
     "build_model",
+    "is_builtin_model",
     "model_names_help",
 ]

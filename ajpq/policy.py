@@ -324,6 +324,13 @@ def load_policy(path: str | Path, analysis: ModelAnalysis | None = None) -> Poli
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PolicyError(f"policy file {source} does not exist; export one with `ajpq export`") from None
+    except IsADirectoryError:
+        raise PolicyError(f"policy file {source} is a folder; give the policy's .json file") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            f"{source}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); a policy file is the "
+            "JSON written by `ajpq export` or `ajpq inspect --write-policy`"
+        ) from None
     except OSError as exc:
         raise PolicyError(f"cannot read policy file {source}: {exc.strerror}") from None
     try:
@@ -332,5 +339,7 @@ def load_policy(path: str | Path, analysis: ModelAnalysis | None = None) -> Poli
         raise PolicyError(
             f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); the file may be truncated"
         ) from None
+    except RecursionError:
+        raise PolicyError(f"{source}: JSON nested too deeply to be a policy file") from None
     policy = policy_from_dict(data, source)
     return validate_policy(policy, analysis, source) if analysis is not None else policy

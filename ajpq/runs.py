@@ -9,12 +9,16 @@ Layout of ``runs/<model>__<dataset>__<seed>__<YYYYmmdd-HHMMSS>/``:
 * ``policies.jsonl``: the policy of each episode, compactly (one digit per channel), for ``ajpq export --episode``;
 * ``best_policy.json``: the best feasible policy with its metrics, a valid policy file, rewritten atomically;
 * ``checkpoint/``: the method's state (``state.json`` names the checkpointed episode count; it is written last);
-* ``tb/``: TensorBoard events.
+* ``tb/``: TensorBoard events;
+* ``run.lock``: locked (``flock``) by the process writing the run, and holding its pid; the OS releases the lock when
+  that process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +37,7 @@ BEST_POLICY_FILE = "best_policy.json"
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 STATE_FILE = "state.json"
+LOCK_FILE = "run.lock"
 TIME_KEYS: tuple[str, ...] = ("wall_time", "eval_time")
 """Keys of an episode record that measure time (the only ones that differ between two runs with the same seed)."""
 
@@ -78,6 +83,44 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def bit_allocation_figure(policy: Policy, importance: dict[str, np.ndarray] | None = None) -> Any:
+    """A matplotlib figure of a policy: one labelled row per layer, its channels left to right in decreasing
+    importance (when given), coloured by weight bits on a 1..8 scale with a colour bar; pruned channels in red."""
+    from matplotlib import colormaps
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+
+    names = list(policy.layers)
+    width = max(len(layer.weight_bits) for layer in policy.layers.values())
+    grid = np.full((len(names), width), np.nan)
+    for row, name in enumerate(names):
+        bits = policy.layers[name].weight_bits
+        order = np.arange(bits.size)
+        if importance is not None and name in importance and len(importance[name]) == bits.size:
+            order = np.argsort(-np.asarray(importance[name]), kind="stable")
+        grid[row, : bits.size] = bits[order]
+    viridis = colormaps["viridis"]
+    colors = np.vstack([[0.839, 0.153, 0.157, 1.0], viridis(np.linspace(0.0, 1.0, 8))])  # red, then 1..8 bits
+    cmap = ListedColormap(colors).with_extremes(bad="white")
+    figure = Figure(figsize=(10, 1.2 + 0.32 * len(names)), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(
+        np.ma.masked_invalid(grid),
+        cmap=cmap,
+        norm=BoundaryNorm(np.arange(-0.5, 9.5), 9),
+        aspect="auto",
+        interpolation="nearest",
+    )
+    axes.set_yticks(range(len(names)), names, fontsize=8)
+    order_text = "in decreasing importance" if importance is not None else "by index"
+    axes.set_xlabel(f"output channels, {order_text} (white: layer has fewer channels)")
+    axes.set_title("weight bits per channel (red: pruned)")
+    bar = figure.colorbar(image, ax=axes, ticks=range(9), pad=0.01)
+    bar.set_label("bits")
+    bar.ax.set_yticklabels(["0 pruned", *(str(b) for b in range(1, 9))])
+    return figure
+
+
 class RunDir:
     """One run folder (see the module docstring); used by every search method."""
 
@@ -85,6 +128,38 @@ class RunDir:
         self.path = Path(path)
         self._writer: Any = None
         self._purge_step: int | None = None
+        self._lock: Any = None
+
+    def lock(self) -> None:
+        """Take the run folder for this process: a second search or ``--resume`` of it is refused, naming our pid.
+
+        ``flock`` on ``run.lock``; the lock goes with the process (kill -9 included), so a stale file never blocks.
+        """
+        if self._lock is not None:
+            return
+        path = self.path / LOCK_FILE
+        try:
+            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="ascii")
+        except OSError as exc:
+            raise ConfigError(f"cannot lock run folder {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = handle.read(32).strip() or "unknown"
+            handle.close()
+            raise ConfigError(
+                f"run folder {self.path} is in use by another ajpq process (pid {other}); wait for it to end or stop "
+                "it, then --resume"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle  # closed (and so unlocked) by unlock(), or when this object is collected
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @classmethod
     def create(cls, root: str | Path, model: str, dataset: str, seed: int, *, path: str | Path | None = None) -> RunDir:
@@ -104,8 +179,13 @@ class RunDir:
                     f"run folder {candidate} already exists and is not empty; pick another --run-dir, "
                     f"or continue it with --resume {candidate}"
                 )
-        candidate.mkdir(parents=True, exist_ok=True)
-        return cls(candidate)
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create run folder {candidate}: {exc.strerror}; pick another --run-dir") from None
+        run = cls(candidate)
+        run.lock()
+        return run
 
     @classmethod
     def open(cls, path: str | Path, what: str = "--resume") -> RunDir:
@@ -213,9 +293,14 @@ class RunDir:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            state = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{path} is corrupted ({exc.msg}); start a new run") from None
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise ArtifactError(f"{path} is not a checkpoint state ({type(exc).__name__}); start a new run") from None
+        if not isinstance(state, dict) or not isinstance(state.get("episode"), int):
+            raise ArtifactError(f"{path} is not a checkpoint state (no episode count); start a new run")
+        return state
 
     def checkpoint_slot(self, episode: int) -> Path:
         """A fresh folder for the files of the checkpoint at ``episode``."""
@@ -245,20 +330,11 @@ class RunDir:
         for key, value in values.items():
             self.writer.add_scalar(key, float(value), step)
 
-    def add_policy_summaries(self, policy: Policy, step: int, tag: str = "best_policy") -> None:
-        """Bit-allocation image (layers x channels, colormap), histogram of weight bits and the policy as text."""
-        from matplotlib import colormaps
-
-        names = list(policy.layers)
-        width = max(len(layer.weight_bits) for layer in policy.layers.values())
-        grid = np.full((len(names), width), np.nan)
-        for row, name in enumerate(names):
-            grid[row, : len(policy.layers[name].weight_bits)] = policy.layers[name].weight_bits
-        colors = colormaps["viridis"](np.nan_to_num(grid, nan=0.0) / 8.0)[..., :3]
-        colors[np.isnan(grid)] = 1.0
-        scale = max(1, min(32, 512 // max(width, 1)))
-        image = np.kron(colors, np.ones((max(8, scale), scale, 1)))
-        self.writer.add_image(f"{tag}/bits", image, step, dataformats="HWC")
+    def add_policy_summaries(
+        self, policy: Policy, step: int, tag: str = "best_policy", importance: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Bit-allocation figure (see :func:`bit_allocation_figure`), histogram of weight bits, the policy as text."""
+        self.writer.add_figure(f"{tag}/bits", bit_allocation_figure(policy, importance), step, close=True)
         all_bits = np.concatenate([layer.weight_bits for layer in policy.layers.values()])
         self.writer.add_histogram(f"{tag}/weight_bits", all_bits, step, bins=np.arange(-0.5, 9.5))
         lines = ["| layer | kept | mean bits | act bits |", "|---|---|---|---|"]
@@ -288,3 +364,4 @@ class RunDir:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+        self.unlock()

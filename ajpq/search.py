@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -24,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ajpq.budget import Budget, check_feasible
-from ajpq.errors import ConfigError
+from ajpq.budget import Budget, check_feasible, parse_ratio
+from ajpq.errors import ConfigError, StorageError
 from ajpq.methods import SEARCH_METHODS
 from ajpq.runs import RunDir
 from ajpq.workspace import Workspace, log, open_workspace
@@ -120,6 +122,9 @@ class SearchConfig:
         for name in ("model", "dataset", "device", "importance", "method", "budget_mode", "run_root"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, but got {getattr(self, name)!r}")
+        for name in ("data_dir", "weights", "run_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a path (a string) or null, but got {getattr(self, name)!r}")
         integer("episodes", 1)
         integer("warmup_episodes", 0)
         integer("seed", 0)
@@ -130,6 +135,8 @@ class SearchConfig:
         integer("episode_finetune_steps", 0)
         integer("checkpoint_every", 1)
         integer("refine_episodes", 0, allow_none=True)
+        self.size_budget = parse_ratio("size_budget", self.size_budget)
+        self.bops_budget = parse_ratio("bops_budget", self.bops_budget)
         Budget(self.size_budget, self.bops_budget, self.budget_mode)
         if number("soft_penalty") < 0:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
@@ -190,6 +197,10 @@ class SearchResult:
     episodes_per_s: float
     eval_time_fraction: float
     """Mean episode wall time / mean evaluation time (the overhead ratio)."""
+    finished: bool = False
+    """``--resume`` of a run that had already done its episodes: nothing was run or written."""
+    fp32_accuracy: float | None = None
+    """Validation accuracy of the FP32 model (the reward is the accuracy change against it)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -199,6 +210,7 @@ class SearchResult:
             "best_policy": str(self.run_dir / "best_policy.json") if self.best else None,
             "episodes_per_s": self.episodes_per_s,
             "overhead_ratio": self.eval_time_fraction,
+            "fp32_accuracy": self.fp32_accuracy,
         }
 
 
@@ -218,6 +230,8 @@ class Recorder:
         self.eval_total = 0.0
         self.count = 0
         self.bar: Any = None
+        self.importance: dict[str, np.ndarray] | None = None
+        """Channel importance per layer, to draw the best policy's channels in importance order."""
         if config.progress and not os.environ.get("AJPQ_NO_PROGRESS"):
             from tqdm.auto import tqdm
 
@@ -226,6 +240,16 @@ class Recorder:
     def restore_best(self, best: dict[str, Any] | None) -> None:
         self.best = best
         self.best_reward = -float("inf") if best is None else float(best["reward"])
+
+    def with_meta(self, policy: Any) -> Any:
+        """The meta of a run's best policy (the same on a fresh run and after ``--resume``)."""
+        return policy.with_meta(
+            self.config.method,
+            self.config.seed,
+            run=str(self.run_dir.path),
+            dataset=self.config.dataset,
+            budget={"size": self.config.size_budget, "bops": self.config.bops_budget},
+        )
 
     def record(self, result: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write one evaluated episode (an :class:`~ajpq.envs.EpisodeResult`); returns its record."""
@@ -263,15 +287,9 @@ class Recorder:
             self.best["compression_rate"] = result.report.compression_rate
             policy = result.policy.copy()
             policy.metrics = {**self.best, "fp32_accuracy": self.fp32_accuracy, "split": "val"}
-            policy = policy.with_meta(
-                self.config.method,
-                self.config.seed,
-                run=str(self.run_dir.path),
-                dataset=self.config.dataset,
-                budget={"size": self.config.size_budget, "bops": self.config.bops_budget},
-            )
+            policy = self.with_meta(policy)
             self.run_dir.write_best(policy)
-            self.run_dir.add_policy_summaries(policy, self.episode)
+            self.run_dir.add_policy_summaries(policy, self.episode, importance=self.importance)
         if self.best is not None:
             scalars["search/best_reward"] = self.best_reward
         self.run_dir.add_scalars(scalars, self.episode)
@@ -297,6 +315,12 @@ class SearchContext:
     recorder: Recorder
     resume_state: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    stop: StopOnSignal = field(default_factory=lambda: StopOnSignal())
+
+    def checkpoint_due(self) -> bool:
+        """After an episode: the periodic checkpoint, the last episode, or a stop asked for by SIGINT/SIGTERM."""
+        episode = self.recorder.episode
+        return episode % self.config.checkpoint_every == 0 or episode == self.config.episodes or self.stop.requested
 
     def checkpoint(self, save: Callable[[Path], dict[str, Any]]) -> None:
         """Save a resumable checkpoint: ``save(folder)`` writes the method's files and returns its state dict."""
@@ -314,6 +338,34 @@ class SearchContext:
             }
         )
         self.run_dir.prune_checkpoints(slot)
+        if self.stop.requested:
+            log(f"checkpoint written after episode {episode}; continue with `ajpq search --resume {self.run_dir.path}`")
+            raise KeyboardInterrupt
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM during a search: finish the episode, checkpoint, stop (a second signal stops at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("interrupted: finishing this episode, then writing a checkpoint (interrupt again to stop at once)")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -387,7 +439,6 @@ def run_ajpq(context: SearchContext) -> None:
     channel_agent = make_controller(
         config.channel_agent, "channel_agent", channel_env, config.seed + 1, rng, **agent_options[config.channel_agent]
     )
-    rl_start = 0
     state = context.resume_state
     if state is not None:
         slot = context.run_dir.checkpoint_dir / state["slot"]
@@ -397,7 +448,6 @@ def run_ajpq(context: SearchContext) -> None:
         layer_agent.set_state(method_state.get("layer_agent", {}))
         channel_agent.set_state(method_state.get("channel_agent", {}))
         rng.bit_generator.state = method_state["rng"]
-        rl_start = int(method_state.get("rl_start", 0))
         _set_rng_state(state["rng"])
     elif config.warm_start:
         policies = warm_start_policies(
@@ -420,7 +470,6 @@ def run_ajpq(context: SearchContext) -> None:
         _, layer_demo, channel_demo = max(demos, key=lambda demo: demo[0])
         layer_agent.imitate(layer_demo)
         channel_agent.imitate(channel_demo)
-        rl_start = recorder.episode
     warmup_episodes = 0 if config.warm_start else config.warmup_episodes
 
     def save(folder: Path) -> dict[str, Any]:
@@ -430,7 +479,6 @@ def run_ajpq(context: SearchContext) -> None:
             "layer_agent": layer_agent.state(),
             "channel_agent": channel_agent.state(),
             "rng": rng.bit_generator.state,
-            "rl_start": rl_start,
         }
 
     warmup = False
@@ -452,7 +500,7 @@ def run_ajpq(context: SearchContext) -> None:
                 stats = agent.end_episode(float(reward), warmup)
                 context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
             recorder.record(result, {"warmup": warmup, "phase": "rl"})
-            if (recorder.episode - rl_start) % config.checkpoint_every == 0 or recorder.episode == config.episodes:
+            if context.checkpoint_due():
                 context.checkpoint(save)
 
     rl_episodes(config.episodes - refine_count(config))
@@ -461,6 +509,8 @@ def run_ajpq(context: SearchContext) -> None:
         refine_rng = np.random.default_rng([config.seed, recorder.episode])
 
         def evaluate(policies: Any) -> list[Any]:
+            if context.stop.requested:  # no checkpoint inside the refinement: a resume redoes it from the last one
+                raise KeyboardInterrupt
             results = [problem.finish(policy) for policy in policies]
             for result in results:
                 recorder.record(result, {"warmup": False, "phase": "refine"})
@@ -476,12 +526,59 @@ METHODS: dict[str, Callable[[SearchContext], None]] = {"ajpq": run_ajpq, **SEARC
 """Search methods by ``--method`` name; add one with ``METHODS["name"] = fn`` (see the module docstring)."""
 
 
+RESUMABLE_METHODS: set[str] = {"ajpq"}
+"""Methods that save checkpoints (``context.checkpoint``): on SIGINT/SIGTERM they checkpoint, then stop."""
+
+
 def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> SearchResult:
-    """Run (or resume) a search and return its summary; every bad input raises an AJPQError before any search."""
+    """Run (or resume) a search and return its summary; every bad input raises an AJPQError before any search.
+
+    The run folder is locked while the search runs (see :meth:`RunDir.lock`). A resumable method interrupted by
+    SIGINT or SIGTERM finishes its episode, writes a checkpoint and raises ``KeyboardInterrupt``.
+    """
+    held: list[RunDir] = []
+    stop = StopOnSignal()
+    try:
+        if config.method in RESUMABLE_METHODS:
+            with stop:
+                return _run_search(config, resume, held, stop)
+        return _run_search(config, resume, held, stop)
+    except OSError as exc:  # a full disk, a read-only folder: one line, and the last checkpoint stays whole
+        if not held:
+            raise StorageError(
+                f"cannot write {exc.filename or config.run_dir or config.run_root}: {exc.strerror}"
+            ) from None
+        raise StorageError(
+            f"cannot write {exc.filename or held[0].path} ({exc.strerror}); the run folder keeps its last "
+            f"checkpoint: free some space, then `ajpq search --resume {held[0].path}`"
+        ) from None
+    finally:
+        for run_dir in held:
+            run_dir.close()
+
+
+def _run_search(
+    config: SearchConfig, resume: str | Path | None, held: list[RunDir], stop: StopOnSignal
+) -> SearchResult:
     from ajpq.envs import CompressionProblem
     from ajpq.proxy import ProxyOptions, make_evaluator
     from ajpq.train import evaluate_accuracy
 
+    state = None
+    if resume is not None:
+        run_dir = RunDir.open(resume)
+        held.append(run_dir)
+        run_dir.lock()  # before anything is read or truncated: a second process on the same folder is refused
+        state = run_dir.load_state()
+        done = 0 if state is None else int(state["episode"])
+        if done >= config.episodes:
+            log(
+                f"run {run_dir.path} already finished its {done} episodes; nothing changed (a higher --episodes "
+                "continues it)"
+            )
+            fp32 = run_dir.read_info().get("fp32_accuracy_val")
+            best = state.get("best") if state else None
+            return SearchResult(run_dir.path, done, best, 0.0, 0.0, finished=True, fp32_accuracy=fp32)
     seed_all(config.seed)
     workspace = open_workspace(
         config.model,
@@ -528,17 +625,14 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
         soft_penalty=config.soft_penalty,
         sensitivity=sensitivity,
     )
-    state = None
     if resume is not None:
-        run_dir = RunDir.open(resume)
-        state = run_dir.load_state()
-        done = 0 if state is None else int(state["episode"])
         run_dir.truncate(done)
         if state is None:
             run_dir.best_policy_path.unlink(missing_ok=True)
         log(f"resuming {run_dir.path} after episode {done} (its last checkpoint)")
     else:
         run_dir = RunDir.create(config.run_root, config.model, workspace.splits.name, config.seed, path=config.run_dir)
+        held.append(run_dir)
         run_dir.write_info(
             {
                 "model": config.model,
@@ -551,15 +645,16 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
     run_dir.write_config(config.to_dict())
     start = 0 if state is None else int(state["episode"])
     recorder = Recorder(run_dir, config, fp32, start=start)
+    recorder.importance = workspace.analysis.layer_importance
     if state is not None and state.get("best"):
         recorder.restore_best(state["best"])
         info = run_dir.read_info()
         best_policy = run_dir.read_policy(state["best"]["episode"], config.model, info.get("fingerprint"))
         best_policy.metrics = {**state["best"], "fp32_accuracy": fp32, "split": "val"}
-        run_dir.write_best(best_policy.with_meta(config.method, config.seed, run=str(run_dir.path)))
+        run_dir.write_best(recorder.with_meta(best_policy))
     if sensitivity is not None:
         run_dir.writer.add_text("sensitivity/table", sensitivity.markdown(workspace.analysis), 0)
-    context = SearchContext(workspace, config, run_dir, problem, recorder, resume_state=state)
+    context = SearchContext(workspace, config, run_dir, problem, recorder, resume_state=state, stop=stop)
     started = time.perf_counter()
     try:
         METHODS[config.method](context)
@@ -579,4 +674,5 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
         best=recorder.best,
         episodes_per_s=recorder.count / elapsed if elapsed > 0 else 0.0,
         eval_time_fraction=(recorder.wall_total / count) / max(recorder.eval_total / count, 1e-9),
+        fp32_accuracy=fp32,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,31 @@ _COMMON_KEYS = ("model", "dataset", "data_dir", "split_seed", "val_size", "devic
 
 
 _NONE = "none"
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "model": "digits_cnn",
+    "dataset": "digits",
+    "device": "auto",
+    "importance": "l1",
+    "split_seed": 0,
+}
+"""Defaults of the shared flags: such a flag counts as given only when it differs from its default."""
+
+
+def _fraction(text: str) -> float:
+    """A ratio flag: a number (0.0625) or a fraction (1/16)."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 0.05 or 1/16, but got {text!r}") from None
 
 
 def _ratio_or_none(text: str) -> float | str:
     if text.lower() in ("none", "null", "off"):
         return _NONE
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio such as 0.05 or 'none', but got {text!r}") from None
+        return _fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 0.05, 1/16 or 'none', but got {text!r}") from None
 
 
 def _optional_int(text: str) -> int | None:
@@ -62,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     add("--seed", type=int, default=None, help="search seed (default 0)")
     add("--layer-agent", default=None, choices=AGENT_KINDS, help="layer controller (default ppo)")
     add("--channel-agent", default=None, choices=AGENT_KINDS, help="channel controller (default ppo)")
-    add("--max-sparsity", type=float, default=None, help="largest pruned fraction per layer (default 0.8)")
+    add("--max-sparsity", type=_fraction, default=None, help="largest pruned fraction per layer (default 0.8)")
     add("--activation-bits", type=int, default=None, help="activation bits when not searched (default 8)")
     add(
         "--search-activation-bits",
@@ -141,20 +158,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from ajpq.search import CONFIG_KEYS, SearchConfig
 
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    common_defaults = {
-        "model": "digits_cnn",
-        "dataset": "digits",
-        "device": "auto",
-        "importance": "l1",
-        "split_seed": 0,
-    }
     for key in CONFIG_KEYS:
         if not hasattr(args, key):
             continue
         value = getattr(args, key)
         if value is None:
             continue
-        if key in _COMMON_KEYS and key in values and value == common_defaults.get(key, None):
+        if key in _COMMON_KEYS and key in values and value == _COMMON_DEFAULTS.get(key, None):
             continue
         values[key] = None if value is _NONE else value
     if args.no_progress:
@@ -162,36 +172,106 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return SearchConfig(**values)
 
 
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave on the command line or in ``--config`` (not the defaults)."""
+    from ajpq.search import CONFIG_KEYS
+
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for key in CONFIG_KEYS:
+        value = getattr(args, key, None)
+        if value is None or (key in _COMMON_KEYS and value == _COMMON_DEFAULTS.get(key)):
+            continue
+        values[key] = None if value is _NONE else value
+    return values
+
+
+def resume_config(args: argparse.Namespace, run_dir: RunDir) -> Any:
+    """The run's own config; any setting given that differs from it is refused (only a higher --episodes is not)."""
+    from ajpq.models import is_builtin_model
+    from ajpq.search import SearchConfig
+
+    values = run_dir.read_config()
+    given = given_settings(args)
+    differences = []
+    for key, value in given.items():
+        stored = values.get(key)
+        if key == "episodes" and isinstance(value, int) and value >= int(stored or 0):
+            values["episodes"] = value
+        elif key == "progress":
+            continue
+        elif value != stored:
+            differences.append(f"{key} {stored!r} -> {value!r}")
+    if differences:
+        raise ConfigError(
+            f"--resume {run_dir.path}: a resumed run keeps the settings of its config.yaml, but these differ: "
+            f"{', '.join(differences)} (only a higher --episodes is allowed); start a new run for other settings"
+        )
+    model = values.get("model")
+    if isinstance(model, str) and not is_builtin_model(model) and given.get("model") != model:
+        raise ConfigError(
+            f"--resume {run_dir.path}: the run was made with model {model!r}, code named in a run folder is never "
+            f"imported on its own; pass --model {model} yourself to resume it"
+        )
+    if args.no_progress:
+        values["progress"] = False
+    values["run_dir"] = str(run_dir.path)
+    return SearchConfig(**values)
+
+
 def run_search_command(args: argparse.Namespace) -> int:
-    from ajpq.search import SearchConfig, run_search
+    from ajpq.search import run_search
 
     if args.resume is not None:
         run_dir = RunDir.open(args.resume)
-        values = run_dir.read_config()
-        if args.episodes is not None:
-            values["episodes"] = args.episodes
-        if args.no_progress:
-            values["progress"] = False
-        values["run_dir"] = str(run_dir.path)
-        config = SearchConfig(**values)
-        result = run_search(config, resume=run_dir.path)
+        result = run_search(resume_config(args, run_dir), resume=run_dir.path)
     else:
         result = run_search(config_from_args(args))
     summary = result.as_dict()
     if args.json:
-        print_json(summary)
+        print_json({**summary, "already_finished": result.finished})
+        return 0
+    if result.finished:
+        print(
+            f"run {result.run_dir} already finished its {result.episodes} episodes; nothing changed "
+            f"(give a higher --episodes to continue it)"
+        )
         return 0
     best = result.best
     if best is None:
         print(f"no feasible policy in {result.episodes} episodes; run folder {result.run_dir}")
         return 0
-    print(
-        f"best reward {best['reward']:+.4f} (val accuracy {best['accuracy']:.4f}, size ratio {best['size_ratio']:.4f}"
-        f" = {best['compression_rate']:.1f}x smaller, BOPs ratio {best['bops_ratio']:.4f}) at episode "
-        f"{best['episode']} of {result.episodes}; {result.episodes_per_s:.1f} episodes/s; "
-        f"best policy {summary['best_policy']}"
-    )
+    print(summary_text(result, summary["best_policy"], config_of(result.run_dir)))
     return 0
+
+
+def config_of(run: Path) -> dict[str, Any]:
+    try:
+        return RunDir(run).read_config()
+    except ConfigError:
+        return {}
+
+
+def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
+    """The end-of-search summary: the best policy next to FP32, what the reward means, and the next commands."""
+    best = result.best
+    fp32 = result.fp32_accuracy
+    against = f" against FP32 {fp32:.4f}" if fp32 is not None else ""
+    model, dataset = config.get("model", "MODEL"), config.get("dataset", "DATASET")
+    data = f"--model {model} --dataset {dataset}"
+    penalty = ", minus the soft-budget penalty" if config.get("budget_mode") == "soft" else ""
+    return "\n".join(
+        [
+            f"best reward {best['reward']:+.4f} at episode {best['episode']} of {result.episodes}: val accuracy "
+            f"{best['accuracy']:.4f}{against} (reward = val accuracy change against FP32{penalty}); size ratio "
+            f"{best['size_ratio']:.4f} = {best['compression_rate']:.1f}x smaller, BOPs ratio "
+            f"{best['bops_ratio']:.4f}; {result.episodes_per_s:.1f} episodes/s",
+            f"best policy: {best_policy}",
+            "next:",
+            f"  tensorboard --logdir {result.run_dir / 'tb'}",
+            f"  ajpq finetune {data} --policy {best_policy} --out finetuned.pt",
+            f"  ajpq export-model {data} --weights finetuned.pt --out model.ajpq",
+        ]
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -65,6 +65,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``ajpq pretrain`` (or a plain state dict) with clear errors."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"weights file {path} is a folder; give the checkpoint file in it (e.g. {path / 'ckpt.pt'})")
     if not path.is_file():
         raise ModelError(f"weights file {path} does not exist; train one with `ajpq pretrain --out {path}`")
     try:

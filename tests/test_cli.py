@@ -119,7 +119,9 @@ def test_debug_shows_the_traceback():
 
 def test_mismatched_weights_are_refused(tmp_path, checkpoint):
     result = run_cli("evaluate", "--model", "lenet300", "--weights", str(checkpoint))
-    assert result.returncode == 2 and "holds weights of model 'digits_cnn', not 'lenet300'" in result.stderr
+    assert (
+        result.returncode == 2 and "contradicts --model lenet300 (the checkpoint records digits_cnn)" in result.stderr
+    )
 
 
 def test_policy_of_another_model_is_refused(tmp_path, checkpoint):

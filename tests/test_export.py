@@ -278,7 +278,7 @@ def test_cli_refuses_corrupted_artifact(round_trip, tmp_path: Path, capsys) -> N
 # --- other architectures ------------------------------------------------------------------------------------------
 
 
-def _export_and_compare(model, name: str, input_shape, tmp_path: Path, **load_kwargs):
+def _export_and_compare(model, name: str, input_shape, tmp_path: Path, *, user_model: bool = False):
     torch.manual_seed(0)
     model.eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics
@@ -296,7 +296,7 @@ def _export_and_compare(model, name: str, input_shape, tmp_path: Path, **load_kw
     )
     path = tmp_path / f"{name.replace(':', '_')}.ajpq"
     artifact.write(path)
-    slim = load_compressed(path, **load_kwargs)
+    slim = load_compressed(path, model=model if user_model else None)  # a file's factory name is never imported
     x = torch.randn(32, *input_shape)
     with torch.no_grad():
         expected, got = artifact.simulated(x), slim(x)
@@ -336,7 +336,7 @@ def test_depthwise_net_exports_and_runs(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.syspath_prepend(str(tmp_path))
     name = "ajpq_test_dwnet:build"
     model = build_model(name, (3, 8, 8), 10)
-    slim, policy = _export_and_compare(model, name, (3, 8, 8), tmp_path)
+    slim, policy = _export_and_compare(model, name, (3, 8, 8), tmp_path, user_model=True)
     kept = int((policy.layers["0"].weight_bits > 0).sum())
     assert kept == 8
     assert slim[3].weight.shape == (kept, 1, 3, 3) and slim[3].groups == kept
