@@ -84,7 +84,9 @@ class SearchConfig:
     episodes_per_update: int = 4
     """PPO: episodes collected per update."""
     episode_finetune_steps: int = 0
-    """SGD steps of fine-tuning before each episode's evaluation (0: none)."""
+    """Steps of quantization-aware fine-tuning (as ``ajpq finetune``) before each episode's evaluation (0: none)."""
+    proxy_bn_batches: int = 0
+    """Training batches on which each candidate's BatchNorm statistics are re-estimated before scoring (0: none)."""
     checkpoint_every: int = 20
     """Save a resumable checkpoint every this many episodes (a multiple of ``episodes_per_update``)."""
     run_root: str = "runs"
@@ -121,6 +123,7 @@ class SearchConfig:
         integer("channel_group_size", 1, allow_none=True)
         integer("episodes_per_update", 1)
         integer("episode_finetune_steps", 0)
+        integer("proxy_bn_batches", 0)
         integer("checkpoint_every", 1)
         Budget(self.size_budget, self.bops_budget, self.budget_mode)
         if number("soft_penalty") < 0:
@@ -422,7 +425,10 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
     )
     val = workspace.splits.val
     fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
-    evaluate = make_evaluator(workspace, ProxyOptions(finetune_steps=config.episode_finetune_steps, seed=config.seed))
+    proxy = ProxyOptions(
+        finetune_steps=config.episode_finetune_steps, bn_batches=config.proxy_bn_batches, seed=config.seed
+    )
+    evaluate = make_evaluator(workspace, proxy)
     problem = CompressionProblem(
         workspace.analysis,
         evaluate,

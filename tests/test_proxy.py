@@ -182,3 +182,21 @@ def test_qat_steps_proxy_is_deterministic_and_leaves_the_workspace_unchanged(dig
     for key, value in state(workspace.model).items():
         assert torch.equal(value, reference[key]), key
     assert make_evaluator(workspace)(policy) == plain
+
+
+def test_search_scores_with_the_configured_proxy(tmp_path, capsys) -> None:
+    from ajpq.cli import main
+    from ajpq.policy import load_policy
+    from ajpq.workspace import open_workspace
+
+    assert main(["search", "--proxy-bn-batches", "-2"]) == 2
+    assert "proxy_bn_batches must be an integer >= 0, but got -2" in capsys.readouterr().err
+    run = tmp_path / "run"
+    argv = ["search", "--episodes", "2", "--warmup-episodes", "2", "--proxy-bn-batches", "2", "--seed", "4"]
+    assert main([*argv, "--run-dir", str(run), "--no-progress", "--json"]) == 0
+    assert "proxy_bn_batches: 2" in (run / "config.yaml").read_text()
+    workspace = open_workspace("digits_cnn", "digits", progress=False)
+    best = load_policy(run / "best_policy.json", workspace.analysis)
+    score = make_evaluator(workspace, ProxyOptions(bn_batches=2, seed=4))(best)
+    assert best.metrics["accuracy"] == pytest.approx(score, abs=1e-8)  # policy files round metrics to 8 digits
+    assert score != make_evaluator(workspace)(best)
