@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,23 +78,23 @@ def test_bn_reestimation_equals_pytorch_adaptive_batchnorm_on_the_unfolded_candi
     policy = pruned_policy(analysis)
     calibration = next(tiny.splits.train.batches(CALIBRATION_SIZE))[0]
     simulated = SimulatedModel(model, analysis, calibration)
+    module: Any = simulated.apply(policy)
     folded = {
-        layer.name: (p.weight.detach().clone(), p.bias.detach().clone())
+        layer.name: (module.get_submodule(layer.name).weight.clone(), module.get_submodule(layer.name).bias.clone())
         for layer in analysis.layers
-        for p in [simulated.apply(policy).get_submodule(layer.name)]
     }
     batches = reestimation_batches(tiny.splits.train, 3, 64, seed=0, device=torch.device("cpu"))
 
     unfolded = copy.deepcopy(model)
     for layer in analysis.layers:
-        conv = unfolded.get_submodule(layer.name)
+        conv: Any = unfolded.get_submodule(layer.name)
         weight, bias = folded[layer.name]
         kept = torch.from_numpy(policy.layers[layer.name].weight_bits > 0)
         if layer.bn_name is None:
             conv.weight.data.copy_(weight)
             conv.bias.data.copy_(bias)
         else:
-            bn = unfolded.get_submodule(layer.bn_name)
+            bn: Any = unfolded.get_submodule(layer.bn_name)
             s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             safe = torch.where(kept, s, torch.ones_like(s)).detach()
             conv.weight = nn.Parameter(weight / safe.reshape(-1, 1, 1, 1) * kept.reshape(-1, 1, 1, 1))
@@ -115,7 +116,7 @@ def test_bn_reestimation_equals_pytorch_adaptive_batchnorm_on_the_unfolded_candi
     unfolded.eval()
 
     module = reestimate_batchnorm(simulated, model, analysis, batches)
-    x = tiny.splits.val.x
+    x = next(tiny.splits.val.batches(len(tiny.splits.val)))[0]
     with torch.no_grad():
         expected, got, before = unfolded(x), module(x), simulated.apply(policy)(x)
     assert not torch.allclose(expected, before, atol=1e-2)  # re-estimation really changes the candidate
