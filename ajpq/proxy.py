@@ -62,13 +62,17 @@ class ProxyOptions:
 
     def describe(self) -> str:
         """A short name of the proxy, e.g. ``plain``, ``bn8``, ``qat50+bn8``."""
-        parts = [f"qat{self.finetune_steps}"] * bool(self.finetune_steps) + [f"bn{self.bn_batches}"] * bool(
-            self.bn_batches
-        )
+        parts = []
+        if self.finetune_steps:
+            parts.append(f"qat{self.finetune_steps}")
+        if self.bn_batches:
+            parts.append(f"bn{self.bn_batches}")
         return "+".join(parts) or "plain"
 
 
-def reestimation_batches(train: Split, count: int, batch_size: int, seed: int, device: torch.device) -> list:
+def reestimation_batches(
+    train: Split, count: int, batch_size: int, seed: int, device: torch.device
+) -> list[torch.Tensor]:
     """``count`` shuffled training batches (images only, no augmentation), the same for a seed; reshuffled epochs
     when the split is smaller than ``count * batch_size``."""
     generator = torch.Generator().manual_seed(seed)
@@ -177,17 +181,18 @@ def make_evaluator(workspace: Workspace, options: ProxyOptions | None = None) ->
     options = options or ProxyOptions()
     val = workspace.splits.val
     device = workspace.device
-    if not options.finetune_steps and not options.bn_batches:
+    analysis = workspace.analysis
+    has_batchnorm = any(layer.bn_name for layer in analysis.layers)
+    if not options.finetune_steps and not (options.bn_batches and has_batchnorm):
 
         def evaluate(policy: Policy) -> float:
             return evaluate_accuracy(workspace.simulated.apply(policy), val, device)
 
         return evaluate
-    analysis = workspace.analysis
     calibration = next(workspace.splits.train.batches(CALIBRATION_SIZE))[0]
     batches = (
         reestimation_batches(workspace.splits.train, options.bn_batches, options.bn_batch_size, options.seed, device)
-        if options.bn_batches and any(layer.bn_name for layer in analysis.layers)
+        if options.bn_batches and has_batchnorm
         else []
     )
     own: list[SimulatedModel] = []  # the scorer's private simulated model of the reference (built on first use)
