@@ -86,7 +86,9 @@ class SearchConfig:
     episodes_per_update: int = 4
     """PPO: episodes collected per update."""
     episode_finetune_steps: int = 0
-    """SGD steps of fine-tuning before each episode's evaluation (0: none)."""
+    """Steps of quantization-aware fine-tuning (as ``ajpq finetune``) before each episode's evaluation (0: none)."""
+    proxy_bn_batches: int = 0
+    """Training batches on which each candidate's BatchNorm statistics are re-estimated before scoring (0: none)."""
     sensitivity: bool = True
     """ajpq: measure each layer step's sensitivity once (cached) and give it to both controllers."""
     warm_start: bool = True
@@ -133,6 +135,7 @@ class SearchConfig:
         integer("channel_group_size", 1, allow_none=True)
         integer("episodes_per_update", 1)
         integer("episode_finetune_steps", 0)
+        integer("proxy_bn_batches", 0)
         integer("checkpoint_every", 1)
         integer("refine_episodes", 0, allow_none=True)
         self.size_budget = parse_ratio("size_budget", self.size_budget)
@@ -598,7 +601,10 @@ def _run_search(
     )
     val = workspace.splits.val
     fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
-    evaluate = make_evaluator(workspace, ProxyOptions(finetune_steps=config.episode_finetune_steps, seed=config.seed))
+    proxy = ProxyOptions(
+        finetune_steps=config.episode_finetune_steps, bn_batches=config.proxy_bn_batches, seed=config.seed
+    )
+    evaluate = make_evaluator(workspace, proxy)
     sensitivity = None
     if config.method == "ajpq" and config.sensitivity:
         from ajpq.sensitivity import load_or_measure

@@ -89,7 +89,18 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     )
     add("--channel-group-size", type=_optional_int, default=None, help="channels per channel step (default auto)")
     add("--episodes-per-update", type=int, default=None, help="PPO episodes per update (default 4)")
-    add("--episode-finetune-steps", type=int, default=None, help="fine-tune steps before each evaluation (default 0)")
+    add(
+        "--episode-finetune-steps",
+        type=int,
+        default=None,
+        help="steps of quantization-aware fine-tuning before each evaluation (default 0)",
+    )
+    add(
+        "--proxy-bn-batches",
+        type=int,
+        default=None,
+        help="re-estimate each candidate's BatchNorm statistics on this many training batches (default 0)",
+    )
     add(
         "--sensitivity",
         action=argparse.BooleanOptionalAction,
