@@ -51,8 +51,9 @@ OLMP_ADMM_OPTIONS = {
 }
 
 
-def suites(quick: bool, episodes: int | None) -> dict[str, list[dict[str, Any]]]:
+def suites(quick: bool, episodes: int | None, proxy_steps: int) -> dict[str, list[dict[str, Any]]]:
     """Compare runs per suite: each is a CompareConfig's keys (without seed and out_dir)."""
+    proxy = {"episode_finetune_steps": proxy_steps} if proxy_steps else {}
     if quick:
         return {
             "digits-compare": [
@@ -76,8 +77,8 @@ def suites(quick: bool, episodes: int | None) -> dict[str, list[dict[str, Any]]]
     }
     return {
         "lenet5": [
-            {**lenet, "budgets": ["1/32", "1/64", "1/100"]},
-            {**lenet, "budgets": [], "bops_budgets": ["1/256"], "search": {"search_activation_bits": True}},
+            {**lenet, "budgets": ["1/32", "1/64", "1/100"], "search": proxy},
+            {**lenet, "budgets": [], "bops_budgets": ["1/256"], "search": {"search_activation_bits": True, **proxy}},
         ],
         "resnet20": [
             {
@@ -88,6 +89,7 @@ def suites(quick: bool, episodes: int | None) -> dict[str, list[dict[str, Any]]]
                 "episodes": episodes or 100,
                 "finetune_epochs": 3,
                 "method_options": OLMP_ADMM_OPTIONS,
+                "search": proxy,
                 "seeds": 1,
             }
         ],
@@ -127,10 +129,14 @@ def verdicts(medians: list[dict[str, Any]], key: str = "test_after") -> list[dic
     return result
 
 
-def run_compare_suite(name: str, runs: list[dict[str, Any]], seeds: int, out: Path) -> dict[str, Any]:
+def run_compare_suite(
+    name: str, runs: list[dict[str, Any]], seeds: int, out: Path, part: int | None = None
+) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     fp32: dict[str, float] = {}
-    for spec in runs:
+    for index, spec in enumerate(runs):
+        if part is not None and index != part:
+            continue
         spec = dict(spec)
         suite_seeds = min(seeds, spec.pop("seeds", seeds))
         for seed in range(suite_seeds):
@@ -231,16 +237,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds for ajpq and random (default 3; quick 1)")
     parser.add_argument("--episodes", type=int, default=None, help="episodes of ajpq and random (default per suite)")
     parser.add_argument("--out", default="runs/bench_quality", help="output folder")
+    parser.add_argument(
+        "--proxy-steps",
+        type=int,
+        default=None,
+        help="QAT steps of the search score for ajpq and random alike (default 10; quick 0; see proxy_fidelity.py)",
+    )
+    parser.add_argument("--part", type=int, default=None, help="run only this compare run of each suite (0, 1, ...)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     seeds = args.seeds or (1 if args.quick else 3)
     started = time.perf_counter()
     report: dict[str, Any] = {"mode": "quick" if args.quick else "full", "seeds": seeds, "suites": {}}
     wanted = set(args.suites or ["lenet5", "resnet20", "digits", "digits-compare"])
-    for name, runs in suites(args.quick, args.episodes).items():
+    proxy_steps = args.proxy_steps if args.proxy_steps is not None else (0 if args.quick else 10)
+    report["proxy_steps"] = proxy_steps
+    for name, runs in suites(args.quick, args.episodes, proxy_steps).items():
         if name in wanted:
-            report["suites"][name] = run_compare_suite(name, runs, seeds, out)
-    if "digits" in wanted:
+            report["suites"][name] = run_compare_suite(name, runs, seeds, out, args.part)
+    if "digits" in wanted and args.part in (None, 0):
         episodes = args.episodes or (16 if args.quick else 100)
         report["suites"]["digits"] = run_digits_search(seeds, episodes, out)
     report["wall_time_s"] = time.perf_counter() - started
