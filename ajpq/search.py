@@ -93,6 +93,12 @@ class SearchConfig:
     """Exact run folder to create (default: run_root/<model>__<dataset>__<seed>__<time>)."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    backend: str = "local"
+    """Where candidates are evaluated: local, processes or ray (the results are the same with every backend)."""
+    workers: int | None = None
+    """Worker processes or Ray actors (default: processes, the CPU cores; ray, the cluster's CPUs)."""
+    ray_address: str | None = None
+    """Ray cluster to join ("auto" or HOST:PORT; default: start a local Ray)."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options of the other methods (see each module's ``DEFAULTS`` in :mod:`ajpq.methods`), e.g. {"rounds": 3}."""
 
@@ -123,6 +129,7 @@ class SearchConfig:
         integer("episode_finetune_steps", 0)
         integer("checkpoint_every", 1)
         Budget(self.size_budget, self.bops_budget, self.budget_mode)
+        self.backend_options
         if number("soft_penalty") < 0:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
         if not 0.0 <= number("max_sparsity") < 1.0:
@@ -164,6 +171,12 @@ class SearchConfig:
     @property
     def budget(self) -> Budget:
         return Budget(self.size_budget, self.bops_budget, self.budget_mode)
+
+    @property
+    def backend_options(self) -> Any:
+        from ajpq.backends import BackendOptions
+
+        return BackendOptions(self.backend, self.workers, self.ray_address)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -373,24 +386,70 @@ def run_ajpq(context: SearchContext) -> None:
             "rng": rng.bit_generator.state,
         }
 
-    warmup = False
-    layer_env.channel_controller = lambda obs: channel_agent.act(obs, warmup)
-    writer_tags = {"layer_agent": layer_agent, "channel_agent": channel_agent}
+    discrete = config.channel_agent == "ppo"
+    agents = {"layer_agent": layer_agent, "channel_agent": channel_agent}
     while recorder.episode < config.episodes:
-        warmup = recorder.episode < config.warmup_episodes
-        obs, _ = layer_env.reset()
-        done = False
-        reward = 0.0
-        while not done:
-            obs, reward, done, _, _ = layer_env.step(layer_agent.act(obs, warmup))
-        result = layer_env.episode.result
-        assert result is not None
-        for name, agent in writer_tags.items():
-            stats = agent.end_episode(float(reward), warmup)
-            context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
-        recorder.record(result, {"warmup": warmup})
+        start = recorder.episode
+        next_checkpoint = (start // config.checkpoint_every + 1) * config.checkpoint_every
+        size = min(config.episodes_per_update, config.episodes - start, next_checkpoint - start)
+        warmup = [start + i < config.warmup_episodes for i in range(size)]
+        policies = rollout_batch(problem, layer_agent, channel_agent, warmup, discrete)
+
+        def learn(slot: int, result: Any, record: dict[str, Any]) -> None:
+            for name, agent in agents.items():
+                stats = agent.end_episode(float(result.reward), warmup[slot], slot)
+                context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, start + slot + 1)
+            record["warmup"] = warmup[slot]
+
+        evaluate_and_record(context, policies, before_record=learn)
         if recorder.episode % config.checkpoint_every == 0 or recorder.episode == config.episodes:
             context.checkpoint(save)
+
+
+def rollout_batch(
+    problem: Any, layer_agent: Any, channel_agent: Any, warmup: list[bool], channel_discrete: bool
+) -> list[Any]:
+    """Roll out ``len(warmup)`` episodes side by side, with one vectorized call of each agent per step for the whole
+    batch (an episode's observations depend on its partial policy and the budget only, never on an evaluation).
+
+    Episode ``i`` is the agents' slot ``i``; its warm-up flag makes it act at random. Returns the complete, not yet
+    projected policies in episode order; hand each episode's reward to the agents with ``end_episode(.., slot=i)``.
+    """
+    from ajpq.envs import Episode, bits_of
+
+    episodes = [Episode(problem) for _ in warmup]
+    slots = list(range(len(episodes)))
+    for _ in problem.units:
+        actions = layer_agent.act_batch(np.stack([e.layer_obs() for e in episodes]), warmup, slots)
+        for episode, action in zip(episodes, actions, strict=True):
+            episode.begin_unit(np.asarray(action, dtype=np.float64).reshape(-1))
+        while active := [i for i in slots if not episodes[i].unit_done]:
+            obs = np.stack([episodes[i].channel_obs() for i in active])
+            bits = channel_agent.act_batch(obs, [warmup[i] for i in active], active)
+            for i, action in zip(active, bits, strict=True):
+                episodes[i].assign(bits_of(action, channel_discrete))
+    return [e.policy for e in episodes]
+
+
+def evaluate_and_record(
+    context: SearchContext,
+    policies: list[Any],
+    extras: list[dict[str, Any]] | None = None,
+    before_record: Callable[[int, Any, dict[str, Any]], None] | None = None,
+) -> list[Any]:
+    """Project the policies, evaluate them together through the search's backend (identical projected policies once
+    per search), and record them in order; returns their :class:`~ajpq.envs.EpisodeResult`.
+
+    ``before_record(i, result, extra)`` runs before policy ``i`` is recorded (agents learn there; it may add keys to
+    ``extra``, the extra fields of its episodes.jsonl line).
+    """
+    results = context.problem.finish_many(policies)
+    for i, result in enumerate(results):
+        extra = dict(extras[i]) if extras else {}
+        if before_record is not None:
+            before_record(i, result, extra)
+        context.recorder.record(result, extra)
+    return list(results)
 
 
 METHODS: dict[str, Callable[[SearchContext], None]] = {"ajpq": run_ajpq, **SEARCH_METHODS}
@@ -399,6 +458,7 @@ METHODS: dict[str, Callable[[SearchContext], None]] = {"ajpq": run_ajpq, **SEARC
 
 def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> SearchResult:
     """Run (or resume) a search and return its summary; every bad input raises an AJPQError before any search."""
+    from ajpq.backends import make_backend
     from ajpq.envs import CompressionProblem
     from ajpq.proxy import ProxyOptions, make_evaluator
     from ajpq.train import evaluate_accuracy
@@ -422,7 +482,9 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
     )
     val = workspace.splits.val
     fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
-    evaluate = make_evaluator(workspace, ProxyOptions(finetune_steps=config.episode_finetune_steps, seed=config.seed))
+    proxy = ProxyOptions(finetune_steps=config.episode_finetune_steps, seed=config.seed)
+    evaluate = make_evaluator(workspace, proxy)
+    backend = make_backend(config.backend_options, workspace, proxy, local=lambda: evaluate)
     problem = CompressionProblem(
         workspace.analysis,
         evaluate,
@@ -433,7 +495,17 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
         search_activation_bits=config.search_activation_bits,
         channel_group_size=config.channel_group_size,
         soft_penalty=config.soft_penalty,
+        backend=backend,
     )
+    try:
+        return _run_with_problem(config, workspace, problem, fp32, resume)
+    finally:
+        backend.close()
+
+
+def _run_with_problem(
+    config: SearchConfig, workspace: Workspace, problem: Any, fp32: float, resume: str | Path | None
+) -> SearchResult:
     state = None
     if resume is not None:
         run_dir = RunDir.open(resume)

@@ -77,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     add("--run-root", default=None, help="parent folder of run folders (default runs)")
     add("--run-dir", default=None, help="exact run folder to create")
     add("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    add_backend_arguments(search)
     add("--no-progress", action="store_true", help="no progress bar")
     add("--json", action="store_true", help="print the summary as JSON on stdout")
     search.set_defaults(handler=run_search_command)
@@ -92,6 +93,17 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     export.add_argument("--json", action="store_true", help="print the policy's metrics as JSON on stdout")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     export.set_defaults(handler=run_export)
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backend``, ``--workers``, ``--ray-address`` (search and compare)."""
+    from ajpq.backends import BACKENDS
+
+    parser.add_argument("--backend", default=None, choices=BACKENDS, help="where candidates are evaluated (local)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes or Ray actors (default: cores)")
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join: auto or HOST:PORT (default: a local Ray)"
+    )
 
 
 def load_config_file(path: str | Path, keys: tuple[str, ...] | None = None, what: str = "search") -> dict[str, Any]:
@@ -159,6 +171,9 @@ def run_search_command(args: argparse.Namespace) -> int:
             values["episodes"] = args.episodes
         if args.no_progress:
             values["progress"] = False
+        for key in ("backend", "workers", "ray_address"):
+            if getattr(args, key) is not None:
+                values[key] = getattr(args, key)
         values["run_dir"] = str(run_dir.path)
         config = SearchConfig(**values)
         result = run_search(config, resume=run_dir.path)
