@@ -140,15 +140,21 @@ class LocalBackend:
 
 # ---- worker processes ------------------------------------------------------------------------------------------
 _WORKER_EVALUATE: Evaluator | None = None
+_WORKER_ERROR: BaseException | None = None
 
 
 def _init_process(spec: WorkerSpec, threads: int) -> None:
-    global _WORKER_EVALUATE
+    global _WORKER_EVALUATE, _WORKER_ERROR
     torch.set_num_threads(threads)
-    _WORKER_EVALUATE = spec.build()
+    try:
+        _WORKER_EVALUATE = spec.build()
+    except Exception as exc:  # reported with the first evaluation: a failing initializer would look like a crash
+        _WORKER_ERROR = exc
 
 
 def _evaluate_in_process(policy: Policy) -> Evaluation:
+    if _WORKER_ERROR is not None:
+        raise _WORKER_ERROR
     assert _WORKER_EVALUATE is not None, "worker not initialized"
     return _timed(_WORKER_EVALUATE, policy)
 
