@@ -201,8 +201,13 @@ class ProcessBackend:
         restarts = 0
         while len(results) < len(policies):
             todo = [i for i in range(len(policies)) if i not in results]
-            futures = {i: self._pool.submit(_evaluate_in_process, policies[i]) for i in todo}
+            futures = {}
             broken = False
+            try:
+                for i in todo:
+                    futures[i] = self._pool.submit(_evaluate_in_process, policies[i])
+            except BrokenProcessPool:  # a worker died between two batches
+                broken = True
             for i, future in futures.items():
                 try:
                     results[i] = future.result()
