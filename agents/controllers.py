@@ -126,7 +126,7 @@ class PPOController(Controller):
     def act_batch(self, obs: np.ndarray, warmup: Sequence[bool], slots: Sequence[int]) -> np.ndarray:
         space = self.env.action_space
         discrete = isinstance(space, gym.spaces.Discrete)
-        dim = 1 if discrete else int(np.prod(space.shape))
+        dim = 1 if discrete else int(np.prod(space.shape or (1,)))
         actions = np.zeros((len(slots), dim), dtype=np.int64 if discrete else np.float32)
         for i, action in self._random_rows(warmup, dim).items():
             actions[i] = action
@@ -223,7 +223,7 @@ class DDPGController(Controller):
         self.model.set_logger(self.logger)
 
     def act_batch(self, obs: np.ndarray, warmup: Sequence[bool], slots: Sequence[int]) -> np.ndarray:
-        dim = int(np.prod(self.env.action_space.shape))
+        dim = int(np.prod(self.env.action_space.shape or (1,)))
         actions = np.zeros((len(slots), dim), dtype=np.float32)
         for i, action in self._random_rows(warmup, dim).items():
             actions[i] = action

@@ -318,11 +318,11 @@ class RayBackend:
                 index, slot = running.pop(ref)
                 try:
                     results[index] = ray.get(ref)
-                except RayActorError:
+                except RayActorError as exc:
                     restarts += 1
                     self.restarts += 1
                     if restarts > MAX_RESTARTS:
-                        raise RuntimeError(f"Ray evaluation actors died {restarts} times in one batch; giving up")
+                        raise RuntimeError(f"Ray actors died {restarts} times in one batch; giving up") from exc
                     log("a Ray evaluation actor died; starting a new one and re-evaluating its policy")
                     self.actors[slot] = self._new_actor()
                     pending.appendleft(index)

@@ -129,7 +129,7 @@ class SearchConfig:
         integer("episode_finetune_steps", 0)
         integer("checkpoint_every", 1)
         Budget(self.size_budget, self.bops_budget, self.budget_mode)
-        self.backend_options
+        self.backend_options  # noqa: B018 (checks backend, workers and ray_address)
         if number("soft_penalty") < 0:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
         if not 0.0 <= number("max_sparsity") < 1.0:
@@ -388,6 +388,12 @@ def run_ajpq(context: SearchContext) -> None:
 
     discrete = config.channel_agent == "ppo"
     agents = {"layer_agent": layer_agent, "channel_agent": channel_agent}
+
+    def learn(slot: int, result: Any, extra: dict[str, Any]) -> None:
+        for name, agent in agents.items():
+            stats = agent.end_episode(float(result.reward), bool(extra["warmup"]), slot)
+            context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
+
     while recorder.episode < config.episodes:
         start = recorder.episode
         next_checkpoint = (start // config.checkpoint_every + 1) * config.checkpoint_every
@@ -395,13 +401,7 @@ def run_ajpq(context: SearchContext) -> None:
         warmup = [start + i < config.warmup_episodes for i in range(size)]
         policies = rollout_batch(problem, layer_agent, channel_agent, warmup, discrete)
 
-        def learn(slot: int, result: Any, record: dict[str, Any]) -> None:
-            for name, agent in agents.items():
-                stats = agent.end_episode(float(result.reward), warmup[slot], slot)
-                context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, start + slot + 1)
-            record["warmup"] = warmup[slot]
-
-        evaluate_and_record(context, policies, before_record=learn)
+        evaluate_and_record(context, policies, [{"warmup": w} for w in warmup], before_record=learn)
         if recorder.episode % config.checkpoint_every == 0 or recorder.episode == config.episodes:
             context.checkpoint(save)
 
