@@ -46,3 +46,21 @@ def test_shipped_configs_load():
         config = load_compare_config(f"experiments/{name}.yaml")
         assert len(config.methods) == 6
     assert load_compare_config("experiments/compare_fmnist_lenet5.yaml").budgets == [1 / 16, 1 / 32, 1 / 64]
+
+
+def test_compare_with_worker_processes_writes_the_serial_rows(tmp_path):
+    rows = {}
+    for name, flags in (("serial", []), ("parallel", ["--backend", "processes", "--workers", "2"])):
+        out = tmp_path / name
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(
+            f"default:\n  methods: [random, uniform]\n  budgets: [0.1]\n  episodes: 3\n  finetune_epochs: 0\n"
+            f"  out_dir: {out}\n"
+        )
+        assert main(["compare", "--config", str(config), "--device", "cpu", *flags]) == 0
+        rows[name] = [
+            {k: v for k, v in r.items() if k != "search_wall_time"}
+            for r in csv.DictReader((out / "compare.csv").open())
+        ]
+    assert [r["method"] for r in rows["serial"]] == ["random", "uniform"]
+    assert rows["parallel"] == rows["serial"]
