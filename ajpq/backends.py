@@ -17,7 +17,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
 from ajpq.proxy import Evaluator, ProxyOptions, make_evaluator
-from ajpq.workspace import Workspace, log
+from ajpq.workspace import CALIBRATION_SIZE, Workspace, log
 
 BACKENDS: tuple[str, ...] = ("local", "processes", "ray")
 MAX_RESTARTS = 8
@@ -94,13 +94,17 @@ class WorkerSpec:
     @classmethod
     def from_workspace(cls, workspace: Workspace, options: ProxyOptions) -> WorkerSpec:
         """A copy that pickles: training augmentation closures dropped (the scorer never augments), the test split
-        left out (a search never reads it), the simulated model left to be rebuilt from the shipped tensors."""
+        left out (a search never reads it), the simulated model left to be rebuilt from the shipped tensors, and of
+        the training split only the calibration images when the proxy reads no training data."""
         from ajpq.data import TensorSplit
 
         def slim(split: Any) -> Any:
             return replace(split, augment_fn=None, indices=None) if isinstance(split, TensorSplit) else split
 
-        splits = replace(workspace.splits, train=slim(workspace.splits.train), val=slim(workspace.splits.val))
+        train = slim(workspace.splits.train)
+        if isinstance(train, TensorSplit) and _only_calibration(options):
+            train = train.subset(min(len(train), CALIBRATION_SIZE))
+        splits = replace(workspace.splits, train=train, val=slim(workspace.splits.val))
         splits = replace(splits, test=splits.val)
         model = copy.deepcopy(workspace.model).to("cpu")
         shipped = Workspace(workspace.model_name, splits, model, workspace.analysis, torch.device("cpu"))
@@ -115,6 +119,14 @@ class WorkerSpec:
         ws.model.to(device).eval()
         workspace = Workspace(ws.model_name, ws.splits, ws.model, ws.analysis, device, ws.checkpoint)
         return make_evaluator(workspace, self.options)
+
+
+def _only_calibration(options: ProxyOptions) -> bool:
+    """Whether the scorer reads no training image beyond the calibration batch: plain validation accuracy, i.e.
+    every proxy option (the seed aside) at its default; any other option ships the whole training split."""
+    return all(
+        getattr(options, f.name) == f.default for f in fields(options) if f.name != "seed" and f.default is not MISSING
+    ) and all(f.default is not MISSING for f in fields(options))
 
 
 def default_threads(workers: int) -> int:

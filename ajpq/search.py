@@ -232,10 +232,11 @@ class Recorder:
         self.best = best
         self.best_reward = -float("inf") if best is None else float(best["reward"])
 
-    def record(self, result: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write one evaluated episode (an :class:`~ajpq.envs.EpisodeResult`); returns its record."""
+    def record(self, result: Any, extra: dict[str, Any] | None = None, wall: float | None = None) -> dict[str, Any]:
+        """Write one evaluated episode (an :class:`~ajpq.envs.EpisodeResult`); returns its record. ``wall`` is the
+        episode's share of its batch's wall time (default: the time since the last record)."""
         now = time.perf_counter()
-        wall = now - self.last_time
+        wall = now - self.last_time if wall is None else wall
         self.last_time = now
         self.episode += 1
         self.count += 1
@@ -444,11 +445,12 @@ def evaluate_and_record(
     ``extra``, the extra fields of its episodes.jsonl line).
     """
     results = context.problem.finish_many(policies)
+    wall = (time.perf_counter() - context.recorder.last_time) / max(1, len(results))
     for i, result in enumerate(results):
         extra = dict(extras[i]) if extras else {}
         if before_record is not None:
             before_record(i, result, extra)
-        context.recorder.record(result, extra)
+        context.recorder.record(result, extra, wall=wall)
     return list(results)
 
 
