@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI size: 16 episodes, digits only")
     parser.add_argument("--episodes", type=int, default=None, help="episodes per backend search")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
-    parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS), help="models of the backend runs")
+    parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS), help="backend-run models")
     parser.add_argument("--skip", nargs="*", default=[], choices=["backends", "memory", "model_size"])
     args = parser.parse_args()
     episodes = args.episodes or (16 if args.quick else 100)
