@@ -72,7 +72,7 @@ class BackendOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1, but got {value!r}")
         if self.ray_address is not None and self.backend != "ray":
-            raise ConfigError(f"ray_address is only used with backend ray, but backend is {self.backend!r}")
+            raise ConfigError(f"ray_address needs backend ray (add --backend ray), but backend is {self.backend!r}")
 
 
 def _timed(evaluate: Evaluator, policy: Policy) -> Evaluation:

@@ -52,6 +52,20 @@ def _policies(workspace: Any) -> list[Policy]:
     return [*policies, pruned]
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--backend", "processes", "--workers", "0"], "workers must be an integer >= 1, but got 0"),
+        (["--ray-address", "auto"], "ray_address needs backend ray (add --backend ray)"),
+    ],
+)
+def test_bad_backend_options_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    from ajpq.cli import main
+
+    assert main(["search", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_scores_do_not_depend_on_the_thread_count() -> None:
     workspace = open_workspace("digits_cnn", "digits", progress=False)
     evaluate = make_evaluator(workspace)
