@@ -188,6 +188,7 @@ class ProcessBackend:
         self.restarts = 0
         self._pool: Any = None
         self._start()
+        self.worker_pids()  # start the workers and build their scorers now, not inside the first batch
 
     def _start(self) -> None:
         import multiprocessing
@@ -303,6 +304,7 @@ class RayBackend:
         self._spec_ref = ray.put(spec)
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self.restarts = 0
+        self.where()  # wait until every actor has built its scorer
 
     def _new_actor(self) -> Any:
         return self._actor_class.remote(self._spec_ref, self.threads)

@@ -185,9 +185,12 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None, help="episodes per backend search")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS), help="backend-run models")
+    parser.add_argument("--lenet5-weights", default=None, help="LeNet-5/Fashion-MNIST weights (default: cached)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["backends", "memory", "model_size"])
     args = parser.parse_args()
     episodes = args.episodes or (16 if args.quick else 100)
+    if args.lenet5_weights:
+        SETTINGS["lenet5-fmnist"]["weights"] = args.lenet5_weights
     settings = args.settings or (["digits_cnn"] if args.quick else list(SETTINGS))
     report: dict[str, Any] = {"cpu_count": os.cpu_count(), "episodes": episodes, "quick": args.quick}
     with tempfile.TemporaryDirectory() as tmp:
