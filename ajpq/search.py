@@ -4,9 +4,11 @@ Extension point: a search *method* is a callable ``method(context: SearchContext
 :data:`METHODS` under its ``--method`` name (e.g. ``METHODS["random"] = run_random``). The context gives it the
 workspace, the validated :class:`SearchConfig`, the :class:`~ajpq.runs.RunDir`, the
 :class:`~ajpq.envs.CompressionProblem` (budget, projection, reward) and a :class:`Recorder`. A method evaluates
-policies with ``context.problem.finish(policy)`` and calls ``context.recorder.record(result)`` once per evaluated
-episode; the recorder writes ``episodes.jsonl``/``policies.jsonl``, keeps ``best_policy.json``, logs TensorBoard and
-drives the progress bar. Methods that support ``--resume`` save their state with ``context.recorder.checkpoint``.
+policies with :func:`evaluate_and_record` (a batch through the search's evaluation backend, ``--backend``, with a
+per-search cache of identical projected policies, recorded in order; or ``context.problem.finish_many`` and
+``context.recorder.record(result)`` once per evaluated episode); the recorder writes
+``episodes.jsonl``/``policies.jsonl``, keeps ``best_policy.json``, logs TensorBoard and drives the progress bar.
+Methods that support ``--resume`` save their state with ``context.recorder.checkpoint``.
 :func:`run_search` does everything else (workspace, budget check, run folder, resume, summary), so a new method
 never touches the loop.
 """
