@@ -66,6 +66,29 @@ def test_bad_backend_options_exit_2(argv: list[str], message: str, capsys: pytes
     assert message in capsys.readouterr().err
 
 
+def test_identical_projected_policies_are_evaluated_once_per_search() -> None:
+    from ajpq.budget import Budget
+    from ajpq.envs import CompressionProblem
+
+    workspace = open_workspace("digits_cnn", "digits", progress=False)
+    evaluate = make_evaluator(workspace)
+    seen: list[Policy] = []
+
+    def counting(policy: Policy) -> float:
+        seen.append(policy)
+        return evaluate(policy)
+
+    problem = CompressionProblem(workspace.analysis, counting, 0.9, budget=Budget(size=0.1))
+    eight, two = Policy.uniform(workspace.analysis, 8, 8), Policy.uniform(workspace.analysis, 2, 8)
+    # 8 bits everywhere is over 0.1 and is projected; its copy projects to the same policy
+    first = problem.finish_many([eight, two, eight.copy(), two])
+    assert len(seen) == 2 and problem.evaluations == 2
+    assert first[0].projected and first[0].accuracy == first[2].accuracy == evaluate(first[0].policy)
+    assert first[2].eval_time == 0.0 and first[3].eval_time == 0.0
+    again = problem.finish(two.copy())
+    assert len(seen) == 2 and again.accuracy == first[1].accuracy and again.reward == first[1].reward
+
+
 def test_scores_do_not_depend_on_the_thread_count() -> None:
     workspace = open_workspace("digits_cnn", "digits", progress=False)
     evaluate = make_evaluator(workspace)
