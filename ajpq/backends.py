@@ -171,7 +171,7 @@ def _evaluate_in_process(policy: Policy) -> Evaluation:
     return _timed(_WORKER_EVALUATE, policy)
 
 
-def _worker_pid() -> int:
+def _worker_pid(_index: int = 0) -> int:
     return os.getpid()
 
 
