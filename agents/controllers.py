@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from ajpq.errors import ArtifactError, ConfigError
 from ajpq.io import atomic_write
 
 AGENT_KINDS: tuple[str, ...] = ("ppo", "ddpg")
+DEMO_SLOT = -1
+"""Episode slot of demonstrations (never one of a batch's slots 0, 1, ...)."""
 IMITATION_STEPS = 300
 """Gradient steps of behaviour cloning (Adam, :data:`IMITATION_LR`) on a demonstration."""
 IMITATION_LR = 3e-3
@@ -53,15 +56,22 @@ class Controller:
         self.env = env
         self.seed = seed
         self.rng = rng
-        self.transitions: list[tuple[Any, ...]] = []
+        self.transitions: dict[int, list[tuple[Any, ...]]] = {}
+        """Per episode slot of a batch: the transitions of the episode in progress."""
         self.logger = Logger(folder=None, output_formats=[])
         self.model: Any = None
 
     def act(self, obs: np.ndarray, warmup: bool) -> np.ndarray:
+        """One observation -> one action (episode slot 0)."""
+        return self.act_batch(np.asarray(obs).reshape(1, -1), [warmup], [0])[0]
+
+    def act_batch(self, obs: np.ndarray, warmup: Sequence[bool], slots: Sequence[int]) -> np.ndarray:
+        """One vectorized call for a batch: row ``i`` of ``obs`` is the observation of the episode in slot
+        ``slots[i]`` (warm-up rows act uniformly at random); returns one action per row."""
         raise NotImplementedError
 
-    def end_episode(self, reward: float, warmup: bool) -> dict[str, float]:
-        """Hand the episode's reward to the agent; returns the training statistics of any update it made."""
+    def end_episode(self, reward: float, warmup: bool, slot: int = 0) -> dict[str, float]:
+        """Hand the reward of the episode in ``slot`` to the agent; returns the statistics of any update it made."""
         raise NotImplementedError
 
     def remember(self, steps: list[tuple[np.ndarray, np.ndarray]], reward: float) -> None:
@@ -71,6 +81,9 @@ class Controller:
     def imitate(self, steps: list[tuple[np.ndarray, np.ndarray]], gradient_steps: int = IMITATION_STEPS) -> float:
         """Behaviour cloning: move the policy towards the demonstrated actions (the warm start). Returns the loss."""
         raise NotImplementedError
+
+    def _random_rows(self, warmup: Sequence[bool], dim: int) -> dict[int, np.ndarray]:
+        return {i: self._random_action().reshape(dim) for i, w in enumerate(warmup) if w}
 
     def _random_action(self) -> np.ndarray:
         space = self.env.action_space
@@ -168,28 +181,36 @@ class PPOController(Controller):
         )
         self.model.set_logger(self.logger)
         self.episodes: list[list[tuple[Any, ...]]] = []
-        self.pending: list[tuple[Any, ...]] = []
+        self.pending: dict[int, list[tuple[Any, ...]]] = {}
 
-    def act(self, obs: np.ndarray, warmup: bool) -> np.ndarray:
-        if warmup:
-            return self._random_action()
-        policy = self.model.policy
-        with torch.no_grad():
-            obs_t = torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1)
-            action, value, log_prob = policy(obs_t)
-        action_np = action.numpy().reshape(-1)
-        self.pending.append((obs, action_np, value, log_prob))
+    def act_batch(self, obs: np.ndarray, warmup: Sequence[bool], slots: Sequence[int]) -> np.ndarray:
         space = self.env.action_space
-        if isinstance(space, gym.spaces.Box):
-            return np.clip(action_np, space.low, space.high)
-        return action_np
+        discrete = isinstance(space, gym.spaces.Discrete)
+        dim = 1 if discrete else int(np.prod(space.shape or (1,)))
+        actions = np.zeros((len(slots), dim), dtype=np.int64 if discrete else np.float32)
+        for i, action in self._random_rows(warmup, dim).items():
+            actions[i] = action
+        rows = [i for i, w in enumerate(warmup) if not w]
+        if rows:
+            with torch.no_grad():
+                obs_t = torch.as_tensor(np.asarray(obs)[rows], dtype=torch.float32).reshape(len(rows), -1)
+                action_t, value, log_prob = self.model.policy(obs_t)
+            action_np = action_t.numpy().reshape(len(rows), -1)
+            for j, i in enumerate(rows):
+                self.pending.setdefault(slots[i], []).append(
+                    (np.asarray(obs[i]), action_np[j], value[j : j + 1], log_prob[j : j + 1])
+                )
+                if isinstance(space, gym.spaces.Box):
+                    actions[i] = np.clip(action_np[j], space.low, space.high)
+                else:
+                    actions[i] = action_np[j]
+        return actions
 
-    def end_episode(self, reward: float, warmup: bool) -> dict[str, float]:
-        if warmup or not self.pending:
-            self.pending = []
+    def end_episode(self, reward: float, warmup: bool, slot: int = 0) -> dict[str, float]:
+        pending = self.pending.pop(slot, [])
+        if warmup or not pending:
             return {}
-        self.episodes.append([*self.pending[:-1], (*self.pending[-1], reward)])
-        self.pending = []
+        self.episodes.append([*pending[:-1], (*pending[-1], reward)])
         if len(self.episodes) < self.episodes_per_update:
             return {}
         steps = sum(len(e) for e in self.episodes)
@@ -292,21 +313,29 @@ class DDPGController(Controller):
         )
         self.model.set_logger(self.logger)
 
-    def act(self, obs: np.ndarray, warmup: bool) -> np.ndarray:
-        if warmup:
-            action = self._random_action()
-        else:
+    def act_batch(self, obs: np.ndarray, warmup: Sequence[bool], slots: Sequence[int]) -> np.ndarray:
+        dim = int(np.prod(self.env.action_space.shape or (1,)))
+        actions = np.zeros((len(slots), dim), dtype=np.float32)
+        for i, action in self._random_rows(warmup, dim).items():
+            actions[i] = action
+        rows = [i for i, w in enumerate(warmup) if not w]
+        if rows:
             with torch.no_grad():
-                action = self.model.actor(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1)).numpy()[0]
-            action = np.clip(action + self.rng.normal(0.0, self.noise, action.shape), -1.0, 1.0).astype(np.float32)
-        self.transitions.append((obs, action))
-        return action
+                obs_t = torch.as_tensor(np.asarray(obs)[rows], dtype=torch.float32).reshape(len(rows), -1)
+                mean = self.model.actor(obs_t).numpy().reshape(len(rows), dim)
+            for j, i in enumerate(rows):
+                noisy = mean[j] + self.rng.normal(0.0, self.noise, dim)
+                actions[i] = np.clip(noisy, -1.0, 1.0).astype(np.float32)
+        for i, slot in enumerate(slots):
+            self.transitions.setdefault(slot, []).append((np.asarray(obs[i]), actions[i].copy()))
+        return actions
 
-    def end_episode(self, reward: float, warmup: bool) -> dict[str, float]:
+    def end_episode(self, reward: float, warmup: bool, slot: int = 0) -> dict[str, float]:
         self.baseline = reward if self.baseline is None else 0.95 * self.baseline + 0.05 * reward
         advantage = reward - self.baseline
         buffer = self.model.replay_buffer
-        for obs, action in self.transitions:
+        transitions = self.transitions.pop(slot, [])
+        for obs, action in transitions:
             buffer.add(
                 obs.reshape(1, -1),
                 obs.reshape(1, -1),
@@ -315,8 +344,7 @@ class DDPGController(Controller):
                 np.array([True]),
                 [{}],
             )
-        steps = len(self.transitions)
-        self.transitions = []
+        steps = len(transitions)
         self.model.num_timesteps += steps
         if warmup:
             return {}
@@ -325,8 +353,8 @@ class DDPGController(Controller):
         return self._drain_logger()
 
     def remember(self, steps: list[tuple[np.ndarray, np.ndarray]], reward: float) -> None:
-        self.transitions = [(obs, action.astype(np.float32)) for obs, action in steps]
-        self.end_episode(reward, warmup=True)
+        self.transitions[DEMO_SLOT] = [(obs, action.astype(np.float32)) for obs, action in steps]
+        self.end_episode(reward, warmup=True, slot=DEMO_SLOT)
 
     def imitate(self, steps: list[tuple[np.ndarray, np.ndarray]], gradient_steps: int = IMITATION_STEPS) -> float:
         """Regress the actor (and its target) onto the demonstrated actions."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -272,8 +273,85 @@ def _export_row(
     }
 
 
-def run_compare(config: CompareConfig) -> dict[str, Any]:
-    """Run the comparison and write ``compare.csv``, ``compare.md`` and ``compare_pareto.png`` in ``out_dir``."""
+def _job(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path, threads: int) -> dict[str, Any]:
+    """One (method, budget) job, seeded on its own so that it gives the same row alone, in any order or process."""
+    import torch
+
+    from ajpq.train import seed_everything
+
+    if threads:
+        torch.set_num_threads(threads)
+    if workspace is None:  # a worker process on this machine: the driver has already cached the reference
+        from ajpq.workspace import open_workspace
+
+        workspace = open_workspace(
+            config.model,
+            config.dataset,
+            data_dir=config.data_dir,
+            weights=config.weights,
+            device=config.device,
+            split_seed=config.split_seed,
+            val_size=config.val_size,
+            progress=False,
+        )
+    seed_everything(config.seed)
+    try:
+        return _run_one(config, workspace, method, budget, out)
+    except BudgetError as exc:  # a method that cannot meet this budget is reported, not fatal
+        log(f"compare: {method} at {budget_label(budget)}: no result ({exc})")
+        return {"method": method, "budget": budget_label(budget), "note": str(exc)}
+
+
+def run_jobs(
+    config: CompareConfig, workspace: Any, jobs: list[tuple[str, Budget]], out: Path, backend: Any = None
+) -> Any:
+    """Yield the rows of ``jobs`` in job order, run one after the other (backend local) or concurrently in worker
+    processes or Ray tasks (the rows are the same, only the wall times differ)."""
+    from ajpq.backends import BackendOptions, default_threads
+
+    options = backend or BackendOptions()
+    if options.backend == "local":
+        for method, budget in jobs:
+            yield _job(config, workspace, method, budget, out, 0)
+        return
+    if options.backend == "processes":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = min(len(jobs), options.workers or os.cpu_count() or 1)
+        threads = options.threads or default_threads(workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [pool.submit(_job, config, None, m, b, out, threads) for m, b in jobs]
+            for future in futures:
+                yield future.result()
+        return
+    from ajpq.backends import _ray
+
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if options.ray_address is None:
+            ray.init(num_cpus=options.workers or os.cpu_count() or 1, **kwargs)
+        else:
+            ray.init(address=options.ray_address, **kwargs)
+    try:
+        task = ray.remote(num_cpus=1)(_job)
+        shipped = ray.put(workspace)
+        refs = [task.remote(config, shipped, m, b, out, options.threads or 1) for m, b in jobs]
+        for ref in refs:
+            yield ray.get(ref)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_compare(config: CompareConfig, backend: Any = None) -> dict[str, Any]:
+    """Run the comparison and write ``compare.csv``, ``compare.md`` and ``compare_pareto.png`` in ``out_dir``.
+
+    ``backend`` (an :class:`ajpq.backends.BackendOptions`) runs the (method, budget) jobs concurrently.
+    """
     from ajpq.train import evaluate_accuracy
     from ajpq.workspace import open_workspace
 
@@ -295,14 +373,10 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         "test": evaluate_accuracy(workspace.model, workspace.splits.test, workspace.device),
     }
     rows = []
-    for budget in compare_budgets(config):
-        for method in config.methods:
-            try:
-                rows.append(_run_one(config, workspace, method, budget, out))
-            except BudgetError as exc:  # a method that cannot meet this budget is reported, not fatal
-                log(f"compare: {method} at {budget_label(budget)}: no result ({exc})")
-                rows.append({"method": method, "budget": budget_label(budget), "note": str(exc)})
-            write_outputs(out, rows, fp32, config)
+    jobs = [(method, budget) for budget in compare_budgets(config) for method in config.methods]
+    for row in run_jobs(config, workspace, jobs, out, backend):
+        rows.append(row)
+        write_outputs(out, rows, fp32, config)
     paths = write_outputs(out, rows, fp32, config)
     return {"rows": rows, "fp32": fp32, **{k: str(v) for k, v in paths.items()}}
 

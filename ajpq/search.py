@@ -4,9 +4,11 @@ Extension point: a search *method* is a callable ``method(context: SearchContext
 :data:`METHODS` under its ``--method`` name (e.g. ``METHODS["random"] = run_random``). The context gives it the
 workspace, the validated :class:`SearchConfig`, the :class:`~ajpq.runs.RunDir`, the
 :class:`~ajpq.envs.CompressionProblem` (budget, projection, reward) and a :class:`Recorder`. A method evaluates
-policies with ``context.problem.finish(policy)`` and calls ``context.recorder.record(result)`` once per evaluated
-episode; the recorder writes ``episodes.jsonl``/``policies.jsonl``, keeps ``best_policy.json``, logs TensorBoard and
-drives the progress bar. Methods that support ``--resume`` save their state with ``context.recorder.checkpoint``.
+policies with :func:`evaluate_and_record` (a batch through the search's evaluation backend, ``--backend``, with a
+per-search cache of identical projected policies, recorded in order; or ``context.problem.finish_many`` and
+``context.recorder.record(result)`` once per evaluated episode); the recorder writes
+``episodes.jsonl``/``policies.jsonl``, keeps ``best_policy.json``, logs TensorBoard and drives the progress bar.
+Methods that support ``--resume`` save their state with ``context.recorder.checkpoint``.
 :func:`run_search` does everything else (workspace, budget check, run folder, resume, summary), so a new method
 never touches the loop.
 """
@@ -104,6 +106,12 @@ class SearchConfig:
     """Exact run folder to create (default: run_root/<model>__<dataset>__<seed>__<time>)."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    backend: str = "local"
+    """Where candidates are evaluated: local, processes or ray (the results are the same with every backend)."""
+    workers: int | None = None
+    """Worker processes or Ray actors (default: processes, the CPU cores; ray, the cluster's CPUs)."""
+    ray_address: str | None = None
+    """Ray cluster to join ("auto" or HOST:PORT; default: start a local Ray)."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options of the other methods (see each module's ``DEFAULTS`` in :mod:`ajpq.methods`), e.g. {"rounds": 3}."""
 
@@ -141,6 +149,7 @@ class SearchConfig:
         self.size_budget = parse_ratio("size_budget", self.size_budget)
         self.bops_budget = parse_ratio("bops_budget", self.bops_budget)
         Budget(self.size_budget, self.bops_budget, self.budget_mode)
+        self.backend_options  # noqa: B018 (checks backend, workers and ray_address)
         if number("soft_penalty") < 0:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
         if not 0.0 <= number("max_sparsity") < 1.0:
@@ -182,6 +191,12 @@ class SearchConfig:
     @property
     def budget(self) -> Budget:
         return Budget(self.size_budget, self.bops_budget, self.budget_mode)
+
+    @property
+    def backend_options(self) -> Any:
+        from ajpq.backends import BackendOptions
+
+        return BackendOptions(self.backend, self.workers, self.ray_address)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,10 +269,11 @@ class Recorder:
             budget={"size": self.config.size_budget, "bops": self.config.bops_budget},
         )
 
-    def record(self, result: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write one evaluated episode (an :class:`~ajpq.envs.EpisodeResult`); returns its record."""
+    def record(self, result: Any, extra: dict[str, Any] | None = None, wall: float | None = None) -> dict[str, Any]:
+        """Write one evaluated episode (an :class:`~ajpq.envs.EpisodeResult`); returns its record. ``wall`` is the
+        episode's share of its batch's wall time (default: the time since the last record)."""
         now = time.perf_counter()
-        wall = now - self.last_time
+        wall = now - self.last_time if wall is None else wall
         self.last_time = now
         self.episode += 1
         self.count += 1
@@ -462,18 +478,20 @@ def run_ajpq(context: SearchContext) -> None:
             activation_bits=config.activation_bits,
             search_activation_bits=config.search_activation_bits,
         )[: max(1, config.episodes // 2)]
-        demos = []
+        demos, demonstrated = [], []
         for target in policies:
-            layer_steps, channel_steps = layer_env.episode.demonstrate(target, channel_discrete)
-            result = layer_env.episode.finish()
-            recorder.record(result, {"warmup": False, "phase": "warm_start"})
+            demos.append(layer_env.episode.demonstrate(target, channel_discrete))
+            demonstrated.append(layer_env.episode.policy.copy())
+        results = evaluate_and_record(
+            context, demonstrated, [{"warmup": False, "phase": "warm_start"}] * len(demonstrated)
+        )
+        for (layer_steps, channel_steps), result in zip(demos, results, strict=True):
             layer_agent.remember(layer_steps, result.reward)
             channel_agent.remember(channel_steps, result.reward)
-            demos.append((result.reward, layer_steps, channel_steps))
-        _, layer_demo, channel_demo = max(demos, key=lambda demo: demo[0])
+        best = int(np.argmax([result.reward for result in results]))
+        layer_demo, channel_demo = demos[best]
         layer_agent.imitate(layer_demo)
         channel_agent.imitate(channel_demo)
-    warmup_episodes = 0 if config.warm_start else config.warmup_episodes
 
     def save(folder: Path) -> dict[str, Any]:
         layer_agent.save(folder)
@@ -484,25 +502,23 @@ def run_ajpq(context: SearchContext) -> None:
             "rng": rng.bit_generator.state,
         }
 
-    warmup = False
-    layer_env.channel_controller = lambda obs: channel_agent.act(obs, warmup)
-    writer_tags = {"layer_agent": layer_agent, "channel_agent": channel_agent}
+    agents = {"layer_agent": layer_agent, "channel_agent": channel_agent}
+    warmup_episodes = 0 if config.warm_start else config.warmup_episodes
+
+    def learn(slot: int, result: Any, extra: dict[str, Any]) -> None:
+        for name, agent in agents.items():
+            stats = agent.end_episode(float(result.reward), bool(extra["warmup"]), slot)
+            context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
 
     def rl_episodes(until: int) -> None:
-        nonlocal warmup
         while recorder.episode < until:
-            warmup = recorder.episode < warmup_episodes
-            obs, _ = layer_env.reset()
-            done = False
-            reward = 0.0
-            while not done:
-                obs, reward, done, _, _ = layer_env.step(layer_agent.act(obs, warmup))
-            result = layer_env.episode.result
-            assert result is not None
-            for name, agent in writer_tags.items():
-                stats = agent.end_episode(float(reward), warmup)
-                context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
-            recorder.record(result, {"warmup": warmup, "phase": "rl"})
+            start = recorder.episode
+            next_checkpoint = (start // config.checkpoint_every + 1) * config.checkpoint_every
+            size = min(config.episodes_per_update, until - start, next_checkpoint - start)
+            warmup = [start + i < warmup_episodes for i in range(size)]
+            policies = rollout_batch(problem, layer_agent, channel_agent, warmup, channel_discrete)
+            extras = [{"warmup": w, "phase": "rl"} for w in warmup]
+            evaluate_and_record(context, policies, extras, before_record=learn)
             if context.checkpoint_due():
                 context.checkpoint(save)
 
@@ -514,15 +530,60 @@ def run_ajpq(context: SearchContext) -> None:
         def evaluate(policies: Any) -> list[Any]:
             if context.stop.requested:  # no checkpoint inside the refinement: a resume redoes it from the last one
                 raise KeyboardInterrupt
-            results = [problem.finish(policy) for policy in policies]
-            for result in results:
-                recorder.record(result, {"warmup": False, "phase": "refine"})
-            return results
+            extras = [{"warmup": False, "phase": "refine"}] * len(policies)
+            return evaluate_and_record(context, list(policies), extras)
 
         refine(problem, start, evaluate, config.episodes - recorder.episode, refine_rng)
         if recorder.episode == config.episodes:
             context.checkpoint(save)
     rl_episodes(config.episodes)  # whatever the refinement left (it stops early when no new neighbour is left)
+
+
+def rollout_batch(
+    problem: Any, layer_agent: Any, channel_agent: Any, warmup: list[bool], channel_discrete: bool
+) -> list[Any]:
+    """Roll out ``len(warmup)`` episodes side by side, with one vectorized call of each agent per step for the whole
+    batch (an episode's observations depend on its partial policy and the budget only, never on an evaluation).
+
+    Episode ``i`` is the agents' slot ``i``; its warm-up flag makes it act at random. Returns the complete, not yet
+    projected policies in episode order; hand each episode's reward to the agents with ``end_episode(.., slot=i)``.
+    """
+    from ajpq.envs import Episode, bits_of
+
+    episodes = [Episode(problem) for _ in warmup]
+    slots = list(range(len(episodes)))
+    for _ in problem.units:
+        actions = layer_agent.act_batch(np.stack([e.layer_obs() for e in episodes]), warmup, slots)
+        for episode, action in zip(episodes, actions, strict=True):
+            episode.begin_unit(np.asarray(action, dtype=np.float64).reshape(-1))
+        while active := [i for i in slots if not episodes[i].unit_done]:
+            obs = np.stack([episodes[i].channel_obs() for i in active])
+            bits = channel_agent.act_batch(obs, [warmup[i] for i in active], active)
+            for i, action in zip(active, bits, strict=True):
+                episodes[i].assign(bits_of(action, channel_discrete))
+    return [e.policy for e in episodes]
+
+
+def evaluate_and_record(
+    context: SearchContext,
+    policies: list[Any],
+    extras: list[dict[str, Any]] | None = None,
+    before_record: Callable[[int, Any, dict[str, Any]], None] | None = None,
+) -> list[Any]:
+    """Project the policies, evaluate them together through the search's backend (identical projected policies once
+    per search), and record them in order; returns their :class:`~ajpq.envs.EpisodeResult`.
+
+    ``before_record(i, result, extra)`` runs before policy ``i`` is recorded (agents learn there; it may add keys to
+    ``extra``, the extra fields of its episodes.jsonl line).
+    """
+    results = context.problem.finish_many(policies)
+    wall = (time.perf_counter() - context.recorder.last_time) / max(1, len(results))
+    for i, result in enumerate(results):
+        extra = dict(extras[i]) if extras else {}
+        if before_record is not None:
+            before_record(i, result, extra)
+        context.recorder.record(result, extra, wall=wall)
+    return list(results)
 
 
 METHODS: dict[str, Callable[[SearchContext], None]] = {"ajpq": run_ajpq, **SEARCH_METHODS}
@@ -563,6 +624,7 @@ def run_search(config: SearchConfig, *, resume: str | Path | None = None) -> Sea
 def _run_search(
     config: SearchConfig, resume: str | Path | None, held: list[RunDir], stop: StopOnSignal
 ) -> SearchResult:
+    from ajpq.backends import make_backend
     from ajpq.envs import CompressionProblem
     from ajpq.proxy import ProxyOptions, make_evaluator
     from ajpq.train import evaluate_accuracy
@@ -660,12 +722,14 @@ def _run_search(
         run_dir.write_best(recorder.with_meta(best_policy))
     if sensitivity is not None:
         run_dir.writer.add_text("sensitivity/table", sensitivity.markdown(workspace.analysis), 0)
+    problem.backend = make_backend(config.backend_options, workspace, proxy, local=lambda: evaluate)
     context = SearchContext(workspace, config, run_dir, problem, recorder, resume_state=state, stop=stop)
     started = time.perf_counter()
     try:
         METHODS[config.method](context)
     finally:
         recorder.close()
+        problem.backend.close()
     elapsed = time.perf_counter() - started
     if recorder.best is not None:
         run_dir.add_hparams(

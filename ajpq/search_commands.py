@@ -118,6 +118,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     add("--run-root", default=None, help="parent folder of run folders (default runs)")
     add("--run-dir", default=None, help="exact run folder to create")
     add("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    add_backend_arguments(search)
     add("--no-progress", action="store_true", help="no progress bar")
     add("--json", action="store_true", help="print the summary as JSON on stdout")
     search.set_defaults(handler=run_search_command)
@@ -133,6 +134,17 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     export.add_argument("--json", action="store_true", help="print the policy's metrics as JSON on stdout")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     export.set_defaults(handler=run_export)
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backend``, ``--workers``, ``--ray-address`` (search and compare)."""
+    from ajpq.backends import BACKENDS
+
+    parser.add_argument("--backend", default=None, choices=BACKENDS, help="where candidates are evaluated (local)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes or Ray actors (default: cores)")
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join: auto or HOST:PORT (default: a local Ray)"
+    )
 
 
 def load_config_file(path: str | Path, keys: tuple[str, ...] | None = None, what: str = "search") -> dict[str, Any]:
@@ -210,12 +222,15 @@ def resume_config(args: argparse.Namespace, run_dir: RunDir) -> Any:
             values["episodes"] = value
         elif key == "progress":
             continue
+        elif key in ("backend", "workers", "ray_address"):  # where evaluations run does not change the results
+            values[key] = value
         elif value != stored:
             differences.append(f"{key} {stored!r} -> {value!r}")
     if differences:
         raise ConfigError(
             f"--resume {run_dir.path}: a resumed run keeps the settings of its config.yaml, but these differ: "
-            f"{', '.join(differences)} (only a higher --episodes is allowed); start a new run for other settings"
+            f"{', '.join(differences)} (only a higher --episodes is allowed, and --backend, --workers, "
+            "--ray-address may change); start a new run for other settings"
         )
     model = values.get("model")
     if isinstance(model, str) and not is_builtin_model(model) and given.get("model") != model:

@@ -12,8 +12,7 @@ actions), and the search drives one episode through both agents.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,8 +93,13 @@ class CompressionProblem:
     """Soft mode: reward -= soft_penalty * sum_k max(0, ratio_k / budget_k - 1)."""
     sensitivity: SensitivityTable | None = None
     """Measured damage per layer step, given to both controllers (zeros in the observations when None)."""
+    backend: Any = field(default=None, repr=False)
+    """Evaluation backend of :meth:`finish_many` (an :class:`ajpq.backends.Backend`; None: ``evaluate`` in-process)."""
 
     def __post_init__(self) -> None:
+        self._cache: dict[bytes, float] = {}
+        self.evaluations = 0
+        """Policies actually evaluated (cache hits not counted)."""
         if not 0.0 <= self.max_sparsity < 1.0:
             raise ConfigError(f"max_sparsity must be in [0, 1), but got {self.max_sparsity}")
         if self.channel_group_size is not None and self.channel_group_size < 1:
@@ -174,9 +178,8 @@ class CompressionProblem:
         index = min(len(ACTIVATION_CHOICES) - 1, int((a + 1.0) / 2.0 * len(ACTIVATION_CHOICES)))
         return ACTIVATION_CHOICES[index]
 
-    def finish(self, policy: Policy) -> EpisodeResult:
-        """Project (hard mode), evaluate and reward a complete policy."""
-        projected = False
+    def project(self, policy: Policy) -> tuple[Policy, CostReport, bool]:
+        """The policy that is evaluated (projected onto the budget in hard mode), its cost, and whether it moved."""
         if self.budget.mode == "hard":
             final, report = project_to_budget(
                 policy,
@@ -187,17 +190,61 @@ class CompressionProblem:
                 max_sparsity=self.max_sparsity,
                 min_activation_bits=self.min_activation_bits,
             )
-            projected = final is not policy
-        else:
-            final, report = policy, self.cost_model.evaluate(policy)
-        start = time.perf_counter()
-        accuracy = float(self.evaluate(final))
-        eval_time = time.perf_counter() - start
+            return final, report, final is not policy
+        return policy, self.cost_model.evaluate(policy), False
+
+    def score(
+        self, final: Policy, report: CostReport, projected: bool, accuracy: float, eval_time: float
+    ) -> EpisodeResult:
+        """Reward a projected, evaluated policy."""
         feasible = self.budget.fits(report)
         reward = accuracy - self.fp32_accuracy
         if self.budget.mode == "soft":
             reward -= self.soft_penalty * self.budget.excess(report)
         return EpisodeResult(reward, accuracy, report, feasible, projected, final, eval_time)
+
+    def finish(self, policy: Policy) -> EpisodeResult:
+        """Project (hard mode), evaluate and reward a complete policy."""
+        return self.finish_many([policy])[0]
+
+    def finish_many(self, policies: Sequence[Policy]) -> list[EpisodeResult]:
+        """Project every policy, evaluate the distinct projected policies not seen before in one call of the
+        evaluation backend (``backend``, default in-process), and reward them, in input order.
+
+        Identical projected policies (common near the budget) are evaluated once per problem: a cached one is
+        recorded with ``eval_time`` 0.
+        """
+        from ajpq.backends import LocalBackend
+
+        if self.backend is None:
+            self.backend = LocalBackend(self.evaluate)
+        projected = [self.project(policy) for policy in policies]
+        keys = [policy_key(final) for final, _, _ in projected]
+        todo: dict[bytes, Policy] = {}
+        for key, (final, _, _) in zip(keys, projected, strict=True):
+            if key not in self._cache and key not in todo:
+                todo[key] = final
+        fresh: dict[bytes, float] = {}
+        if todo:
+            for key, evaluation in zip(todo, self.backend.evaluate_many(list(todo.values())), strict=True):
+                self._cache[key] = evaluation.accuracy
+                fresh[key] = evaluation.eval_time
+        self.evaluations += len(todo)
+        results = []
+        for key, (final, report, moved) in zip(keys, projected, strict=True):
+            results.append(self.score(final, report, moved, self._cache[key], fresh.pop(key, 0.0)))
+        return results
+
+
+def policy_key(policy: Policy) -> bytes:
+    """Bytes that are equal exactly when two policies of one model compress it identically."""
+    parts = []
+    for name in sorted(policy.layers):
+        layer = policy.layers[name]
+        parts.append(
+            f"{name}|{layer.activation_bits}|{layer.weight_sparsity!r}|".encode() + layer.weight_bits.tobytes()
+        )
+    return b"\0".join(parts)
 
 
 class Episode:

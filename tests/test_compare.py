@@ -79,3 +79,21 @@ def test_compare_bops_budget_runs_random_through_the_search(tmp_path):
     assert len((run / "episodes.jsonl").read_text().splitlines()) == 4 == int(rows[0]["evaluations"])
     best = json.loads((run / "best_policy.json").read_text())
     assert best["metrics"]["bops_ratio"] <= 1 / 64
+
+
+def test_compare_with_worker_processes_writes_the_serial_rows(tmp_path):
+    rows = {}
+    for name, flags in (("serial", []), ("parallel", ["--backend", "processes", "--workers", "2"])):
+        out = tmp_path / name
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(
+            f"default:\n  methods: [random, uniform]\n  budgets: [0.1]\n  episodes: 3\n  finetune_epochs: 0\n"
+            f"  out_dir: {out}\n"
+        )
+        assert main(["compare", "--config", str(config), "--device", "cpu", *flags]) == 0
+        rows[name] = [
+            {k: v for k, v in r.items() if k != "search_wall_time"}
+            for r in csv.DictReader((out / "compare.csv").open())
+        ]
+    assert [r["method"] for r in rows["serial"]] == ["random", "uniform"]
+    assert rows["parallel"] == rows["serial"]

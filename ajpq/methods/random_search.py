@@ -20,6 +20,20 @@ from ajpq.train import evaluate_accuracy
 from ajpq.workspace import Workspace
 
 DEFAULTS: dict[str, Any] = {"episodes": 300, "max_sparsity": 0.8, "activation_bits": 8}
+BATCH = 8
+"""Policies drawn, then evaluated together through the problem's backend (the draws do not depend on it)."""
+
+
+def _random_policy(problem: Any, rng: np.random.Generator) -> Any:
+    """One episode of uniformly random actions (sparsity per layer step, then bits per chunk of channels)."""
+    from ajpq.envs import Episode
+
+    episode = Episode(problem)
+    while episode.next_unit is not None:
+        episode.begin_unit(rng.uniform(-1.0, 1.0, problem.layer_action_dim))
+        while not episode.unit_done:
+            episode.assign(int(rng.integers(1, 9)))
+    return episode.policy
 
 
 def run(
@@ -31,7 +45,7 @@ def run(
     search_recorder: Any = None,
     problem: Any = None,
 ) -> MethodResult:
-    from ajpq.envs import CompressionProblem, Episode
+    from ajpq.envs import CompressionProblem
     from ajpq.proxy import make_evaluator
 
     opts = options_with_defaults("random", DEFAULTS, options)
@@ -51,17 +65,13 @@ def run(
             activation_bits=int(opts["activation_bits"]),
         )
     rng = np.random.default_rng(seed)
-    episode = Episode(problem)
+    batch = max(BATCH, 4 * getattr(problem.backend, "workers", 1))
     while recorder.evaluations < episodes:
-        episode.reset()
-        while episode.next_unit is not None:
-            episode.begin_unit(rng.uniform(-1.0, 1.0, problem.layer_action_dim))
-            while not episode.unit_done:
-                episode.assign(int(rng.integers(1, 9)))
-        result = episode.finish()
-        recorder.record(
-            result.policy, result.accuracy, result.report, eval_time=result.eval_time, projected=result.projected
-        )
+        policies = [_random_policy(problem, rng) for _ in range(min(batch, episodes - recorder.evaluations))]
+        for result in problem.finish_many(policies):
+            recorder.record(
+                result.policy, result.accuracy, result.report, eval_time=result.eval_time, projected=result.projected
+            )
     if recorder.best is None:
         from ajpq.errors import BudgetError
 
