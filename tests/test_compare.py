@@ -54,7 +54,7 @@ def test_shipped_configs_load():
     for name in ("compare_digits", "compare_fmnist_lenet5"):
         config = load_compare_config(f"experiments/{name}.yaml")
         assert len(config.methods) == 6
-    assert load_compare_config("experiments/compare_fmnist_lenet5.yaml").budgets == [1 / 16, 1 / 32, 1 / 64]
+    assert load_compare_config("experiments/compare_fmnist_lenet5.yaml").budgets == [1 / 32, 1 / 64, 1 / 100]
 
 
 def test_compare_bops_budget_runs_random_through_the_search(tmp_path):
