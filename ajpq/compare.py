@@ -273,6 +273,21 @@ def _export_row(
     }
 
 
+def _open_workspace(config: CompareConfig) -> Any:
+    from ajpq.workspace import open_workspace
+
+    return open_workspace(
+        config.model,
+        config.dataset,
+        data_dir=config.data_dir,
+        weights=config.weights,
+        device=config.device,
+        split_seed=config.split_seed,
+        val_size=config.val_size,
+        progress=False,
+    )
+
+
 def _job(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path, threads: int) -> dict[str, Any]:
     """One (method, budget) job, seeded on its own so that it gives the same row alone, in any order or process."""
     import torch
@@ -282,18 +297,7 @@ def _job(config: CompareConfig, workspace: Any, method: str, budget: Budget, out
     if threads:
         torch.set_num_threads(threads)
     if workspace is None:  # a worker process on this machine: the driver has already cached the reference
-        from ajpq.workspace import open_workspace
-
-        workspace = open_workspace(
-            config.model,
-            config.dataset,
-            data_dir=config.data_dir,
-            weights=config.weights,
-            device=config.device,
-            split_seed=config.split_seed,
-            val_size=config.val_size,
-            progress=False,
-        )
+        workspace = _open_workspace(config)
     seed_everything(config.seed)
     try:
         return _run_one(config, workspace, method, budget, out)
@@ -353,18 +357,8 @@ def run_compare(config: CompareConfig, backend: Any = None) -> dict[str, Any]:
     ``backend`` (an :class:`ajpq.backends.BackendOptions`) runs the (method, budget) jobs concurrently.
     """
     from ajpq.train import evaluate_accuracy
-    from ajpq.workspace import open_workspace
 
-    workspace = open_workspace(
-        config.model,
-        config.dataset,
-        data_dir=config.data_dir,
-        weights=config.weights,
-        device=config.device,
-        split_seed=config.split_seed,
-        val_size=config.val_size,
-        progress=False,
-    )
+    workspace = _open_workspace(config)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare_config.yaml", yaml.safe_dump({"default": asdict(config)}, sort_keys=False))

@@ -35,16 +35,6 @@ TIE = 0.002
 """Accuracy differences up to 0.2 points count as ties."""
 SEARCHES = ("ajpq", "random")
 OTHERS = ("uniform", "opq", "olmp", "admm")
-NUMERIC = (
-    "size_compression",
-    "bops_compression",
-    "val_before",
-    "test_before",
-    "val_after",
-    "test_after",
-    "search_wall_time",
-    "evaluations",
-)
 OLMP_ADMM_OPTIONS = {
     "olmp": {"rounds": 2, "population": 4, "iterations": 3, "retrain_epochs": 1, "eval_limit": 1000},
     "admm": {"steps": 2, "admm_epochs": 1, "retrain_epochs": 1, "quant_epochs": 0.5},
