@@ -84,6 +84,8 @@ class TrainConfig:
     """Softmax temperature of the distillation loss (used only when ``train_model`` is given a teacher)."""
     distill_alpha: float = 0.7
     """Weight of the distillation term; ``1 - distill_alpha`` weighs the hard-label cross-entropy."""
+    max_grad_norm: float | None = None
+    """Clip the gradient's global norm to this before each step (None: no clipping)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -100,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"distill_temperature must be > 0, but got {self.distill_temperature}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ConfigError(f"distill_alpha must be in [0, 1], but got {self.distill_alpha}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (or None), but got {self.max_grad_norm}")
 
 
 def distillation_loss(
@@ -199,6 +203,8 @@ def train_model(
                     soft_targets = teacher(x)
                 loss = distillation_loss(logits, soft_targets, y, config.distill_temperature, config.distill_alpha)
             loss.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             if after_step is not None:

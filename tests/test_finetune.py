@@ -267,3 +267,26 @@ def test_finetune_distils_from_the_fp32_model_unless_told_not_to(setup) -> None:
     }
     assert runs[True].history[0]["loss"] != runs[False].history[0]["loss"]  # a different objective was trained
     assert not torch.equal(runs[True].model.fc1.weight, runs[False].model.fc1.weight)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_gradient_clipping_bounds_a_training_step(clip: float | None) -> None:
+    """The first SGD step (lr 1, Nesterov momentum 0.9, no decay) moves the weights by 1.9 x the (clipped) gradient."""
+    from ajpq.data import TensorSplit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    data = TensorSplit(torch.randn(32, 1, 2, 3) * 10, torch.randint(0, 3, (32,)))
+    config = TrainConfig(epochs=1, lr=1.0, momentum=0.9, weight_decay=0.0, batch_size=32, augment=False)
+    config.max_grad_norm = clip
+    config.max_steps = 1
+    train_model(model, data, config, progress=False, generator=torch.Generator().manual_seed(0))
+    moved = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm())
+    if clip is None:
+        assert moved > 1.9 * 0.5  # the raw gradient of this loss is larger than the clip below
+    else:
+        assert moved == pytest.approx(1.9 * clip, rel=1e-5)
+    assert finetune_config().max_grad_norm == 5.0
+    with pytest.raises(ConfigError, match="max_grad_norm must be > 0"):
+        TrainConfig(max_grad_norm=0.0)
