@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from ajpq.budget import Budget, parse_ratio
-from ajpq.errors import BudgetError, ConfigError
+from ajpq.errors import AJPQError, ConfigError
 from ajpq.io import atomic_write_bytes, atomic_write_text
 from ajpq.workspace import log
 
@@ -301,7 +301,7 @@ def _job(config: CompareConfig, workspace: Any, method: str, budget: Budget, out
     seed_everything(config.seed)
     try:
         return _run_one(config, workspace, method, budget, out)
-    except BudgetError as exc:  # a method that cannot meet this budget is reported, not fatal
+    except AJPQError as exc:  # a method that cannot meet this budget (or whose result cannot be exported) is a row
         log(f"compare: {method} at {budget_label(budget)}: no result ({exc})")
         return {"method": method, "budget": budget_label(budget), "note": str(exc)}
 

@@ -428,6 +428,14 @@ def build_artifact(
     calibration images (``metrics["max_abs_logit_diff"]``).
     """
     model = copy.deepcopy(model).cpu().eval()
+    broken = [
+        name for name, value in model.state_dict().items() if value.is_floating_point() and not value.isfinite().all()
+    ]
+    if broken:
+        raise ArtifactError(
+            f"the model's {broken[0]} holds NaN or infinite values (training diverged?); export the weights from "
+            "before, or fine-tune again with a lower learning rate"
+        )
     calibration = calibration.cpu()
     simulator = SimulatedModel(model, analysis, calibration, "cpu")
     simulated = simulator.apply(policy)

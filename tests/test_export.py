@@ -516,3 +516,29 @@ def test_sparse_policies_export_at_the_cost_models_size(method: str, tmp_path: P
     assert float((got - expected).abs().max()) <= 1e-4 * float(expected.max() - expected.min())
     size_bits = artifact.header["metrics"]["size_bits"]
     assert 0 <= read.payload_bytes - size_bits / 8 < len(workspace.analysis.layers)
+
+
+def test_a_diverged_model_is_refused_with_one_line() -> None:
+    """NaN weights (a fine-tuning that diverged) are named, not reported as an internal error."""
+    import torch
+
+    from ajpq.analysis import analyze_model
+    from ajpq.errors import ArtifactError
+    from ajpq.export import build_artifact
+    from ajpq.models import build_model
+    from ajpq.policy import Policy
+
+    model = build_model("lenet300", (1, 8, 8), 10).eval()
+    analysis = analyze_model(model, (1, 8, 8), model_name="lenet300")
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(ArtifactError, match=r"NaN or infinite values \(training diverged"):
+        build_artifact(
+            model,
+            analysis,
+            Policy.uniform(analysis, 4, 8),
+            torch.randn(8, 1, 8, 8),
+            model_name="lenet300",
+            input_shape=(1, 8, 8),
+            num_classes=10,
+        )
