@@ -21,6 +21,7 @@ import numpy as np
 from ajpq.analysis import ModelAnalysis
 from ajpq.budget import Budget, max_pruned, project_to_budget
 from ajpq.cost import CostModel, CostReport
+from ajpq.envs.core import policy_key
 from ajpq.policy import Policy
 from ajpq.sensitivity import SensitivityTable, step_groups
 
@@ -199,10 +200,7 @@ def warm_start_policies(
     unique: list[Policy] = []
     seen: set[bytes] = set()
     for policy in candidates:
-        key = b"".join(
-            layer.weight_bits.astype(np.int8).tobytes() + bytes([layer.activation_bits])
-            for layer in policy.layers.values()
-        )
+        key = policy_key(policy)
         if key not in seen:
             seen.add(key)
             unique.append(policy)

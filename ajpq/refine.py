@@ -24,23 +24,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ajpq.budget import max_pruned, project_to_budget
-from ajpq.envs.core import ACTIVATION_CHOICES, CompressionProblem, EpisodeResult
+from ajpq.envs.core import ACTIVATION_CHOICES, CompressionProblem, EpisodeResult, policy_key
 from ajpq.policy import Policy
 
 REFINE_CHUNKS = 8
 """A layer's kept channels are moved in chunks of ``ceil(kept / REFINE_CHUNKS)`` adjacent channels (by importance)."""
 MOVES: tuple[str, ...] = ("shift", "shift", "prune", "restore")
 """Moves drawn uniformly (shift twice as often); ``activation`` joins when activation bits are searched."""
-
-
-def policy_key(policy: Policy) -> bytes:
-    """Identity of a policy's decisions (bits, activation bits, weight sparsity) for de-duplication."""
-    return b"".join(
-        layer.weight_bits.astype(np.int8).tobytes()
-        + bytes([layer.activation_bits])
-        + np.float64(layer.weight_sparsity).tobytes()
-        for layer in policy.layers.values()
-    )
 
 
 def _chunk(problem: CompressionProblem, policy: Policy, name: str, rng: np.random.Generator) -> np.ndarray:
