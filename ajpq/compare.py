@@ -1,7 +1,8 @@
 """``ajpq compare``: every method at every budget on one model, fine-tuned alike, in one table and one plot.
 
-For each size budget and each method, the method runs (``ajpq`` through :func:`ajpq.search.run_search`, the others
-through :func:`ajpq.methods.run_method`, each in its own run folder under ``out_dir``), its policy is fine-tuned for
+For each size budget and each method, the method runs through :func:`ajpq.search.run_search` (each in its own run
+folder under ``out_dir``; ajpq and random with the config's ``search`` options, the others with their
+``method_options``), its policy is fine-tuned for
 the same ``finetune_epochs`` with :func:`ajpq.finetune.finetune` (on the method's weights: the retrained ones for
 OLMP and ADMM; distilled from the FP32 reference), exported (``model.ajpq`` in the method's run folder), and one row is
 written: method, budget, size and BOPs compression, validation and test accuracy before and after fine-tuning, search
@@ -151,56 +152,46 @@ def compare_budgets(config: CompareConfig) -> list[Budget]:
 def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path) -> dict[str, Any]:
     """Run one method at one budget, fine-tune its policy, and return its table row."""
     from ajpq.finetune import finetune, finetune_config
-    from ajpq.methods import run_method
-    from ajpq.methods.common import calibration_images
+    from ajpq.methods import MethodOptions, method_class
+    from ajpq.methods.common import calibration_images, load_method_weights, simulate
     from ajpq.policy import load_policy
-    from ajpq.runs import RunDir
+    from ajpq.search import SearchConfig, run_search
     from ajpq.train import seed_everything
 
     tag = f"{method}__{budget_label(budget).replace('/', '_').replace(' + ', '__').replace(' ', '_')}"
     run_path = out / tag
     started = time.perf_counter()
+    search_values: dict[str, Any] = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "data_dir": config.data_dir,
+        "weights": config.weights,
+        "split_seed": config.split_seed,
+        "val_size": config.val_size,
+        "device": config.device,
+        "method": method,
+        "size_budget": budget.size,
+        "bops_budget": budget.bops,
+        "episodes": config.episodes,
+        "seed": config.seed,
+        "run_dir": str(run_path),
+        "progress": False,
+    }
+    if method in ("ajpq", "random"):  # the same space, proxy and episodes for both
+        search_values.update(config.search)
+    else:  # the method's own defaults for the settings it shares with the search (OLMP's max_sparsity 0.99)
+        options_type = method_class(method).Options
+        shared = {f.name: f.default for f in fields(options_type) if f.name in MethodOptions.SHARED}
+        search_values["method_options"] = {**shared, **config.method_options.get(method, {})}
+    result = run_search(SearchConfig(**search_values), workspace=workspace)
+    if result.best is None:
+        raise ConfigError(f"{method} found no policy within {budget_label(budget)} in {result.episodes} episodes")
+    policy = load_policy(result.run_dir / "best_policy.json", workspace.analysis)
     model = workspace.model
-    if method in ("ajpq", "random"):
-        from ajpq.search import SearchConfig, run_search
-
-        search_values = {
-            "model": config.model,
-            "dataset": config.dataset,
-            "data_dir": config.data_dir,
-            "weights": config.weights,
-            "split_seed": config.split_seed,
-            "val_size": config.val_size,
-            "device": config.device,
-            "method": method,
-            "size_budget": budget.size,
-            "bops_budget": budget.bops,
-            "episodes": config.episodes,
-            "seed": config.seed,
-            "run_dir": str(run_path),
-            "progress": False,
-            **config.search,
-        }
-        if method == "random":
-            search_values["method_options"] = {
-                k: v for k, v in config.method_options.get("random", {}).items() if k != "episodes"
-            }
-        result = run_search(SearchConfig(**search_values))
-        if result.best is None:
-            raise ConfigError(f"{method} found no policy within {budget_label(budget)} in {result.episodes} episodes")
-        policy = load_policy(result.run_dir / "best_policy.json", workspace.analysis)
-        evaluations = result.episodes
-    else:
-        options = dict(config.method_options.get(method, {}))
-        run_dir = RunDir.create(out, config.model, config.dataset, config.seed, path=run_path)
-        outcome = run_method(method, workspace, budget, config.seed, options, run_dir)
-        policy = outcome.policy
-        evaluations = outcome.evaluations
-        model = outcome.extra.get("model", workspace.model)
+    if "weights" in policy.meta:  # OLMP and ADMM retrain the weights their policy applies to
+        model = load_method_weights(workspace, Path(policy.meta["weights"]))
     wall = time.perf_counter() - started
     calibration = calibration_images(workspace)
-    from ajpq.methods.common import simulate
-
     report = simulate(workspace, None if model is workspace.model else model).cost_model.evaluate(policy)
     splits = {"val": workspace.splits.val, "test": workspace.splits.test}
     tuned = finetune(
@@ -231,7 +222,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
         "val_after": after["val"],
         "test_after": after["test"],
         "search_wall_time": wall,
-        "evaluations": evaluations,
+        "evaluations": result.evaluations,
         **exported,
     }
     log(

@@ -17,6 +17,7 @@ import numpy as np
 from gymnasium import spaces
 
 from ajpq.envs.core import CHANNEL_OBS_DIM, LAYER_OBS_DIM, CompressionProblem, Episode, EpisodeResult, bits_of
+from ajpq.policy import Policy
 
 Controller = Callable[[np.ndarray], Any]
 _DEFAULT_PROBLEM: CompressionProblem | None = None
@@ -32,8 +33,12 @@ def default_problem(**kwargs: Any) -> CompressionProblem:
     return _DEFAULT_PROBLEM
 
 
-def problem_from_workspace(workspace: Any = None, **kwargs: Any) -> CompressionProblem:
-    """A :class:`CompressionProblem` whose reward evaluates the simulated model on the validation split."""
+def problem_from_workspace(
+    workspace: Any = None, evaluate: Callable[[Policy], float] | None = None, **kwargs: Any
+) -> CompressionProblem:
+    """A :class:`CompressionProblem` of ``workspace`` (default: the embedded digits one): the FP32 model's validation
+    accuracy is measured (the reward is the change against it), ``evaluate`` scores a policy (default: the simulated
+    model's validation accuracy); ``kwargs`` are the problem's settings (budget, max_sparsity, ...)."""
     from ajpq.proxy import make_evaluator
     from ajpq.train import evaluate_accuracy
     from ajpq.workspace import open_workspace
@@ -41,7 +46,7 @@ def problem_from_workspace(workspace: Any = None, **kwargs: Any) -> CompressionP
     if workspace is None:
         workspace = open_workspace("digits_cnn", "digits", device="cpu", progress=False)
     fp32 = evaluate_accuracy(workspace.model, workspace.splits.val, workspace.device)
-    return CompressionProblem(workspace.analysis, make_evaluator(workspace), fp32, **kwargs)
+    return CompressionProblem(workspace.analysis, evaluate or make_evaluator(workspace), fp32, **kwargs)
 
 
 def _info(result: EpisodeResult | None) -> dict[str, Any]:

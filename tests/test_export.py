@@ -483,9 +483,9 @@ def test_relative_index_by_hand() -> None:
 @pytest.mark.expensive
 @pytest.mark.parametrize("method", ["opq", "olmp", "admm"])
 def test_sparse_policies_export_at_the_cost_models_size(method: str, tmp_path: Path) -> None:
-    from ajpq.budget import Budget
-    from ajpq.methods import run_method
-    from ajpq.runs import RunDir
+    from ajpq.methods.common import load_method_weights
+    from ajpq.policy import load_policy
+    from ajpq.search import SearchConfig, run_search
     from ajpq.workspace import open_workspace
 
     workspace = open_workspace("digits_cnn", "digits", device="cpu", progress=False)
@@ -494,9 +494,12 @@ def test_sparse_policies_export_at_the_cost_models_size(method: str, tmp_path: P
         "olmp": {"rounds": 1, "population": 2, "iterations": 1, "retrain_epochs": 0.5},
         "admm": {"steps": 2, "admm_epochs": 0.5, "retrain_epochs": 0.5, "quant_epochs": 0.5},
     }[method]
-    run_dir = RunDir.create(tmp_path, "digits_cnn", "digits", 0, path=tmp_path / method)
-    outcome = run_method(method, workspace, Budget(size=1 / 16), 0, fast, run_dir)
-    policy, model = outcome.policy, outcome.extra.get("model", workspace.model)
+    config = SearchConfig(
+        method=method, size_budget=1 / 16, method_options=fast, run_dir=str(tmp_path / method), progress=False
+    )
+    result = run_search(config, workspace=workspace)
+    policy = load_policy(result.run_dir / "best_policy.json", workspace.analysis)
+    model = load_method_weights(workspace, policy.meta["weights"]) if "weights" in policy.meta else workspace.model
     assert any(layer.weight_sparsity > 0 for layer in policy.layers.values())
     calibration = next(workspace.splits.train.batches(256))[0]
     artifact = build_artifact(

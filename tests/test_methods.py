@@ -10,18 +10,20 @@ import torch
 
 from ajpq.budget import Budget
 from ajpq.cost import CostModel
-from ajpq.methods import METHOD_MODULES, run_method
+from ajpq.methods import METHODS
 from ajpq.methods.olmp import ncs_minimize
 from ajpq.methods.opq import opq_policy
 from ajpq.models import build_model
 from ajpq.policy import load_policy
 from ajpq.runs import RunDir
+from ajpq.search import SearchConfig, SearchResult, run_search
 from ajpq.workspace import load_checkpoint, load_weights, open_workspace
 
 BUDGET = 1 / 16
 FAST = {
+    "ajpq": {},
     "uniform": {},
-    "random": {"episodes": 3},
+    "random": {},
     "opq": {},
     "olmp": {"rounds": 1, "population": 2, "iterations": 1, "retrain_epochs": 0.5},
     "admm": {"steps": 2, "admm_epochs": 0.5, "retrain_epochs": 0.5, "quant_epochs": 0.5},
@@ -33,10 +35,23 @@ def workspace():
     return open_workspace("digits_cnn", "digits", device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_MODULES))
+def run_method(workspace, method, path, budget=BUDGET, options=None, **settings) -> SearchResult:
+    """``ajpq search --method METHOD`` on the shared workspace (3 episodes for the episodic methods)."""
+    config = SearchConfig(
+        method=method,
+        size_budget=budget,
+        method_options=FAST[method] if options is None else options,
+        run_dir=str(path),
+        progress=False,
+        **{"episodes": 3, "checkpoint_every": 4, **settings},
+    )
+    return run_search(config, workspace=workspace)
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"ajpq"}))
 def test_method_yields_a_valid_policy_within_the_budget(workspace, method, tmp_path):
-    run_dir = RunDir.create(tmp_path, "digits_cnn", "digits", 0, path=tmp_path / method)
-    result = run_method(method, workspace, Budget(size=BUDGET), 0, FAST[method], run_dir)
+    run_dir = RunDir(tmp_path / method)
+    result = run_method(workspace, method, run_dir.path)
     for name in ("config.yaml", "run.json", "best_policy.json"):
         assert (run_dir.path / name).is_file(), name
     policy = load_policy(run_dir.best_policy_path, workspace.analysis)
@@ -51,11 +66,12 @@ def test_method_yields_a_valid_policy_within_the_budget(workspace, method, tmp_p
         model.eval()
     report = CostModel.from_model(workspace.analysis, model).evaluate(policy)
     assert report.size_ratio <= BUDGET
-    assert report.size_bits == result.report.size_bits
-    if method in ("random", "olmp"):
-        episodes = run_dir.read_episodes()
-        assert len(episodes) == result.evaluations > 0
-        assert {"accuracy", "size_ratio", "feasible"} <= set(episodes[0])
+    assert report.size_ratio == pytest.approx(policy.metrics["size_ratio"], abs=1e-8)
+    assert result.best is not None and result.best["size_ratio"] == pytest.approx(report.size_ratio, abs=1e-8)
+    episodes = run_dir.read_episodes()
+    assert len(episodes) == result.evaluations == (3 if method == "random" else len(episodes))
+    if method in ("random", "olmp", "uniform", "admm"):
+        assert result.evaluations > 0
     if method in ("olmp", "admm", "opq"):
         assert any(layer.weight_sparsity > 0 for layer in policy.layers.values())
         assert json.loads(run_dir.best_policy_path.read_text())["version"] == 2
@@ -104,11 +120,66 @@ def test_search_cli_runs_a_method(tmp_path, capsys):
     assert policy["meta"]["method"] == "opq" and policy["metrics"]["size_ratio"] <= 0.0625
 
 
-def test_unknown_option_and_impossible_budget_are_refused(workspace):
+def test_unknown_option_and_impossible_budget_are_refused(workspace, tmp_path):
     from ajpq.errors import BudgetError, ConfigError
 
-    with pytest.raises(ConfigError, match="unknown option"):
-        run_method("olmp", workspace, Budget(size=BUDGET), 0, {"round": 2})
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['round'\] for method 'olmp'; it takes \[.*'rounds'"):
+        SearchConfig(method="olmp", method_options={"round": 2})
+    with pytest.raises(ConfigError, match="olmp population must be an integer >= 1, but got 0"):
+        SearchConfig(method="olmp", method_options={"population": 0})
     with pytest.raises(BudgetError, match="cannot meet the budget"):
-        run_method("uniform", workspace, Budget(size=1e-4), 0, {})
+        run_method(workspace, "uniform", tmp_path / "u", budget=1e-4)
     torch.manual_seed(0)
+
+
+def test_a_registered_method_runs_in_the_search_loop_and_records_like_every_method(workspace, tmp_path):
+    """The extension point: a class with a name, an options dataclass and run(); the loop does everything else, and
+    its episodes.jsonl has the same keys and the same reward (accuracy change against FP32) as random's."""
+    from dataclasses import dataclass
+
+    from ajpq.errors import ConfigError
+    from ajpq.methods.base import MethodOptions, register_method
+    from ajpq.policy import Policy
+
+    @dataclass(frozen=True)
+    class FixedOptions(MethodOptions):
+        bits: int = 4
+        """Bits of every channel."""
+
+        def __post_init__(self) -> None:
+            if not 1 <= self.bits <= 8:
+                raise ConfigError(f"fixed_test bits must be 1..8, but got {self.bits}")
+
+    @register_method
+    class Fixed:
+        name = "fixed_test"
+        Options = FixedOptions
+        resumable = False
+        episodic = False
+
+        def run(self, context, options):
+            context.evaluate([Policy.uniform(context.workspace.analysis, options.bits, 8)])
+
+    try:
+        with pytest.raises(ConfigError, match="fixed_test bits must be 1..8, but got 9"):
+            SearchConfig(method="fixed_test", method_options={"bits": 9})
+        result = run_search(
+            SearchConfig(
+                method="fixed_test", method_options={"bits": 2}, size_budget=0.1, run_dir=str(tmp_path / "f")
+            ),
+            workspace=workspace,
+        )
+        random = run_method(workspace, "random", tmp_path / "r", budget=0.1)
+    finally:
+        METHODS.pop("fixed_test")
+    (line,) = RunDir(result.run_dir).read_episodes()
+    fp32 = json.loads((result.run_dir / "run.json").read_text())["fp32_accuracy_val"]
+    expected = workspace.cost_model.evaluate(Policy.uniform(workspace.analysis, 2, 8))
+    assert line["size_ratio"] == pytest.approx(expected.size_ratio, abs=1e-8) and line["feasible"]
+    assert line["reward"] == pytest.approx(line["accuracy"] - fp32, abs=1e-7)
+    random_lines = RunDir(random.run_dir).read_episodes()
+    assert set(line) == set(random_lines[0]) - {"warmup", "phase"} | set(line) and len(random_lines) == 3
+    for record in random_lines:
+        assert record["reward"] == pytest.approx(record["accuracy"] - fp32, abs=1e-7)
+    best = json.loads((result.run_dir / "best_policy.json").read_text())
+    assert best["meta"]["method"] == "fixed_test" and best["metrics"]["episode"] == 1

@@ -20,7 +20,7 @@ the sparsities are raised (hard mode) without more training. The retrained weigh
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,38 +29,54 @@ import torch
 from ajpq.budget import Budget
 from ajpq.cost import magnitude_keep
 from ajpq.errors import BudgetError
+from ajpq.methods.base import MethodOptions, SearchContext, register_method
 from ajpq.methods.common import (
-    MethodResult,
-    Recorder,
     apply_masks,
     check_bits,
     check_fraction,
+    check_non_negative,
     check_positive_int,
     fitting_bits,
     folded_scale,
     layer_masks,
-    options_with_defaults,
     save_weights,
     sgd_epochs,
     simulate,
     sparse_policy,
 )
 from ajpq.quant import quantize_weight
-from ajpq.runs import RunDir
 from ajpq.train import evaluate_accuracy
 from ajpq.workspace import Workspace
 
-DEFAULTS: dict[str, Any] = {
-    "weight_bits": 4,
-    "steps": 3,
-    "admm_epochs": 1.0,
-    "retrain_epochs": 1.0,
-    "quant_epochs": 1.0,
-    "rho": 0.01,
-    "lr": 0.01,
-    "max_sparsity": 0.99,
-    "activation_bits": 8,
-}
+
+@dataclass(frozen=True)
+class ADMMOptions(MethodOptions):
+    weight_bits: int = 4
+    """Bits of every kept weight (lowered when max_sparsity cannot meet the budget at this width)."""
+    steps: int = 3
+    """Progressive pruning steps towards the final sparsities."""
+    admm_epochs: float = 1.0
+    """ADMM epochs per pruning step."""
+    retrain_epochs: float = 1.0
+    """Masked SGD epochs after each pruning step."""
+    quant_epochs: float = 1.0
+    """ADMM epochs towards the quantized weights at the end (0: none)."""
+    rho: float = 0.01
+    """ADMM penalty weight."""
+    lr: float = 0.01
+    """Learning rate."""
+    max_sparsity: float = 0.99
+    """Largest layer sparsity (in ``ajpq search``: the search's ``max_sparsity``)."""
+    activation_bits: int = 8
+    """Activation bits of every layer."""
+
+    def __post_init__(self) -> None:
+        check_bits("admm weight_bits", self.weight_bits)
+        check_positive_int("admm steps", self.steps)
+        check_fraction("admm max_sparsity", self.max_sparsity)
+        check_bits("admm activation_bits", self.activation_bits)
+        for name in ("admm_epochs", "retrain_epochs", "quant_epochs", "rho", "lr"):
+            check_non_negative(f"admm {name}", getattr(self, name))
 
 
 def target_sparsity(
@@ -100,25 +116,23 @@ def target_sparsity(
     return sparsities(high)
 
 
-def run(
-    workspace: Workspace,
-    budget: Budget,
-    seed: int = 0,
-    options: Mapping[str, Any] | None = None,
-    run_dir: RunDir | None = None,
-    search_recorder: Any = None,
-) -> MethodResult:
-    opts = options_with_defaults("admm", DEFAULTS, options)
-    bits = check_bits("admm weight_bits", opts["weight_bits"])
-    steps = check_positive_int("admm steps", opts["steps"])
-    max_sparsity = check_fraction("admm max_sparsity", opts["max_sparsity"])
-    rho = float(opts["rho"])
-    lr = float(opts["lr"])
-    abits = int(opts["activation_bits"])
-    recorder = Recorder(workspace, "admm", budget, seed, opts, run_dir, search_recorder)
+@register_method
+class ADMM:
+    name = "admm"
+    Options = ADMMOptions
+    resumable = False
+    episodic = False
+
+    def run(self, context: SearchContext, options: ADMMOptions) -> None:
+        _run(context, options)
+
+
+def _run(context: SearchContext, opts: ADMMOptions) -> None:
+    workspace, budget, seed = context.workspace, context.problem.budget, context.config.seed
+    steps, max_sparsity, rho, lr, abits = opts.steps, opts.max_sparsity, opts.rho, opts.lr, opts.activation_bits
     generator = torch.Generator().manual_seed(seed)
     names = workspace.analysis.layer_names
-    bits = fitting_bits(workspace, workspace.simulated, budget, bits, max_sparsity, abits, "admm")
+    bits = fitting_bits(workspace, workspace.simulated, budget, opts.weight_bits, max_sparsity, abits, "admm")
     final = target_sparsity(workspace, workspace.simulated, budget, bits, abits, max_sparsity)
     model = copy.deepcopy(workspace.model)
     weights = {name: model.get_submodule(name).weight for name in names}
@@ -153,12 +167,12 @@ def run(
             return value * torch.from_numpy(keep).reshape(value.shape).to(value.device, value.dtype)
 
         enforce = apply_masks(model, masks) if masks else None
-        admm(project_sparse, float(opts["admm_epochs"]), enforce)
+        admm(project_sparse, opts.admm_epochs, enforce)
         masks = layer_masks(model, workspace, dict(zip(names, target, strict=True)))
         sgd_epochs(
             model,
             workspace,
-            float(opts["retrain_epochs"]),
+            opts.retrain_epochs,
             lr=lr,
             generator=generator,
             after_step=apply_masks(model, masks),
@@ -166,7 +180,7 @@ def run(
         simulated = simulate(workspace, model)
         policy = sparse_policy(workspace, names, target, bits, abits)
         accuracy = evaluate_accuracy(simulated.apply(policy), val, workspace.device)
-        recorder.record(policy, accuracy, simulated.cost_model.evaluate(policy), stage=f"prune{step}")
+        context.record(policy, accuracy, simulated, stage=f"prune{step}")
 
     def project_quant(name: str, value: torch.Tensor) -> torch.Tensor:
         scale = folded_scale(model, workspace)[name].clamp(min=1e-12)
@@ -174,8 +188,8 @@ def run(
         layer_bits = torch.full((value.shape[0],), bits, dtype=torch.int64, device=value.device)
         return quantize_weight(value * scale, layer_bits, mask > 0) / scale
 
-    if float(opts["quant_epochs"]) > 0:
-        admm(project_quant, float(opts["quant_epochs"]), apply_masks(model, masks))
+    if opts.quant_epochs > 0:
+        admm(project_quant, opts.quant_epochs, apply_masks(model, masks))
     simulated = simulate(workspace, model)
     sparsity = final
     policy = sparse_policy(workspace, names, sparsity, bits, abits)
@@ -186,8 +200,6 @@ def run(
         simulated = simulate(workspace, model)
         policy = sparse_policy(workspace, names, sparsity, bits, abits)
     accuracy = evaluate_accuracy(simulated.apply(policy), val, workspace.device)
-    recorder.record(policy, accuracy, simulated.cost_model.evaluate(policy), stage="quantized")
-    weights_path = save_weights(run_dir, workspace, model, "admm")
-    result = recorder.finish(policy, simulated, weights_path=weights_path, val_accuracy=accuracy)
-    result.extra["model"] = model
-    return result
+    context.record(policy, accuracy, simulated, stage="quantized")
+    weights_path = save_weights(context.run_dir, workspace, model, "admm")
+    context.finish(policy, simulated, weights_path=weights_path, val_accuracy=accuracy)

@@ -1,17 +1,14 @@
-"""What every method shares: options, the run-folder record, masked (re)training and channel-group pruning.
+"""What the baseline methods share: option checks, masked (re)training and channel-group pruning.
 
-A method is ``run(workspace, budget, seed, options, run_dir) -> MethodResult``: it reads the model, data and
-budget, writes ``config.yaml``, ``run.json``, ``episodes.jsonl`` (one line per evaluated candidate),
-``best_policy.json`` and TensorBoard scalars into ``run_dir`` (an :class:`ajpq.runs.RunDir`), and returns a complete,
-validated policy that meets the budget. Methods that change the weights (OLMP, ADMM) also write ``weights.pt``.
+Methods that change the weights (OLMP, ADMM) write them as ``weights.pt`` in the run folder
+(:func:`save_weights`); their policy's meta names that file.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +18,14 @@ from torch import nn
 
 from ajpq.budget import Budget
 from ajpq.compress import SimulatedModel
-from ajpq.cost import CostModel, CostReport
+from ajpq.cost import CostModel
 from ajpq.errors import BudgetError, ConfigError
-from ajpq.policy import Policy, validate_policy
+from ajpq.policy import Policy
 from ajpq.runs import RunDir
 from ajpq.train import evaluate_accuracy
-from ajpq.workspace import CALIBRATION_SIZE, Workspace, log, save_checkpoint
+from ajpq.workspace import CALIBRATION_SIZE, Workspace, load_checkpoint, load_weights, log, save_checkpoint
 
 WEIGHTS_FILE = "weights.pt"
-
-
-def options_with_defaults(method: str, defaults: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``defaults`` updated by ``given``; an unknown key is refused with the list of known ones."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {unknown} for method '{method}'; it takes {sorted(defaults)} (see the README's "
-            "'Methods and compare' section)"
-        )
-    values = dict(defaults)
-    values.update({k: v for k, v in given.items() if v is not None})
-    return values
 
 
 def check_fraction(name: str, value: Any, *, high: float = 1.0, closed: bool = False) -> float:
@@ -60,189 +43,16 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a number >= 0, but got {value!r}")
+    return float(value)
+
+
 def check_bits(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
         raise ConfigError(f"{name} must be an integer from 1 to 8, but got {value!r}")
     return int(value)
-
-
-@dataclass
-class MethodResult:
-    """What a method returns: its policy (complete, with metrics and meta) and how it got there."""
-
-    method: str
-    policy: Policy
-    report: CostReport
-    val_accuracy: float
-    evaluations: int
-    wall_time: float
-    weights_path: Path | None = None
-    """Weights the policy applies to, when the method retrained them (OLMP, ADMM); None = the workspace's."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Recorder:
-    """Writes a method's run folder: configuration, one line per evaluated candidate, the best policy, TensorBoard."""
-
-    def __init__(
-        self,
-        workspace: Workspace,
-        method: str,
-        budget: Budget,
-        seed: int,
-        options: Mapping[str, Any],
-        run_dir: RunDir | None,
-        search_recorder: Any = None,
-    ) -> None:
-        self.workspace = workspace
-        self.method = method
-        self.budget = budget
-        self.seed = seed
-        self.options = dict(options)
-        self.run_dir = run_dir
-        self.search_recorder = search_recorder
-        """Inside ``ajpq search``: the search loop's recorder (it writes episodes, progress and TensorBoard)."""
-        self.fp32_accuracy = getattr(search_recorder, "fp32_accuracy", None)
-        self.evaluations = 0
-        self.start = time.perf_counter()
-        self.best: tuple[float, Policy, CostReport] | None = None
-        if run_dir is not None and search_recorder is None:
-            run_dir.write_config(self.config())
-            run_dir.write_info(
-                {
-                    "method": method,
-                    "model": workspace.model_name,
-                    "dataset": workspace.splits.name,
-                    "fingerprint": workspace.analysis.fingerprint,
-                    "reference_accuracy": workspace.checkpoint.get("accuracy"),
-                }
-            )
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "model": self.workspace.model_name,
-            "dataset": self.workspace.splits.name,
-            "split_seed": self.workspace.splits.split_seed,
-            "seed": self.seed,
-            "size_budget": self.budget.size,
-            "bops_budget": self.budget.bops,
-            "method_options": self.options,
-        }
-
-    def record(
-        self,
-        policy: Policy,
-        accuracy: float,
-        report: CostReport,
-        *,
-        eval_time: float = 0.0,
-        projected: bool = False,
-        **extra: Any,
-    ) -> None:
-        """One evaluated candidate: an ``episodes.jsonl`` line and TensorBoard scalars; tracks the best that fits."""
-        self.evaluations += 1
-        feasible = self.budget.fits(report)
-        if feasible and (self.best is None or accuracy > self.best[0]):
-            self.best = (accuracy, policy.copy(), report)
-        if self.search_recorder is not None:
-            from ajpq.envs import EpisodeResult
-
-            reward = accuracy - (self.fp32_accuracy or 0.0)
-            result = EpisodeResult(reward, accuracy, report, feasible, projected, policy, eval_time)
-            extra = {k: v for k, v in extra.items() if isinstance(v, int | float | str | bool)}
-            sparsity = {n: layer.weight_sparsity for n, layer in policy.layers.items() if layer.weight_sparsity > 0}
-            self.search_recorder.record(result, {**extra, **({"weight_sparsity": sparsity} if sparsity else {})})
-            return
-        if self.run_dir is None:
-            return
-        record = {
-            "episode": self.evaluations,
-            "reward": accuracy if feasible else 0.0,
-            "accuracy": accuracy,
-            "size_ratio": report.size_ratio,
-            "bops_ratio": report.bops_ratio,
-            "feasible": feasible,
-            "wall_time": time.perf_counter() - self.start,
-            **extra,
-        }
-        sparsity = {name: layer.weight_sparsity for name, layer in policy.layers.items() if layer.weight_sparsity > 0}
-        if sparsity:
-            record["weight_sparsity"] = sparsity
-        self.run_dir.append_episode(record, policy)
-        self.run_dir.add_scalars(
-            {
-                "search/accuracy": accuracy,
-                "search/size_ratio": report.size_ratio,
-                "search/bops_ratio": report.bops_ratio,
-                "search/best_accuracy": self.best[0] if self.best else 0.0,
-            },
-            self.evaluations,
-        )
-
-    def finish(
-        self,
-        policy: Policy,
-        simulated: SimulatedModel,
-        *,
-        weights_path: Path | None = None,
-        val_accuracy: float | None = None,
-        **meta: Any,
-    ) -> MethodResult:
-        """Validate the final policy, check the budget, stamp metrics and meta, write ``best_policy.json``."""
-        analysis = self.workspace.analysis
-        policy = validate_policy(policy, analysis, f"{self.method} policy")
-        report = simulated.cost_model.evaluate(policy)
-        if not self.budget.fits(report):
-            raise BudgetError(
-                f"method '{self.method}' could not meet the budget ({self.budget.describe()}): its policy has size "
-                f"ratio {report.size_ratio:.4g} and BOPs ratio {report.bops_ratio:.4g}; raise the budget or the "
-                "method's max_sparsity"
-            )
-        if val_accuracy is None:
-            val_accuracy = evaluate_accuracy(simulated.apply(policy), self.workspace.splits.val, self.workspace.device)
-        wall = time.perf_counter() - self.start
-        extra_meta = {"evaluations": self.evaluations, "search_wall_time": wall, **meta}
-        if weights_path is not None:
-            extra_meta["weights"] = str(weights_path)
-        stamped = policy.with_meta(self.method, self.seed, **extra_meta)
-        stamped.metrics = {"val_accuracy": val_accuracy, **report.as_dict()}
-        if self.search_recorder is not None and self.run_dir is not None:
-            # the method's final policy is its answer (OLMP/ADMM retrain weights after their candidates)
-            stamped.metrics = {
-                "val_accuracy": val_accuracy,
-                "fp32_accuracy": self.fp32_accuracy,
-                "split": "val",
-                **report.as_dict(),
-            }
-            self.run_dir.write_best(stamped)
-            self.search_recorder.restore_best(
-                {
-                    "episode": self.search_recorder.episode,
-                    "reward": val_accuracy - (self.fp32_accuracy or 0.0),
-                    "accuracy": val_accuracy,
-                    "size_ratio": report.size_ratio,
-                    "bops_ratio": report.bops_ratio,
-                    "compression_rate": report.compression_rate,
-                }
-            )
-        elif self.run_dir is not None:
-            self.run_dir.write_best(stamped)
-            self.run_dir.add_scalars(
-                {
-                    "eval/accuracy": val_accuracy,
-                    "search/size_ratio_final": report.size_ratio,
-                    "search/bops_ratio_final": report.bops_ratio,
-                    "time/search_wall_time": wall,
-                },
-                self.evaluations,
-            )
-            self.run_dir.close()
-        log(
-            f"{self.method}: size ratio {report.size_ratio:.4g} ({report.compression_rate:.1f}x), BOPs ratio "
-            f"{report.bops_ratio:.4g}, val accuracy {val_accuracy:.4f}, {self.evaluations} evaluations, {wall:.1f} s"
-        )
-        return MethodResult(self.method, stamped, report, val_accuracy, self.evaluations, wall, weights_path)
 
 
 def calibration_images(workspace: Workspace) -> torch.Tensor:
@@ -286,6 +96,13 @@ def save_weights(run_dir: RunDir | None, workspace: Workspace, model: nn.Module,
         "accuracy": {"val": evaluate_accuracy(model, workspace.splits.val, workspace.device)},
     }
     return save_checkpoint(run_dir.path / WEIGHTS_FILE, model, meta)
+
+
+def load_method_weights(workspace: Workspace, path: Path) -> nn.Module:
+    """A copy of the workspace's model with the weights a method wrote with :func:`save_weights`."""
+    model = copy.deepcopy(workspace.model)
+    load_weights(model, load_checkpoint(path), workspace.model_name, str(path))
+    return model.to(workspace.device).eval()
 
 
 def folded_scale(model: nn.Module, workspace: Workspace) -> dict[str, torch.Tensor]:

@@ -28,47 +28,68 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ajpq.budget import Budget
 from ajpq.errors import BudgetError
+from ajpq.methods.base import MethodOptions, SearchContext, register_method
 from ajpq.methods.common import (
-    MethodResult,
-    Recorder,
     apply_masks,
     check_bits,
     check_fraction,
+    check_non_negative,
     check_positive_int,
     fitting_bits,
     layer_masks,
-    options_with_defaults,
     save_weights,
     sgd_epochs,
     simulate,
     sparse_policy,
 )
-from ajpq.runs import RunDir
 from ajpq.train import evaluate_accuracy
-from ajpq.workspace import Workspace
 
-DEFAULTS: dict[str, Any] = {
-    "weight_bits": 4,
-    "rounds": 3,
-    "population": 4,
-    "iterations": 5,
-    "accuracy_loss": 0.01,
-    "penalty": 100.0,
-    "sigma": 0.15,
-    "retrain_epochs": 1.0,
-    "lr": 0.01,
-    "max_sparsity": 0.99,
-    "eval_limit": 2000,
-    "activation_bits": 8,
-}
+
+@dataclass(frozen=True)
+class OLMPOptions(MethodOptions):
+    weight_bits: int = 4
+    """Bits of every kept weight (lowered when max_sparsity cannot meet the budget at this width)."""
+    rounds: int = 3
+    """Search-then-retrain rounds; each round's sparsities are the next one's lower bounds."""
+    population: int = 4
+    """NCS population."""
+    iterations: int = 5
+    """NCS iterations per round."""
+    accuracy_loss: float = 0.01
+    """Largest validation accuracy drop (from FP32) before the penalty applies."""
+    penalty: float = 100.0
+    """Weight of the accuracy-drop penalty in NCS's objective."""
+    sigma: float = 0.15
+    """Initial NCS step size, relative to the search box."""
+    retrain_epochs: float = 1.0
+    """Masked SGD epochs after each round."""
+    lr: float = 0.01
+    """Learning rate of the retraining."""
+    max_sparsity: float = 0.99
+    """Largest layer sparsity (in ``ajpq search``: the search's ``max_sparsity``)."""
+    eval_limit: int = 2000
+    """Validation images per candidate evaluation."""
+    activation_bits: int = 8
+    """Activation bits of every layer."""
+
+    def __post_init__(self) -> None:
+        check_bits("olmp weight_bits", self.weight_bits)
+        check_positive_int("olmp rounds", self.rounds)
+        check_positive_int("olmp population", self.population)
+        check_positive_int("olmp iterations", self.iterations, 0)
+        check_fraction("olmp accuracy_loss", self.accuracy_loss, closed=True)
+        check_fraction("olmp max_sparsity", self.max_sparsity)
+        check_positive_int("olmp eval_limit", self.eval_limit)
+        check_bits("olmp activation_bits", self.activation_bits)
+        for name in ("penalty", "sigma", "retrain_epochs", "lr"):
+            check_non_negative(f"olmp {name}", getattr(self, name))
 
 
 def bhattacharyya(mu1: np.ndarray, s1: float, mu2: np.ndarray, s2: float) -> float:
@@ -120,53 +141,49 @@ def ncs_minimize(
     return best_x, best_f
 
 
-def run(
-    workspace: Workspace,
-    budget: Budget,
-    seed: int = 0,
-    options: Mapping[str, Any] | None = None,
-    run_dir: RunDir | None = None,
-    search_recorder: Any = None,
-) -> MethodResult:
-    opts = options_with_defaults("olmp", DEFAULTS, options)
-    bits = check_bits("olmp weight_bits", opts["weight_bits"])
-    rounds = check_positive_int("olmp rounds", opts["rounds"])
-    population = check_positive_int("olmp population", opts["population"])
-    iterations = check_positive_int("olmp iterations", opts["iterations"], 0)
-    bound = check_fraction("olmp accuracy_loss", opts["accuracy_loss"], closed=True)
-    max_sparsity = check_fraction("olmp max_sparsity", opts["max_sparsity"])
-    abits = int(opts["activation_bits"])
-    limit = int(opts["eval_limit"])
+@register_method
+class OLMP:
+    name = "olmp"
+    Options = OLMPOptions
+    resumable = False
+    episodic = False
+
+    def run(self, context: SearchContext, options: OLMPOptions) -> None:
+        _run(context, options)
+
+
+def _run(context: SearchContext, opts: OLMPOptions) -> None:
+    workspace, budget, seed = context.workspace, context.problem.budget, context.config.seed
+    bound, max_sparsity, abits, limit = opts.accuracy_loss, opts.max_sparsity, opts.activation_bits, opts.eval_limit
     size_budget = budget.size or 1.0
-    recorder = Recorder(workspace, "olmp", budget, seed, opts, run_dir, search_recorder)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     val = workspace.splits.val
     reference = evaluate_accuracy(workspace.model, val, workspace.device, limit=limit)
     names = workspace.analysis.layer_names
-    bits = fitting_bits(workspace, workspace.simulated, budget, bits, max_sparsity, abits, "olmp")
+    bits = fitting_bits(workspace, workspace.simulated, budget, opts.weight_bits, max_sparsity, abits, "olmp")
     model = copy.deepcopy(workspace.model)
     lower = np.zeros(len(names))
     upper = np.full(len(names), max_sparsity)
-    for round_index in range(rounds):
+    for round_index in range(opts.rounds):
         simulated = simulate(workspace, model)
 
         def objective(sparsity: np.ndarray, simulated: Any = simulated, round_index: int = round_index) -> float:
             policy = sparse_policy(workspace, names, sparsity, bits, abits)
             report = simulated.cost_model.evaluate(policy)
             accuracy = evaluate_accuracy(simulated.apply(policy), val, workspace.device, limit=limit)
-            recorder.record(policy, accuracy, report, round=round_index + 1)
+            context.record(policy, accuracy, simulated, round=round_index + 1)
             loss = reference - accuracy
             bops_term = report.bops_ratio / budget.bops if budget.bops else 0.0
-            return report.size_ratio / size_budget + bops_term + float(opts["penalty"]) * max(0.0, loss - bound)
+            return report.size_ratio / size_budget + bops_term + opts.penalty * max(0.0, loss - bound)
 
         best, _ = ncs_minimize(
             objective,
             lower,
             upper,
-            population=population,
-            iterations=iterations,
-            sigma=float(opts["sigma"]),
+            population=opts.population,
+            iterations=opts.iterations,
+            sigma=opts.sigma,
             rng=rng,
         )
         lower = np.round(best, 6)
@@ -174,8 +191,8 @@ def run(
         sgd_epochs(
             model,
             workspace,
-            float(opts["retrain_epochs"]),
-            lr=float(opts["lr"]),
+            opts.retrain_epochs,
+            lr=opts.lr,
             generator=generator,
             after_step=apply_masks(model, masks),
         )
@@ -202,7 +219,5 @@ def run(
         apply_masks(model, layer_masks(model, workspace, dict(zip(names, sparsity, strict=True))))
         simulated = simulate(workspace, model)
     policy = sparse_policy(workspace, names, sparsity, bits, abits)
-    weights_path = save_weights(run_dir, workspace, model, "olmp")
-    result = recorder.finish(policy, simulated, weights_path=weights_path, reference_val_accuracy=reference)
-    result.extra["model"] = model
-    return result
+    weights_path = save_weights(context.run_dir, workspace, model, "olmp")
+    context.finish(policy, simulated, weights_path=weights_path, reference_val_accuracy=reference)

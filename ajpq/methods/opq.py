@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,12 +32,23 @@ import numpy as np
 from ajpq.budget import Budget
 from ajpq.cost import CostModel
 from ajpq.errors import BudgetError
-from ajpq.methods.common import MethodResult, Recorder, check_fraction, options_with_defaults
+from ajpq.methods.base import MethodOptions, SearchContext, register_method
+from ajpq.methods.common import check_bits, check_fraction
 from ajpq.policy import LayerPolicy, Policy
-from ajpq.runs import RunDir
-from ajpq.workspace import Workspace
 
-DEFAULTS: dict[str, Any] = {"max_pruning": 0.99, "activation_bits": 8}
+
+@dataclass(frozen=True)
+class OPQOptions(MethodOptions):
+    max_pruning: float = 0.99
+    """Largest magnitude-pruning rate of a layer (the top of the pruning grid)."""
+    activation_bits: int = 8
+    """Activation bits of every layer."""
+
+    def __post_init__(self) -> None:
+        check_fraction("opq max_pruning", self.max_pruning)
+        check_bits("opq activation_bits", self.activation_bits)
+
+
 PRUNING_GRID: tuple[float, ...] = (
     *np.round(np.arange(0.0, 0.9, 0.05), 2).tolist(),
     0.9,
@@ -145,25 +157,22 @@ def opq_policy(
     return policy, {"lambda": high, "allocation": allocation}
 
 
-def run(
-    workspace: Workspace,
-    budget: Budget,
-    seed: int = 0,
-    options: Mapping[str, Any] | None = None,
-    run_dir: RunDir | None = None,
-    search_recorder: Any = None,
-) -> MethodResult:
-    opts = options_with_defaults("opq", DEFAULTS, options)
-    max_pruning = check_fraction("opq max_pruning", opts["max_pruning"])
-    recorder = Recorder(workspace, "opq", budget, seed, opts, run_dir, search_recorder)
-    simulated = workspace.simulated
-    weights = {name: weight.cpu().numpy() for name, weight in simulated.reference_weights().items()}
-    policy, info = opq_policy(
-        workspace.analysis,
-        simulated.cost_model,
-        weights,
-        budget,
-        max_pruning=max_pruning,
-        activation_bits=int(opts["activation_bits"]),
-    )
-    return recorder.finish(policy, simulated, lagrange_multiplier=info["lambda"], allocation=info["allocation"])
+@register_method
+class OPQ:
+    name = "opq"
+    Options = OPQOptions
+    resumable = False
+    episodic = False
+
+    def run(self, context: SearchContext, options: OPQOptions) -> None:
+        simulated = context.workspace.simulated
+        weights = {name: weight.cpu().numpy() for name, weight in simulated.reference_weights().items()}
+        policy, info = opq_policy(
+            context.workspace.analysis,
+            simulated.cost_model,
+            weights,
+            context.problem.budget,
+            max_pruning=options.max_pruning,
+            activation_bits=options.activation_bits,
+        )
+        context.finish(policy, simulated, lagrange_multiplier=info["lambda"], allocation=info["allocation"])

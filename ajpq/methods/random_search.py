@@ -8,18 +8,21 @@ evaluated on the validation split by the same :class:`ajpq.envs.CompressionProbl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ajpq.budget import Budget
-from ajpq.methods.common import MethodResult, Recorder, check_fraction, check_positive_int, options_with_defaults
-from ajpq.runs import RunDir
-from ajpq.train import evaluate_accuracy
-from ajpq.workspace import Workspace
+from ajpq.errors import BudgetError
+from ajpq.methods.base import MethodOptions, SearchContext, register_method
 
-DEFAULTS: dict[str, Any] = {"episodes": 300, "max_sparsity": 0.8, "activation_bits": 8}
+
+@dataclass(frozen=True)
+class RandomOptions(MethodOptions):
+    """None of its own: random searches the search's space (``episodes``, ``max_sparsity``, ``activation_bits``,
+    the budget, the proxy), exactly as ajpq's episodes do, so the two compare like for like."""
+
+
 BATCH = 8
 """Policies drawn, then evaluated together through the problem's backend (the draws do not depend on it)."""
 
@@ -36,45 +39,23 @@ def _random_policy(problem: Any, rng: np.random.Generator) -> Any:
     return episode.policy
 
 
-def run(
-    workspace: Workspace,
-    budget: Budget,
-    seed: int = 0,
-    options: Mapping[str, Any] | None = None,
-    run_dir: RunDir | None = None,
-    search_recorder: Any = None,
-    problem: Any = None,
-) -> MethodResult:
-    from ajpq.envs import CompressionProblem
-    from ajpq.proxy import make_evaluator
+@register_method
+class RandomSearch:
+    """Draws from the search's own problem (the same space, projection, proxy and cache as ajpq's episodes)."""
 
-    opts = options_with_defaults("random", DEFAULTS, options)
-    episodes = check_positive_int("random episodes", opts["episodes"])
-    max_sparsity = check_fraction("random max_sparsity", opts["max_sparsity"])
-    recorder = Recorder(workspace, "random", budget, seed, opts, run_dir, search_recorder)
-    simulated = workspace.simulated
-    val = workspace.splits.val
-    if problem is None:
-        fp32 = evaluate_accuracy(workspace.model, val, workspace.device)
-        problem = CompressionProblem(
-            workspace.analysis,
-            make_evaluator(workspace),
-            fp32,
-            budget=budget,
-            max_sparsity=max_sparsity,
-            activation_bits=int(opts["activation_bits"]),
-        )
-    rng = np.random.default_rng(seed)
-    batch = max(BATCH, 4 * getattr(problem.backend, "workers", 1))
-    while recorder.evaluations < episodes:
-        policies = [_random_policy(problem, rng) for _ in range(min(batch, episodes - recorder.evaluations))]
-        for result in problem.finish_many(policies):
-            recorder.record(
-                result.policy, result.accuracy, result.report, eval_time=result.eval_time, projected=result.projected
+    name = "random"
+    Options = RandomOptions
+    resumable = False
+    episodic = True
+
+    def run(self, context: SearchContext, options: RandomOptions) -> None:
+        problem = context.problem
+        rng = np.random.default_rng(context.config.seed)
+        batch = max(BATCH, 4 * getattr(problem.backend, "workers", 1))
+        episodes = context.config.episodes
+        while (done := context.recorder.episode) < episodes:
+            context.evaluate([_random_policy(problem, rng) for _ in range(min(batch, episodes - done))])
+        if context.recorder.best is None:
+            raise BudgetError(
+                f"random found no policy within the budget ({problem.budget.describe()}) in {episodes} episodes"
             )
-    if recorder.best is None:
-        from ajpq.errors import BudgetError
-
-        raise BudgetError(f"random found no policy within the budget ({budget.describe()}) in {episodes} episodes")
-    accuracy, policy, _ = recorder.best
-    return recorder.finish(policy, simulated, val_accuracy=accuracy)

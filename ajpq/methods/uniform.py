@@ -8,33 +8,37 @@ no pruning when some width fits, and otherwise the smallest uniform fraction (in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ajpq.budget import Budget
 from ajpq.errors import BudgetError
-from ajpq.methods.common import (
-    MethodResult,
-    Recorder,
-    check_bits,
-    check_fraction,
-    options_with_defaults,
-    prune_groups,
-    simulate,
-)
+from ajpq.methods.base import MethodOptions, SearchContext, register_method
+from ajpq.methods.common import check_bits, check_fraction, prune_groups
 from ajpq.policy import Policy
-from ajpq.runs import RunDir
 from ajpq.train import evaluate_accuracy
 from ajpq.workspace import Workspace
 
-DEFAULTS: dict[str, Any] = {
-    "sparsity": "auto",
-    "max_sparsity": 0.9,
-    "sparsity_step": 0.05,
-    "activation_bits": 8,
-}
+
+@dataclass(frozen=True)
+class UniformOptions(MethodOptions):
+    sparsity: Any = "auto"
+    """Fraction of every prunable group's channels removed, or "auto" (none if some width fits, else the smallest
+    step at which 1 bit fits)."""
+    max_sparsity: float = 0.9
+    """Largest fraction "auto" tries."""
+    sparsity_step: float = 0.05
+    """Step of the fractions "auto" tries."""
+    activation_bits: int = 8
+    """Activation bits of every layer."""
+
+    def __post_init__(self) -> None:
+        check_fraction("uniform max_sparsity", self.max_sparsity)
+        check_fraction("uniform sparsity_step", self.sparsity_step)
+        if self.sparsity != "auto":
+            check_fraction("uniform sparsity", self.sparsity)
+        check_bits("uniform activation_bits", self.activation_bits)
 
 
 def uniform_policy(workspace: Workspace, bits: int, sparsity: float, activation_bits: int) -> Policy:
@@ -42,44 +46,41 @@ def uniform_policy(workspace: Workspace, bits: int, sparsity: float, activation_
     return prune_groups(workspace, policy, sparsity)
 
 
-def run(
-    workspace: Workspace,
-    budget: Budget,
-    seed: int = 0,
-    options: Mapping[str, Any] | None = None,
-    run_dir: RunDir | None = None,
-    search_recorder: Any = None,
-) -> MethodResult:
-    opts = options_with_defaults("uniform", DEFAULTS, options)
-    max_sparsity = check_fraction("uniform max_sparsity", opts["max_sparsity"])
-    step = check_fraction("uniform sparsity_step", opts["sparsity_step"])
-    abits = int(opts["activation_bits"])
-    recorder = Recorder(workspace, "uniform", budget, seed, opts, run_dir, search_recorder)
-    simulated = simulate(workspace)
-    cost = simulated.cost_model.evaluate
-    if opts["sparsity"] == "auto":
-        grid = [0.0, *np.arange(step, max_sparsity + 1e-9, step).tolist()] if step > 0 else [0.0]
-        fractions = [f for f in grid if budget.fits(cost(uniform_policy(workspace, 1, f, abits)))]
-        if not fractions:
-            smallest = cost(uniform_policy(workspace, 1, grid[-1], abits))
+@register_method
+class Uniform:
+    name = "uniform"
+    Options = UniformOptions
+    resumable = False
+    episodic = False
+
+    def run(self, context: SearchContext, options: UniformOptions) -> None:
+        workspace, budget = context.workspace, context.problem.budget
+        step, abits = options.sparsity_step, options.activation_bits
+        simulated = workspace.simulated
+        cost = simulated.cost_model.evaluate
+        if options.sparsity == "auto":
+            grid = [0.0, *np.arange(step, options.max_sparsity + 1e-9, step).tolist()] if step > 0 else [0.0]
+            fractions = [f for f in grid if budget.fits(cost(uniform_policy(workspace, 1, f, abits)))]
+            if not fractions:
+                smallest = cost(uniform_policy(workspace, 1, grid[-1], abits))
+                raise BudgetError(
+                    f"uniform cannot meet the budget ({budget.describe()}): 1-bit weights with {grid[-1]:.0%} of "
+                    f"every prunable layer's channels removed still have size ratio {smallest.size_ratio:.4g} and "
+                    f"BOPs ratio {smallest.bops_ratio:.4g}; raise the budget or uniform's max_sparsity"
+                )
+            sparsity = fractions[0]
+        else:
+            sparsity = float(options.sparsity)
+        for bits in range(8, 0, -1):
+            policy = uniform_policy(workspace, bits, sparsity, abits)
+            report = cost(policy)
+            if budget.fits(report):
+                break
+        else:
             raise BudgetError(
-                f"uniform cannot meet the budget ({budget.describe()}): 1-bit weights with {grid[-1]:.0%} of every "
-                f"prunable layer's channels removed still have size ratio {smallest.size_ratio:.4g} and BOPs ratio "
-                f"{smallest.bops_ratio:.4g}; raise the budget or uniform's max_sparsity"
+                f"uniform cannot meet the budget ({budget.describe()}) at sparsity {sparsity:g}: 1-bit weights have "
+                f"size ratio {report.size_ratio:.4g}; use sparsity: auto or a larger sparsity"
             )
-        sparsity = fractions[0]
-    else:
-        sparsity = check_fraction("uniform sparsity", opts["sparsity"])
-    for bits in range(8, 0, -1):
-        policy = uniform_policy(workspace, check_bits("bits", bits), sparsity, abits)
-        report = cost(policy)
-        if budget.fits(report):
-            break
-    else:
-        raise BudgetError(
-            f"uniform cannot meet the budget ({budget.describe()}) at sparsity {sparsity:g}: 1-bit weights have size "
-            f"ratio {report.size_ratio:.4g}; use sparsity: auto or a larger sparsity"
-        )
-    accuracy = evaluate_accuracy(simulated.apply(policy), workspace.splits.val, workspace.device)
-    recorder.record(policy, accuracy, report, weight_bits=bits, channel_sparsity=sparsity)
-    return recorder.finish(policy, simulated, val_accuracy=accuracy, weight_bits=bits, channel_sparsity=sparsity)
+        accuracy = evaluate_accuracy(simulated.apply(policy), workspace.splits.val, workspace.device)
+        context.record(policy, accuracy, simulated, weight_bits=bits, channel_sparsity=sparsity)
+        context.finish(policy, simulated, val_accuracy=accuracy, weight_bits=bits, channel_sparsity=sparsity)

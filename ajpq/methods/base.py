@@ -1,0 +1,288 @@
+"""The method framework: what a compression method is, how it is registered, and what it receives.
+
+A method is a class with a ``name``, an ``Options`` dataclass (its settings, each checked in ``__post_init__``, the
+way torchao's configs are) and ``run(context, options)``; :func:`register_method` adds it to :data:`METHODS` under
+its ``--method`` name::
+
+    @register_method
+    class Uniform:
+        name = "uniform"
+        Options = UniformOptions
+        resumable = False
+        episodic = False
+
+        def run(self, context: SearchContext, options: UniformOptions) -> None: ...
+
+Every method runs inside :func:`ajpq.search.run_search`, which opens the workspace, checks the budget, builds the
+:class:`~ajpq.envs.CompressionProblem`, makes the run folder and hands the method a :class:`SearchContext`. The method
+evaluates candidates with :meth:`SearchContext.evaluate` (or records its own with ``context.recorder.record``), and a
+method whose answer is not one of its candidates ends with :meth:`SearchContext.finish`. A resumable method saves its
+state with :meth:`SearchContext.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import torch
+
+from ajpq.callbacks import Recorder
+from ajpq.errors import BudgetError, ConfigError
+from ajpq.policy import Policy, validate_policy
+from ajpq.runs import RunDir
+from ajpq.workspace import Workspace, log
+
+if TYPE_CHECKING:
+    from ajpq.compress import SimulatedModel
+    from ajpq.envs.core import CompressionProblem, EpisodeResult
+    from ajpq.search import SearchConfig
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options (a frozen dataclass; subclasses check their fields in ``__post_init__``)."""
+
+    SHARED: ClassVar[tuple[str, ...]] = ("episodes", "max_sparsity", "activation_bits")
+    """Fields that, when a method has them and its ``method_options`` do not set them, come from the search's own
+    configuration (``ajpq search --episodes 50 --method random``)."""
+
+    @classmethod
+    def from_mapping(cls, method: str, values: Mapping[str, Any]) -> MethodOptions:
+        """Options from a ``method_options`` mapping; an unknown key is refused with the list of known ones."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown} for method '{method}'; it takes {sorted(known)} (see the README's "
+                "'Methods and compare' section)"
+            )
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A compression method (see the module docstring)."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]]
+    resumable: ClassVar[bool]
+    """Whether it saves checkpoints (``--resume``; on SIGINT/SIGTERM it checkpoints, then stops)."""
+    episodic: ClassVar[bool]
+    """Whether its candidates are episodes of the problem's own space (channel pruning within ``max_sparsity``):
+    the search then refuses a budget the smallest such policy cannot meet before it starts."""
+
+    def run(self, context: SearchContext, options: Any) -> None: ...
+
+
+METHODS: dict[str, type[Method]] = {}
+"""Registered methods by ``--method`` name (filled by :func:`register_method`)."""
+
+M = TypeVar("M", bound=type)
+
+
+def register_method(cls: M) -> M:
+    """Class decorator: register a :class:`Method` under its ``name``."""
+    name = cls.name  # type: ignore[attr-defined]  # checked just below
+    if not isinstance(cls, type) or not isinstance(name, str) or not issubclass(cls.Options, MethodOptions):  # type: ignore[attr-defined]  # duck-typed class
+        raise TypeError(f"{cls!r} is not a method: it needs a str `name` and an `Options` MethodOptions subclass")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"method {name!r} is already registered by {METHODS[name]!r}")
+    METHODS[name] = cls  # type: ignore[assignment]  # a class satisfying the Method protocol
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, but got {name!r}")
+    return METHODS[name]
+
+
+def method_options(config: SearchConfig) -> MethodOptions:
+    """The options of ``config.method``: its ``method_options``, the shared fields filled from the configuration."""
+    options_type = method_class(config.method).Options
+    names = {f.name for f in dataclasses.fields(options_type)}
+    values = dict(config.method_options)
+    for key in MethodOptions.SHARED:
+        if key in names:
+            values.setdefault(key, getattr(config, key))
+    return options_type.from_mapping(config.method, values)
+
+
+def option_docs(options_type: type[MethodOptions]) -> dict[str, str]:
+    """Each option's docstring (the string under its field), for help texts and the README."""
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    body = ast.parse(textwrap.dedent(inspect.getsource(options_type))).body[0]
+    assert isinstance(body, ast.ClassDef)
+    previous: str | None = None
+    for node in body.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            previous = node.target.id
+        elif previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[previous] = " ".join(str(node.value.value).split())
+            previous = None
+    return docs
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM during a search: finish the episode, checkpoint, stop (a second signal stops at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("interrupted: finishing this episode, then writing a checkpoint (interrupt again to stop at once)")
+
+
+@dataclass
+class SearchContext:
+    """What a method receives (see the module docstring)."""
+
+    workspace: Workspace
+    config: SearchConfig
+    run_dir: RunDir
+    problem: CompressionProblem
+    recorder: Recorder
+    resume_state: dict[str, Any] | None = None
+    stop: StopOnSignal = field(default_factory=StopOnSignal)
+
+    def evaluate(
+        self,
+        policies: list[Policy],
+        extras: list[dict[str, Any]] | None = None,
+        before_record: Callable[[int, EpisodeResult, dict[str, Any]], None] | None = None,
+    ) -> list[EpisodeResult]:
+        """Project the policies, evaluate them together through the search's backend (identical projected policies
+        once per search), and record them in order; returns their results.
+
+        ``before_record(i, result, extra)`` runs before policy ``i`` is recorded (agents learn there; it may add keys
+        to ``extra``, the extra fields of its ``episodes.jsonl`` line).
+        """
+        results = self.problem.finish_many(policies)
+        wall = (time.perf_counter() - self.recorder.last_time) / max(1, len(results))
+        for i, result in enumerate(results):
+            extra = dict(extras[i]) if extras else {}
+            if before_record is not None:
+                before_record(i, result, extra)
+            self.recorder.record(result, extra, wall=wall)
+        return list(results)
+
+    def record(self, policy: Policy, accuracy: float, simulated: SimulatedModel, **extra: Any) -> None:
+        """Record a candidate a method evaluated itself (on weights of its own: OLMP, ADMM), with the problem's
+        reward; ``extra`` (numbers and strings) joins its ``episodes.jsonl`` line."""
+        result = self.problem.score(policy, simulated.cost_model.evaluate(policy), False, accuracy, 0.0)
+        fields = {k: v for k, v in extra.items() if isinstance(v, int | float | str | bool)}
+        sparsity = {n: layer.weight_sparsity for n, layer in policy.layers.items() if layer.weight_sparsity > 0}
+        self.recorder.record(result, {**fields, **({"weight_sparsity": sparsity} if sparsity else {})})
+
+    def finish(
+        self,
+        policy: Policy,
+        simulated: SimulatedModel,
+        *,
+        val_accuracy: float | None = None,
+        weights_path: Path | None = None,
+        **meta: Any,
+    ) -> Policy:
+        """A method's answer: validated, checked against the budget, evaluated (unless ``val_accuracy`` is given),
+        stamped and written as ``best_policy.json``. ``weights_path``: the retrained weights it applies to."""
+        from ajpq.train import evaluate_accuracy
+
+        method = self.config.method
+        policy = validate_policy(policy, self.workspace.analysis, f"{method} policy")
+        report = simulated.cost_model.evaluate(policy)
+        budget = self.problem.budget
+        if not budget.fits(report):
+            raise BudgetError(
+                f"method '{method}' could not meet the budget ({budget.describe()}): its policy has size ratio "
+                f"{report.size_ratio:.4g} and BOPs ratio {report.bops_ratio:.4g}; raise the budget or the method's "
+                "max_sparsity"
+            )
+        if val_accuracy is None:
+            val_accuracy = evaluate_accuracy(simulated.apply(policy), self.workspace.splits.val, self.workspace.device)
+        if weights_path is not None:
+            meta["weights"] = str(weights_path)
+        reward = self.problem.score(policy, report, False, val_accuracy, 0.0).reward
+        stamped = self.recorder.final(policy, val_accuracy, report, reward, evaluations=self.recorder.count, **meta)
+        log(
+            f"{method}: size ratio {report.size_ratio:.4g} ({report.compression_rate:.1f}x), BOPs ratio "
+            f"{report.bops_ratio:.4g}, val accuracy {val_accuracy:.4f}, {self.recorder.count} evaluations"
+        )
+        return stamped
+
+    def checkpoint_due(self) -> bool:
+        """After an episode: the periodic checkpoint, the last episode, or a stop asked for by SIGINT/SIGTERM."""
+        episode = self.recorder.episode
+        return episode % self.config.checkpoint_every == 0 or episode == self.config.episodes or self.stop.requested
+
+    def checkpoint(self, save: Callable[[Path], dict[str, Any]]) -> None:
+        """Save a resumable checkpoint: ``save(folder)`` writes the method's files and returns its state dict."""
+        episode = self.recorder.episode
+        slot = self.run_dir.checkpoint_slot(episode)
+        state = save(slot)
+        self.run_dir.save_state(
+            {
+                "episode": episode,
+                "slot": slot.name,
+                "best": self.recorder.best,
+                "method": self.config.method,
+                "rng": rng_state(),
+                "method_state": state,
+            }
+        )
+        self.run_dir.prune_checkpoints(slot)
+        if self.stop.requested:
+            log(f"checkpoint written after episode {episode}; continue with `ajpq search --resume {self.run_dir.path}`")
+            raise KeyboardInterrupt
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, numpy's and torch's global random states, as JSON (a checkpoint's ``rng``)."""
+    np_state = np.random.get_state()
+    return {
+        "python": repr(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],  # type: ignore[index]  # the legacy tuple form
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (parsed as literals: a checkpoint never runs code)."""
+    random.setstate(_tuplify(ast.literal_eval(state["python"])))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _tuplify(value: Any) -> Any:
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list | tuple) else value

@@ -1,0 +1,181 @@
+"""ajpq: AJPQ's hierarchical reinforcement-learning search, the method this project is about.
+
+A layer agent picks each layer step's sparsity and a channel agent each surviving channel chunk's bits, in one
+channel-importance order (:mod:`ajpq.envs`); both are stable-baselines3 PPO or DDPG networks
+(:mod:`ajpq.agents`). Episodes are rolled out in batches, one vectorized agent call per step for the whole batch
+(:func:`rollout_batch`), evaluated together through the search's backend, and learned from in episode order.
+Its settings (agents, warm start, sensitivity, refinement, ...) are fields of
+:class:`~ajpq.search.SearchConfig` itself, the product's main configuration, so :class:`AJPQOptions` is empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ajpq.agents import make_controller
+from ajpq.allocation import warm_start_policies
+from ajpq.envs import ChannelCompressEnv, Episode, EpisodeResult, LayerCompressEnv, bits_of
+from ajpq.methods.base import MethodOptions, SearchContext, register_method, set_rng_state
+from ajpq.refine import refine
+
+if TYPE_CHECKING:
+    from ajpq.search import SearchConfig
+
+
+@dataclass(frozen=True)
+class AJPQOptions(MethodOptions):
+    """None: ajpq's settings are the search configuration's fields (``layer_agent``, ``warm_start``, ...)."""
+
+
+def refine_count(config: SearchConfig) -> int:
+    """Episodes of local search at the end of an ajpq search."""
+    count = config.episodes // 5 if config.refine_episodes is None else config.refine_episodes
+    return min(count, config.episodes)
+
+
+def _best_result(context: SearchContext) -> Any:
+    """The best recorded episode as an :class:`~ajpq.envs.EpisodeResult` (rebuilt from the run folder)."""
+    best = context.recorder.best
+    if best is None:
+        return None
+    info = context.run_dir.read_info()
+    policy = context.run_dir.read_policy(best["episode"], context.config.model, info.get("fingerprint"))
+    report = context.problem.cost_model.evaluate(policy)
+    return EpisodeResult(float(best["reward"]), float(best["accuracy"]), report, True, False, policy, 0.0)
+
+
+@register_method
+class AJPQ:
+    """The hierarchical RL search: a layer agent and a channel agent act in every episode and learn from it.
+
+    Three phases share the episode count: the warm start (the sensitivity allocation and uniform policies,
+    demonstrated to the agents), the RL episodes, and a local search around the best policy (:mod:`ajpq.refine`).
+    """
+
+    name = "ajpq"
+    Options = AJPQOptions
+    resumable = True
+    episodic = True
+
+    def run(self, context: SearchContext, options: AJPQOptions) -> None:
+        run_ajpq(context)
+
+
+def run_ajpq(context: SearchContext) -> None:
+    """:class:`AJPQ`'s search (its settings are the search configuration's own fields)."""
+    config, recorder, problem = context.config, context.recorder, context.problem
+    rng = np.random.default_rng(config.seed)
+    channel_discrete = config.channel_agent == "ppo"
+    layer_env = LayerCompressEnv(problem, channel_discrete=channel_discrete)
+    channel_env = ChannelCompressEnv(problem, discrete=channel_discrete)
+    agent_options = {"ppo": {"episodes_per_update": config.episodes_per_update}, "ddpg": {}}
+    layer_agent = make_controller(
+        config.layer_agent, "layer_agent", layer_env, config.seed, rng, **agent_options[config.layer_agent]
+    )
+    channel_agent = make_controller(
+        config.channel_agent, "channel_agent", channel_env, config.seed + 1, rng, **agent_options[config.channel_agent]
+    )
+    state = context.resume_state
+    if state is not None:
+        slot = context.run_dir.checkpoint_dir / state["slot"]
+        layer_agent.load(slot)
+        channel_agent.load(slot)
+        method_state = state.get("method_state", {})
+        layer_agent.set_state(method_state.get("layer_agent", {}))
+        channel_agent.set_state(method_state.get("channel_agent", {}))
+        rng.bit_generator.state = method_state["rng"]
+        set_rng_state(state["rng"])
+    elif config.warm_start:
+        policies = warm_start_policies(
+            problem.analysis,
+            problem.cost_model,
+            problem.sensitivity,
+            problem.budget,
+            max_sparsity=config.max_sparsity,
+            activation_bits=config.activation_bits,
+            search_activation_bits=config.search_activation_bits,
+        )[: max(1, config.episodes // 2)]
+        demos, demonstrated = [], []
+        for target in policies:
+            demos.append(layer_env.episode.demonstrate(target, channel_discrete))
+            demonstrated.append(layer_env.episode.policy.copy())
+        results = context.evaluate(demonstrated, [{"warmup": False, "phase": "warm_start"}] * len(demonstrated))
+        for (layer_steps, channel_steps), result in zip(demos, results, strict=True):
+            layer_agent.remember(layer_steps, result.reward)
+            channel_agent.remember(channel_steps, result.reward)
+        best = int(np.argmax([result.reward for result in results]))
+        layer_demo, channel_demo = demos[best]
+        layer_agent.imitate(layer_demo)
+        channel_agent.imitate(channel_demo)
+
+    def save(folder: Path) -> dict[str, Any]:
+        layer_agent.save(folder)
+        channel_agent.save(folder)
+        return {
+            "layer_agent": layer_agent.state(),
+            "channel_agent": channel_agent.state(),
+            "rng": rng.bit_generator.state,
+        }
+
+    agents = {"layer_agent": layer_agent, "channel_agent": channel_agent}
+    warmup_episodes = 0 if config.warm_start else config.warmup_episodes
+
+    def learn(slot: int, result: Any, extra: dict[str, Any]) -> None:
+        for name, agent in agents.items():
+            stats = agent.end_episode(float(result.reward), bool(extra["warmup"]), slot)
+            context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
+
+    def rl_episodes(until: int) -> None:
+        while recorder.episode < until:
+            start = recorder.episode
+            next_checkpoint = (start // config.checkpoint_every + 1) * config.checkpoint_every
+            size = min(config.episodes_per_update, until - start, next_checkpoint - start)
+            warmup = [start + i < warmup_episodes for i in range(size)]
+            policies = rollout_batch(problem, layer_agent, channel_agent, warmup, channel_discrete)
+            extras = [{"warmup": w, "phase": "rl"} for w in warmup]
+            context.evaluate(policies, extras, before_record=learn)
+            if context.checkpoint_due():
+                context.checkpoint(save)
+
+    rl_episodes(config.episodes - refine_count(config))
+    start = _best_result(context)
+    if recorder.episode < config.episodes and start is not None:
+        refine_rng = np.random.default_rng([config.seed, recorder.episode])
+
+        def evaluate(policies: Any) -> list[Any]:
+            if context.stop.requested:  # no checkpoint inside the refinement: a resume redoes it from the last one
+                raise KeyboardInterrupt
+            extras = [{"warmup": False, "phase": "refine"}] * len(policies)
+            return context.evaluate(list(policies), extras)
+
+        refine(problem, start, evaluate, config.episodes - recorder.episode, refine_rng)
+        if recorder.episode == config.episodes:
+            context.checkpoint(save)
+    rl_episodes(config.episodes)  # whatever the refinement left (it stops early when no new neighbour is left)
+
+
+def rollout_batch(
+    problem: Any, layer_agent: Any, channel_agent: Any, warmup: list[bool], channel_discrete: bool
+) -> list[Any]:
+    """Roll out ``len(warmup)`` episodes side by side, with one vectorized call of each agent per step for the whole
+    batch (an episode's observations depend on its partial policy and the budget only, never on an evaluation).
+
+    Episode ``i`` is the agents' slot ``i``; its warm-up flag makes it act at random. Returns the complete, not yet
+    projected policies in episode order; hand each episode's reward to the agents with ``end_episode(.., slot=i)``.
+    """
+    episodes = [Episode(problem) for _ in warmup]
+    slots = list(range(len(episodes)))
+    for _ in problem.units:
+        actions = layer_agent.act_batch(np.stack([e.layer_obs() for e in episodes]), warmup, slots)
+        for episode, action in zip(episodes, actions, strict=True):
+            episode.begin_unit(np.asarray(action, dtype=np.float64).reshape(-1))
+        while active := [i for i in slots if not episodes[i].unit_done]:
+            obs = np.stack([episodes[i].channel_obs() for i in active])
+            bits = channel_agent.act_batch(obs, [warmup[i] for i in active], active)
+            for i, action in zip(active, bits, strict=True):
+                episodes[i].assign(bits_of(action, channel_discrete))
+    return [e.policy for e in episodes]
