@@ -212,6 +212,13 @@ class ProcessBackend:
 
         results: dict[int, Evaluation] = {}
         restarts = 0
+        if self._pool is not None and any(not p.is_alive() for p in (self._pool._processes or {}).values()):
+            # a worker died between two batches: the pool notices only when a task reaches it, which may be never
+            # if the others finish the batch first; restart now, so a batch never runs one worker short
+            self.restarts += 1
+            log("an evaluation worker died; starting new workers")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._start()
         while len(results) < len(policies):
             todo = [i for i in range(len(policies)) if i not in results]
             futures = {}

@@ -104,6 +104,20 @@ def test_scores_do_not_depend_on_the_thread_count() -> None:
     assert len(set(scores[1])) > 1  # the policies really differ
 
 
+def _wait_until_dead(pid: int, timeout: float = 30.0) -> None:
+    """Until the killed worker is a zombie or gone (SIGKILL is asynchronous; a loaded machine takes its time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"worker {pid} still alive {timeout} s after SIGKILL")
+
+
 def test_processes_backend_matches_local_and_survives_a_killed_worker() -> None:
     workspace = open_workspace("digits_cnn", "digits", progress=False)
     policies = _policies(workspace)
@@ -113,6 +127,7 @@ def test_processes_backend_matches_local_and_survives_a_killed_worker() -> None:
         assert [e.accuracy for e in backend.evaluate_many(policies)] == expected
         victim = backend.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
+        _wait_until_dead(victim)
         assert [e.accuracy for e in backend.evaluate_many(policies[::-1])] == expected[::-1]
         assert backend.restarts == 1
         assert victim not in backend.worker_pids()

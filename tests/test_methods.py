@@ -161,12 +161,10 @@ def test_a_registered_method_runs_in_the_search_loop_and_records_like_every_meth
             context.evaluate([Policy.uniform(context.workspace.analysis, options.bits, 8)])
 
     try:
-        with pytest.raises(ConfigError, match="fixed_test bits must be 1..8, but got 9"):
+        with pytest.raises(ConfigError, match=r"fixed_test bits must be 1\.\.8, but got 9"):
             SearchConfig(method="fixed_test", method_options={"bits": 9})
         result = run_search(
-            SearchConfig(
-                method="fixed_test", method_options={"bits": 2}, size_budget=0.1, run_dir=str(tmp_path / "f")
-            ),
+            SearchConfig(method="fixed_test", method_options={"bits": 2}, size_budget=0.1, run_dir=str(tmp_path / "f")),
             workspace=workspace,
         )
         random = run_method(workspace, "random", tmp_path / "r", budget=0.1)
