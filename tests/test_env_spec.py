@@ -11,10 +11,12 @@ import pytest
 import torch
 from nets import ResidualDepthwiseNet
 
+from ajpq.agents import make_controller
 from ajpq.analysis import analyze_model
 from ajpq.budget import Budget, max_pruned
 from ajpq.envs import ChannelCompressEnv, CompressionProblem, LayerCompressEnv
 from ajpq.envs.core import CHANNEL_OBS_DIM, LAYER_OBS_DIM
+from ajpq.errors import ConfigError
 from ajpq.policy import Policy
 
 IMPORT_AJPQ_ALONE = """
@@ -124,3 +126,17 @@ def test_observations_hold_what_the_tables_say(problem: CompressionProblem) -> N
     assert channel_obs[27] == 0.0 and channel_obs[28] == 0.0  # nothing decided in the step yet
     channel_obs, *_ = channel_env.step(3)  # 4 bits
     assert channel_obs[28] == pytest.approx(4 / 8)
+
+
+class MultiDiscreteEnv(gymnasium.Env):
+    """An action space PPO accepts but the controllers cannot sample warm-up actions from."""
+
+    def __init__(self) -> None:
+        self.observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        self.action_space = gymnasium.spaces.MultiDiscrete([2, 3])
+
+
+@pytest.mark.parametrize("kind", ["ppo", "ddpg"])
+def test_controllers_refuse_action_spaces_they_cannot_act_in(kind: str) -> None:
+    with pytest.raises(ConfigError, match=r"^layer: .*Box.*MultiDiscrete\(\[2 3\]\)$"):
+        make_controller(kind, "layer", MultiDiscreteEnv(), 0, np.random.default_rng(0))
