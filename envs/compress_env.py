@@ -20,7 +20,8 @@ from ajpq.envs.core import CHANNEL_OBS_DIM, LAYER_OBS_DIM, CompressionProblem, E
 
 ActionFn = Callable[[np.ndarray], Any]
 """The other level's policy inside one env: an observation in, an action of that level's space out. (Not to be confused
-with :class:`ajpq.agents.Controller`, the learning agents; ``agent.act`` is one such function.)"""
+with :class:`ajpq.agents.Controller`, the learning agents; ``lambda obs: agent.act(obs, False)`` makes one of those an
+ActionFn.)"""
 _DEFAULT_PROBLEM: CompressionProblem | None = None
 
 

@@ -85,7 +85,7 @@ def problem() -> CompressionProblem:
     ("env_class", "dim"), [(LayerCompressEnv, LAYER_OBS_DIM), (ChannelCompressEnv, CHANNEL_OBS_DIM)]
 )
 def test_documented_observation_table_matches_the_space(
-    problem: CompressionProblem, env_class: type[gymnasium.Env], dim: int
+    problem: CompressionProblem, env_class: type[LayerCompressEnv] | type[ChannelCompressEnv], dim: int
 ) -> None:
     env = env_class(problem)
     doc = env_class.__doc__ or ""
