@@ -52,6 +52,10 @@ class Controller:
     kind = "base"
 
     def __init__(self, name: str, env: gym.Env, seed: int, rng: np.random.Generator) -> None:
+        if not isinstance(env.action_space, gym.spaces.Box | gym.spaces.Discrete):
+            raise ConfigError(
+                f"{name}: a controller needs a Box or Discrete action space, but the env has {env.action_space}"
+            )
         self.name = name
         self.env = env
         self.seed = seed
@@ -89,6 +93,7 @@ class Controller:
         space = self.env.action_space
         if isinstance(space, gym.spaces.Discrete):
             return np.array([int(self.rng.integers(space.n))])
+        assert isinstance(space, gym.spaces.Box)  # checked in __init__
         return self.rng.uniform(space.low, space.high).astype(np.float32)
 
     def _drain_logger(self) -> dict[str, float]:

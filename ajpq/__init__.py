@@ -9,7 +9,10 @@ from ajpq.compress import SimulatedModel, apply_policy
 from ajpq.cost import CostModel, CostReport
 from ajpq.errors import AJPQError
 from ajpq.export import load_compressed
+from ajpq.gym_registration import register_envs
 from ajpq.policy import Policy, load_policy
+
+register_envs()  # gymnasium.make("ajpq/LayerCompress-v0") works after `import ajpq` alone
 
 __all__ = [
     "AJPQError",

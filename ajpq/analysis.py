@@ -156,8 +156,10 @@ def _trace(
 ) -> tuple[list[tuple[str, nn.Module, tuple[int, ...]]], dict[str, str], torch.Tensor]:
     """Run one forward pass and record compressible layers in execution order and conv->BatchNorm pairs."""
     modules = dict(model.named_modules())
-    compressible = {m: n for n, m in modules.items() if isinstance(m, nn.Conv2d | nn.Linear)}
-    batchnorms = {m: n for n, m in modules.items() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)}
+    compressible: dict[nn.Module, str] = {m: n for n, m in modules.items() if isinstance(m, nn.Conv2d | nn.Linear)}
+    batchnorms: dict[nn.Module, str] = {
+        m: n for n, m in modules.items() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
+    }
     order: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     seen: set[str] = set()
     produced: dict[int, tuple[str, torch.Tensor]] = {}
@@ -194,6 +196,27 @@ def _trace(
             handle.remove()
         model.train(was_training)
     return order, bn_of, output
+
+
+def layer_module(model: nn.Module, name: str) -> nn.Conv2d | nn.Linear:
+    """The compressible layer (Conv2d or Linear) at qualified ``name``.
+
+    Use it instead of ``model.get_submodule(name)`` for a layer of the analysis: ``get_submodule`` returns a plain
+    ``nn.Module``, whose ``weight`` and ``bias`` type checkers can only see as ``Tensor | Module``; here they are
+    tensors. A model that is not the one the analysis, policy or artifact was made for fails with one clear line.
+    """
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ModelError(
+            f"the model has no layer '{name}'; pass the model the policy or artifact was made for"
+        ) from None
+    if not isinstance(module, nn.Conv2d | nn.Linear):
+        raise ModelError(
+            f"'{name}' is a {type(module).__name__}, not a Conv2d or Linear layer; pass the model the policy or "
+            "artifact was made for"
+        )
+    return module
 
 
 def folded_weights(model: nn.Module, bn_of: dict[str, str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -424,7 +447,9 @@ def verify_coupling(
         changed = base.clone()
         scale = float(base.abs().max()) + 1.0
         step = torch.zeros(base.shape[channel_dim[name]], device=base.device, dtype=base.dtype)
-        step[torch.from_numpy(index).to(base.device)] = float(state["delta"]) * scale  # type: ignore[arg-type]
+        delta = state["delta"]
+        assert isinstance(delta, float)
+        step[torch.from_numpy(index).to(base.device)] = delta * scale
         shape = [1] * base.dim()
         shape[channel_dim[name]] = -1
         return changed + step.reshape(shape)
@@ -466,11 +491,17 @@ def verify_coupling(
 
 
 def _in_channels(module: nn.Module) -> int:
-    return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features  # type: ignore[return-value]
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels
+    assert isinstance(module, nn.Linear)  # the analysis holds only Conv2d and Linear layers
+    return module.in_features
 
 
 def _out_channels(module: nn.Module) -> int:
-    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features  # type: ignore[return-value]
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    assert isinstance(module, nn.Linear)  # the analysis holds only Conv2d and Linear layers
+    return module.out_features
 
 
 def _layer_info(

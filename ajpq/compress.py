@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from ajpq.analysis import ModelAnalysis, folded_weights
+from ajpq.analysis import ModelAnalysis, folded_weights, layer_module
 from ajpq.cost import CostModel
 from ajpq.policy import Policy
 from ajpq.quant import dequantize, quantize_activation, quantize_codes
@@ -51,7 +51,7 @@ def fold_batchnorm(model: nn.Module, analysis: ModelAnalysis) -> nn.Module:
     for layer in analysis.layers:
         if layer.bn_name is None:
             continue
-        module = model.get_submodule(layer.name)
+        module = layer_module(model, layer.name)
         weight, bias = weights[layer.name]
         assert bias is not None
         module.weight.data.copy_(weight.to(module.weight.dtype))
@@ -117,15 +117,11 @@ class SimulatedModel:
         self.analysis = analysis
         self.device = torch.device(device)
         self.module = fold_batchnorm(copy.deepcopy(model), analysis).to(self.device).eval()
-        self._reference = {
-            layer.name: (
-                self.module.get_submodule(layer.name).weight.detach().clone(),
-                None
-                if self.module.get_submodule(layer.name).bias is None
-                else self.module.get_submodule(layer.name).bias.detach().clone(),
-            )
-            for layer in analysis.layers
-        }
+        self._reference: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for layer in analysis.layers:
+            module = layer_module(self.module, layer.name)
+            bias = None if module.bias is None else module.bias.detach().clone()
+            self._reference[layer.name] = (module.weight.detach().clone(), bias)
         self.cost_model = CostModel(analysis, {name: weight for name, (weight, _) in self._reference.items()})
         self.ranges = calibrate_activations(self.module, analysis, calibration.to(self.device))
         self.quantizers: dict[str, ActivationQuantizer] = {}
@@ -148,7 +144,7 @@ class SimulatedModel:
         masks = input_masks(self.analysis, self.cost_model, policy)
         group_kept = self.cost_model.group_kept(policy)
         for layer in self.analysis.layers:
-            module = self.module.get_submodule(layer.name)
+            module = layer_module(self.module, layer.name)
             weight, bias = self._reference[layer.name]
             layer_policy = policy.layers[layer.name]
             bits = torch.from_numpy(layer_policy.weight_bits).to(self.device)
@@ -165,7 +161,7 @@ class SimulatedModel:
             codes, scale = quantize_codes(weight, bits, keep)
             module.weight.copy_(dequantize(codes, scale))
             self.scales[layer.name] = scale
-            if bias is not None:
+            if bias is not None and module.bias is not None:  # the reference bias is the module's own
                 module.bias.copy_(bias * (bits > 0).to(bias.dtype))
             self.quantizers[layer.name].bits = layer_policy.activation_bits
         self.policy = policy

@@ -320,6 +320,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) < 8:
         raise DataError(f"{path}: too short to be an idx file ({len(data)} bytes)")
     (magic,) = struct.unpack(">i", data[:4])
+    shape: tuple[int, ...]
     if magic == _IDX_IMAGES_MAGIC:
         if len(data) < 16:
             raise DataError(f"{path}: truncated idx image header")

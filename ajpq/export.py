@@ -40,6 +40,7 @@ import json
 import math
 import statistics
 import struct
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ajpq.analysis import ModelAnalysis, fingerprint_of
+from ajpq.analysis import ModelAnalysis, fingerprint_of, layer_module
 from ajpq.compress import SimulatedModel, set_module
 from ajpq.errors import ArtifactError, ModelError
 from ajpq.io import atomic_write, atomic_write_bytes
@@ -451,7 +452,7 @@ def build_artifact(
     tensors: dict[str, Any] = {}
     scales_of = {name: scale.cpu() for name, scale in simulator.scales.items()}
     for entry, layer in zip(layers, analysis.layers, strict=True):
-        module = slim.get_submodule(layer.name)
+        module = layer_module(slim, layer.name)
         bits = policy.layers[layer.name].weight_bits
         widths = bits[bits > 0]
         weight = module.weight.detach().float()
@@ -734,7 +735,7 @@ def base_model(header: dict[str, Any], model: nn.Module | None = None, source: s
                 "in a file is never imported: pass the model yourself (`--model package.module:factory`, or "
                 "`load_compressed(path, model=...)`)"
             )
-        model = build_model(name, tuple(info["input_shape"]), info["num_classes"])  # type: ignore[arg-type]
+        model = build_model(name, tuple(info["input_shape"]), info["num_classes"])
     else:
         model = copy.deepcopy(model)
     if fingerprint_of(model) != info["fingerprint"]:
@@ -765,14 +766,16 @@ def _rebuild(header: dict[str, Any], payload: bytes, model: nn.Module | None, so
     policy = policy_from_dict(header["policy"], "artifact policy")
 
     def segment(span: list[int] | None) -> bytes:
-        offset, length = span  # type: ignore[misc]
+        if span is None:
+            raise ArtifactError("a tensor segment is missing from the header; the artifact is corrupted")
+        offset, length = span
         if offset < 0 or offset + length > len(payload):
             raise ArtifactError("a tensor segment lies outside the payload; the artifact is corrupted")
         return payload[offset : offset + length]
 
     with torch.no_grad():
         for entry in header["layers"]:
-            module = model.get_submodule(entry["name"])
+            module = layer_module(model, entry["name"])
             bits = policy.layers[entry["name"]].weight_bits
             widths = bits[bits > 0]
             shape = tuple(entry["shape"])
@@ -791,6 +794,11 @@ def _rebuild(header: dict[str, Any], payload: bytes, model: nn.Module | None, so
             weight = torch.from_numpy(codes.astype(np.float32) * scales[:, None]).reshape(shape)
             module.weight.copy_(weight)
             if entry["bias"] is not None:
+                if module.bias is None:
+                    raise ArtifactError(
+                        f"layer '{entry['name']}' rebuilt without a bias, but the artifact stores one; the model code "
+                        "changed since the export"
+                    )
                 module.bias.copy_(torch.from_numpy(np.frombuffer(segment(entry["bias"]), dtype="<f4").copy()))
         state = model.state_dict()
         for key, spec in header["tensors"].items():
@@ -798,6 +806,7 @@ def _rebuild(header: dict[str, Any], payload: bytes, model: nn.Module | None, so
                 raise ArtifactError(f"the artifact stores '{key}', which the rebuilt model does not have")
             array = np.frombuffer(segment(spec["data"]), dtype=spec["dtype"]).reshape(spec["shape"])
             state[key].copy_(torch.from_numpy(array.copy()))
+    # Ignored assignment below: nn.Module.__setattr__ is typed for tensors and modules; these are plain data.
     model.ajpq_quantizers = _install_quantizers(model, header["activations"])  # type: ignore[assignment]
     model.ajpq_header = header  # type: ignore[assignment]
     return model.eval()
@@ -839,20 +848,20 @@ def export_onnx(slim: nn.Module, input_shape: tuple[int, ...], path: str | Path,
     """Write the slim model as ONNX (opset 17, dynamic batch) and return onnxruntime's max |logit difference|."""
     onnx, onnxruntime = _require_onnx()
     example = torch.randn(4, *input_shape)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="ajpq-onnx-") as folder:
         warnings.simplefilter("ignore")
+        scratch = Path(folder) / "model.onnx"  # torch.onnx.export takes a path; the target is written atomically
         torch.onnx.export(
             slim,
             (example,),
-            buffer,
+            scratch,
             opset_version=ONNX_OPSET,
             dynamo=False,
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
-    data = buffer.getvalue()
+        data = scratch.read_bytes()
     onnx.checker.check_model(onnx.load_from_string(data))
     atomic_write(path, lambda handle: handle.write(data))
     if not check:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from ajpq.analysis import ModelAnalysis
+from ajpq.analysis import ModelAnalysis, layer_module
 from ajpq.compress import ActivationQuantizer, SimulatedModel, calibrate_activations, fold_batchnorm, input_masks
 from ajpq.cost import CostModel
 from ajpq.data import Split
@@ -124,7 +124,7 @@ class QATModel:
         self._keep: dict[str, torch.Tensor] = {}
         self._weight_mask: dict[str, torch.Tensor] = {}
         for layer in analysis.layers:
-            module = self.module.get_submodule(layer.name)
+            module = layer_module(self.module, layer.name)
             bits = torch.from_numpy(policy.layers[layer.name].weight_bits).to(self.device)
             keep = bits > 0
             weight = module.weight
@@ -158,13 +158,14 @@ class QATModel:
     def enforce(self) -> None:
         """Zero removed channels, weights reading removed inputs, and removed channels' bias and BatchNorm affine."""
         for layer in self.analysis.layers:
-            module = self.module.get_submodule(layer.name)
+            module = layer_module(self.module, layer.name)
             keep = self._keep[layer.name]
-            module.parametrizations.weight.original.mul_(self._weight_mask[layer.name])
+            _original_weight(module).mul_(self._weight_mask[layer.name])
             if module.bias is not None:
                 module.bias.mul_(keep.to(module.bias.dtype))
             if layer.bn_name is not None:
                 bn = self.module.get_submodule(layer.bn_name)
+                assert isinstance(bn, _BatchNorm)  # the analysis folds only BatchNorms
                 for param in (bn.weight, bn.bias):
                     if param is not None:
                         param.mul_(keep.to(param.dtype))
@@ -194,6 +195,15 @@ class QATModel:
         for name, (max_abs, signed) in ranges.items():
             self.quantizers[name].max_abs = max_abs
             self.quantizers[name].signed = signed
+
+
+def _original_weight(module: nn.Module) -> torch.Tensor:
+    """The trained tensor behind a parametrized ``weight`` (``module.parametrizations.weight.original``)."""
+    parametrizations = module.parametrizations
+    assert isinstance(parametrizations, nn.ModuleDict)  # register_parametrization made it
+    original = parametrizations["weight"].original
+    assert isinstance(original, torch.Tensor)
+    return original
 
 
 @dataclass

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file through ``write(fileobj)`` into a temporary sibling, then rename it over ``path``.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file through ``write(fileobj)`` (its return value is ignored) into a temporary sibling, then rename it
+    over ``path``.
 
     The rename is atomic on POSIX, so readers see either the old file or the complete new one.
     """

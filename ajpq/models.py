@@ -165,6 +165,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int, name: str) -> None:
         if isinstance(module, nn.Conv2d):
             if module.groups != 1:
                 raise ModelError(f"{name}: cannot adapt grouped first conv {qual!r} to {in_channels} channels")
+            # Ignored arg-type below: Conv2d stores its sizes as tuple[int, ...], and its constructor is typed
+            # for int | tuple[int, int]; these are the 2-tuples it made itself.
             new = nn.Conv2d(
                 in_channels,
                 module.out_channels,
