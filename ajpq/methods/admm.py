@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ajpq.analysis import layer_module
 from ajpq.budget import Budget
 from ajpq.cost import magnitude_keep
 from ajpq.errors import BudgetError
@@ -135,7 +136,7 @@ def _run(context: SearchContext, opts: ADMMOptions) -> None:
     bits = fitting_bits(workspace, workspace.simulated, budget, opts.weight_bits, max_sparsity, abits, "admm")
     final = target_sparsity(workspace, workspace.simulated, budget, bits, abits, max_sparsity)
     model = copy.deepcopy(workspace.model)
-    weights = {name: model.get_submodule(name).weight for name in names}
+    weights = {name: layer_module(model, name).weight for name in names}
     val = workspace.splits.val
 
     def admm(project: Any, epochs: float, after_step: Any = None) -> None:

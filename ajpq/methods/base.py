@@ -95,12 +95,12 @@ M = TypeVar("M", bound=type)
 
 def register_method(cls: M) -> M:
     """Class decorator: register a :class:`Method` under its ``name``."""
-    name = cls.name  # type: ignore[attr-defined]  # checked just below
-    if not isinstance(cls, type) or not isinstance(name, str) or not issubclass(cls.Options, MethodOptions):  # type: ignore[attr-defined]  # duck-typed class
+    name, options = getattr(cls, "name", None), getattr(cls, "Options", None)
+    if not isinstance(name, str) or not (isinstance(options, type) and issubclass(options, MethodOptions)):
         raise TypeError(f"{cls!r} is not a method: it needs a str `name` and an `Options` MethodOptions subclass")
     if name in METHODS and METHODS[name] is not cls:
         raise ValueError(f"method {name!r} is already registered by {METHODS[name]!r}")
-    METHODS[name] = cls  # type: ignore[assignment]  # a class satisfying the Method protocol
+    METHODS[name] = cls
     return cls
 
 
@@ -269,9 +269,10 @@ class SearchContext:
 def rng_state() -> dict[str, Any]:
     """Python's, numpy's and torch's global random states, as JSON (a checkpoint's ``rng``)."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form (get_state(legacy=False) would be a dict)
     return {
         "python": repr(random.getstate()),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],  # type: ignore[index]  # the legacy tuple form
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": torch.get_rng_state().tolist(),
     }
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ajpq.analysis import layer_module
 from ajpq.budget import Budget
 from ajpq.compress import SimulatedModel
 from ajpq.cost import CostModel
@@ -109,14 +110,15 @@ def folded_scale(model: nn.Module, workspace: Workspace) -> dict[str, torch.Tens
     """Per layer, ``|gamma| / sqrt(var + eps)`` of its BatchNorm (ones without one): folded |w| = |w| * scale."""
     scales = {}
     for layer in workspace.analysis.layers:
-        weight = model.get_submodule(layer.name).weight
+        weight = layer_module(model, layer.name).weight
         if layer.bn_name is None:
             scales[layer.name] = torch.ones(weight.shape[0], device=weight.device)
             continue
         bn = model.get_submodule(layer.bn_name)
+        assert isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d) and bn.running_var is not None  # the analysis's BN
         gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
         scales[layer.name] = (gamma / torch.sqrt(bn.running_var + bn.eps)).abs()
-    return {name: s.reshape(-1, *([1] * (model.get_submodule(name).weight.dim() - 1))) for name, s in scales.items()}
+    return {name: s.reshape(-1, *([1] * (layer_module(model, name).weight.dim() - 1))) for name, s in scales.items()}
 
 
 def layer_masks(model: nn.Module, workspace: Workspace, sparsity: Mapping[str, float]) -> dict[str, torch.Tensor]:
@@ -129,7 +131,7 @@ def layer_masks(model: nn.Module, workspace: Workspace, sparsity: Mapping[str, f
             continue
         bits = np.full(layer.out_channels, 8, dtype=np.int64)
         keep = cost_model.weight_mask(layer, bits, np.ones(layer.in_channels, dtype=bool), s)
-        weight = model.get_submodule(layer.name).weight
+        weight = layer_module(model, layer.name).weight
         masks[layer.name] = torch.from_numpy(keep).reshape(weight.shape).to(weight.device, weight.dtype)
     return masks
 
@@ -188,7 +190,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Callable
     @torch.no_grad()
     def enforce() -> None:
         for name, mask in masks.items():
-            model.get_submodule(name).weight.mul_(mask)
+            layer_module(model, name).weight.mul_(mask)
 
     enforce()
     return enforce
