@@ -15,13 +15,14 @@ never touches the loop.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,10 @@ import torch
 
 from ajpq.budget import Budget, check_feasible, parse_ratio
 from ajpq.errors import ConfigError, StorageError
+from ajpq.logs import log
 from ajpq.methods import SEARCH_METHODS
 from ajpq.runs import RunDir
-from ajpq.workspace import Workspace, log, open_workspace
+from ajpq.workspace import SPEC_KEYS, Workspace, WorkspaceSpec, open_workspace
 
 DEFAULT_EPISODES = 300
 
@@ -41,24 +43,10 @@ DEFAULT_EPISODES = 300
 class SearchConfig:
     """Everything that defines a search (the keys of ``--config`` YAML files and of a run's ``config.yaml``)."""
 
-    model: str = "digits_cnn"
-    """Model to compress (zoo name, torchvision name or ``pkg.mod:factory``)."""
-    dataset: str = "digits"
-    """Dataset (digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder)."""
-    data_dir: str | None = None
-    """Folder with the dataset files (default: $AJPQ_DATA_DIR or the cache)."""
-    weights: str | None = None
-    """FP32 checkpoint (default: the cached reference, pretrained on first use)."""
-    split_seed: int = 0
-    """Seed of the train/validation split."""
-    val_size: int | None = None
-    """Validation images (the reward's data); default per dataset."""
-    device: str = "auto"
-    """cpu, cuda or auto."""
-    importance: str = "l1"
-    """Channel-importance criterion (l1 or l2)."""
+    workspace: WorkspaceSpec = field(default_factory=WorkspaceSpec)
+    """The model and data (flat keys model, dataset, data_dir, weights, ... in YAML and ``config.yaml``)."""
     method: str = "ajpq"
-    """Search method (a key of ``METHODS``)."""
+    """Search method: ajpq (hierarchical RL) or another method registered in ``METHODS``."""
     size_budget: float | None = 0.1
     """Largest size as a ratio of FP32, in (0, 1] (None: no size budget)."""
     bops_budget: float | None = None
@@ -111,7 +99,7 @@ class SearchConfig:
     workers: int | None = None
     """Worker processes or Ray actors (default: processes, the CPU cores; ray, the cluster's CPUs)."""
     ray_address: str | None = None
-    """Ray cluster to join ("auto" or HOST:PORT; default: start a local Ray)."""
+    """The Ray cluster to join ("auto" or HOST:PORT; default: start a local Ray)."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options of the other methods (see each module's ``DEFAULTS`` in :mod:`ajpq.methods`), e.g. {"rounds": 3}."""
 
@@ -129,17 +117,16 @@ class SearchConfig:
                 raise ConfigError(f"{name} must be a number, but got {value!r}")
             return float(value)
 
-        for name in ("model", "dataset", "device", "importance", "method", "budget_mode", "run_root"):
+        if not isinstance(self.workspace, WorkspaceSpec):
+            raise ConfigError(f"workspace must be a WorkspaceSpec, but got {self.workspace!r}")
+        for name in ("method", "budget_mode", "run_root"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, but got {getattr(self, name)!r}")
-        for name in ("data_dir", "weights", "run_dir"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a path (a string) or null, but got {getattr(self, name)!r}")
+        if self.run_dir is not None and not isinstance(self.run_dir, str):
+            raise ConfigError(f"run_dir must be a path (a string) or null, but got {self.run_dir!r}")
         integer("episodes", 1)
         integer("warmup_episodes", 0)
         integer("seed", 0)
-        integer("split_seed", 0)
-        integer("val_size", 1, allow_none=True)
         integer("channel_group_size", 1, allow_none=True)
         integer("episodes_per_update", 1)
         integer("episode_finetune_steps", 0)
@@ -198,11 +185,20 @@ class SearchConfig:
 
         return BackendOptions(self.backend, self.workers, self.ray_address)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
+        """The configuration of flat keys (a YAML ``default:`` block, a run's ``config.yaml``)."""
+        rest = {key: value for key, value in values.items() if key not in SPEC_KEYS}
+        return cls(workspace=WorkspaceSpec.from_dict(values), **rest)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat form: the workspace's keys first, then the search's (what ``config.yaml`` holds)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workspace"}
+        return {**self.workspace.to_dict(), **copy.deepcopy(values)}
 
 
-CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(SearchConfig))
+CONFIG_KEYS: tuple[str, ...] = SPEC_KEYS + tuple(f.name for f in fields(SearchConfig) if f.name != "workspace")
+"""The flat keys of a search configuration."""
 
 
 @dataclass
@@ -265,7 +261,7 @@ class Recorder:
             self.config.method,
             self.config.seed,
             run=str(self.run_dir.path),
-            dataset=self.config.dataset,
+            dataset=self.config.workspace.dataset,
             budget={"size": self.config.size_budget, "bops": self.config.bops_budget},
         )
 
@@ -430,7 +426,7 @@ def _best_result(context: SearchContext) -> Any:
     if best is None:
         return None
     info = context.run_dir.read_info()
-    policy = context.run_dir.read_policy(best["episode"], context.config.model, info.get("fingerprint"))
+    policy = context.run_dir.read_policy(best["episode"], context.config.workspace.model, info.get("fingerprint"))
     report = context.problem.cost_model.evaluate(policy)
     return EpisodeResult(float(best["reward"]), float(best["accuracy"]), report, True, False, policy, 0.0)
 
@@ -645,17 +641,7 @@ def _run_search(
             best = state.get("best") if state else None
             return SearchResult(run_dir.path, done, best, 0.0, 0.0, finished=True, fp32_accuracy=fp32)
     seed_all(config.seed)
-    workspace = open_workspace(
-        config.model,
-        config.dataset,
-        data_dir=config.data_dir,
-        weights=config.weights,
-        device=config.device,
-        split_seed=config.split_seed,
-        val_size=config.val_size,
-        criterion=config.importance,
-        progress=config.progress,
-    )
+    workspace = open_workspace(config.workspace, progress=config.progress)
     budget = config.budget
     min_abits = 2 if config.search_activation_bits else config.activation_bits
     check_feasible(
@@ -669,8 +655,8 @@ def _run_search(
     evaluate = make_evaluator(workspace, proxy)
     sensitivity = None
     if config.method == "ajpq" and config.sensitivity:
+        from ajpq.io import cache_dir
         from ajpq.sensitivity import load_or_measure
-        from ajpq.workspace import cache_dir
 
         sensitivity, cached = load_or_measure(
             workspace.model,
@@ -699,11 +685,13 @@ def _run_search(
             run_dir.best_policy_path.unlink(missing_ok=True)
         log(f"resuming {run_dir.path} after episode {done} (its last checkpoint)")
     else:
-        run_dir = RunDir.create(config.run_root, config.model, workspace.splits.name, config.seed, path=config.run_dir)
+        run_dir = RunDir.create(
+            config.run_root, config.workspace.model, workspace.splits.name, config.seed, path=config.run_dir
+        )
         held.append(run_dir)
         run_dir.write_info(
             {
-                "model": config.model,
+                "model": config.workspace.model,
                 "fingerprint": workspace.analysis.fingerprint,
                 "dataset": workspace.splits.name,
                 "fp32_accuracy_val": fp32,
@@ -717,7 +705,7 @@ def _run_search(
     if state is not None and state.get("best"):
         recorder.restore_best(state["best"])
         info = run_dir.read_info()
-        best_policy = run_dir.read_policy(state["best"]["episode"], config.model, info.get("fingerprint"))
+        best_policy = run_dir.read_policy(state["best"]["episode"], config.workspace.model, info.get("fingerprint"))
         best_policy.metrics = {**state["best"], "fp32_accuracy": fp32, "split": "val"}
         run_dir.write_best(recorder.with_meta(best_policy))
     if sensitivity is not None:

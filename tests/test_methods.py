@@ -16,7 +16,8 @@ from ajpq.methods.opq import opq_policy
 from ajpq.models import build_model
 from ajpq.policy import load_policy
 from ajpq.runs import RunDir
-from ajpq.workspace import load_checkpoint, load_weights, open_workspace
+from ajpq.checkpoint import load_checkpoint, load_weights
+from ajpq.workspace import WorkspaceSpec, open_workspace
 
 BUDGET = 1 / 16
 FAST = {
@@ -30,7 +31,7 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def workspace():
-    return open_workspace("digits_cnn", "digits", device="cpu", progress=False)
+    return open_workspace(WorkspaceSpec(device="cpu"), progress=False)
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_MODULES))
