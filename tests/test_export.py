@@ -21,6 +21,7 @@ from nets import GroupedConvNet, LayerNormMLP, ShuffleNet
 
 from ajpq import load_compressed
 from ajpq.analysis import analyze_model
+from ajpq.checkpoint import save_checkpoint
 from ajpq.cli import main
 from ajpq.compress import SimulatedModel
 from ajpq.cost import sparse_storage_bits
@@ -41,7 +42,6 @@ from ajpq.finetune import finetune, finetune_config
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
 from ajpq.train import TrainConfig, evaluate_accuracy, seed_everything, train_model
-from ajpq.checkpoint import save_checkpoint
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ajpq.budget import Budget
+from ajpq.checkpoint import load_checkpoint, load_weights
 from ajpq.cost import CostModel
 from ajpq.methods import METHOD_MODULES, run_method
 from ajpq.methods.olmp import ncs_minimize
@@ -16,7 +17,6 @@ from ajpq.methods.opq import opq_policy
 from ajpq.models import build_model
 from ajpq.policy import load_policy
 from ajpq.runs import RunDir
-from ajpq.checkpoint import load_checkpoint, load_weights
 from ajpq.workspace import WorkspaceSpec, open_workspace
 
 BUDGET = 1 / 16

@@ -152,7 +152,7 @@ def workspace_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("model and data")
     names = [name for name in SPEC_KEYS if name != "weights"]
-    special = {
+    special: dict[str, dict[str, Any]] = {
         "model": {"help": f"model to compress: {model_names_help()}"},
         "importance": {"choices": CRITERIA},
     }
