@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ajpq.checkpoint import load_checkpoint, load_weights
+from ajpq.cost import CostModel
 from ajpq.data import DataSplits, load_dataset
 from ajpq.errors import DataError, ModelError
 from ajpq.export import _load_slim, base_model, latency_report, model_record, read_artifact
@@ -18,6 +19,48 @@ from ajpq.policy import Policy
 from ajpq.reference import reference_cache_path
 from ajpq.train import evaluate_accuracy
 from ajpq.workspace import Workspace, WorkspaceSpec
+
+
+def inspect_report(workspace: Workspace) -> dict[str, Any]:
+    """What ``ajpq inspect --json`` prints: the compressible layers, the coupled groups and the FP32 costs."""
+    analysis = workspace.analysis
+    cost = CostModel(analysis)
+    layers = [
+        {
+            "name": layer.name,
+            "type": layer.type,
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel_size": list(layer.kernel_size),
+            "stride": list(layer.stride),
+            "groups": layer.groups,
+            "out_hw": layer.out_hw,
+            "params": layer.params,
+            "macs": layer.macs,
+            "group": layer.group,
+        }
+        for layer in analysis.layers
+    ]
+    groups = [
+        {
+            "id": g.id,
+            "channels": g.size,
+            "members": g.members,
+            "consumers": g.consumers,
+            "prunable": g.prunable,
+        }
+        for g in analysis.groups
+    ]
+    return {
+        "model": workspace.model_name,
+        "dataset": workspace.splits.name,
+        "input_shape": list(workspace.splits.input_shape),
+        "fingerprint": analysis.fingerprint,
+        "layers": layers,
+        "groups": groups,
+        "other_params": analysis.other_params,
+        "reference": {"size_bits": cost.reference_size_bits, "bops": cost.reference_bops},
+    }
 
 
 def evaluation_report(workspace: Workspace, policy: Policy | None, split: str) -> dict[str, Any]:

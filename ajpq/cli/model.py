@@ -9,7 +9,7 @@ from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
 from ajpq.cli.export import run_evaluate_artifact
 from ajpq.cost import CostModel
 from ajpq.data import load_dataset
-from ajpq.evaluation import evaluation_report
+from ajpq.evaluation import evaluation_report, inspect_report
 from ajpq.logs import log
 from ajpq.policy import Policy, load_policy
 from ajpq.reference import default_pretrain_config, pretrain
@@ -83,42 +83,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     workspace = open_from_args(args, need_weights=False)
     analysis = workspace.analysis
     cost = CostModel(analysis)
-    layers = [
-        {
-            "name": layer.name,
-            "type": layer.type,
-            "in_channels": layer.in_channels,
-            "out_channels": layer.out_channels,
-            "kernel_size": list(layer.kernel_size),
-            "stride": list(layer.stride),
-            "groups": layer.groups,
-            "out_hw": layer.out_hw,
-            "params": layer.params,
-            "macs": layer.macs,
-            "group": layer.group,
-        }
-        for layer in analysis.layers
-    ]
-    groups = [
-        {
-            "id": g.id,
-            "channels": g.size,
-            "members": g.members,
-            "consumers": g.consumers,
-            "prunable": g.prunable,
-        }
-        for g in analysis.groups
-    ]
-    report = {
-        "model": args.model,
-        "dataset": workspace.splits.name,
-        "input_shape": list(workspace.splits.input_shape),
-        "fingerprint": analysis.fingerprint,
-        "layers": layers,
-        "groups": groups,
-        "other_params": analysis.other_params,
-        "reference": {"size_bits": cost.reference_size_bits, "bops": cost.reference_bops},
-    }
+    report = inspect_report(workspace)
     if args.write_policy:
         Policy.uniform(analysis).with_meta("template").save(args.write_policy)
         log(f"wrote an 8-bit policy template to {args.write_policy}")
