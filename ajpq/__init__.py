@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ajpq._version import __version__
 from ajpq.analysis import ModelAnalysis, analyze_model
 from ajpq.compress import SimulatedModel, apply_policy
 from ajpq.cost import CostModel, CostReport

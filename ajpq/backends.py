@@ -23,9 +23,10 @@ from typing import Any, Protocol
 import torch
 
 from ajpq.errors import ConfigError
+from ajpq.logs import log
 from ajpq.policy import Policy
 from ajpq.proxy import Evaluator, ProxyOptions, make_evaluator
-from ajpq.workspace import CALIBRATION_SIZE, Workspace, log
+from ajpq.workspace import CALIBRATION_SIZE, Workspace
 
 BACKENDS: tuple[str, ...] = ("local", "processes", "ray")
 MAX_RESTARTS = 8

@@ -14,21 +14,24 @@ compression rate, log x).
 
 from __future__ import annotations
 
+import copy
 import csv
 import difflib
 import io
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ajpq.budget import Budget, parse_ratio
+from ajpq.config import load_config_file
 from ajpq.errors import AJPQError, ConfigError
 from ajpq.io import atomic_write_bytes, atomic_write_text
-from ajpq.workspace import log
+from ajpq.logs import log
+from ajpq.workspace import SPEC_KEYS, WorkspaceSpec, open_workspace
 
 ALL_METHODS: tuple[str, ...] = ("ajpq", "random", "uniform", "opq", "olmp", "admm")
 COLUMNS: tuple[str, ...] = (
@@ -55,20 +58,8 @@ COLUMNS: tuple[str, ...] = (
 class CompareConfig:
     """A comparison (the keys of ``experiments/compare_*.yaml``'s ``default:`` block)."""
 
-    model: str = "digits_cnn"
-    """Model (as in ``ajpq search``)."""
-    dataset: str = "digits"
-    """Dataset."""
-    data_dir: str | None = None
-    """Folder with the dataset files."""
-    weights: str | None = None
-    """FP32 checkpoint (default: the cached reference)."""
-    split_seed: int = 0
-    """Seed of the train/validation split."""
-    val_size: int | None = None
-    """Validation images (default per dataset)."""
-    device: str = "auto"
-    """cpu, cuda or auto."""
+    workspace: WorkspaceSpec = field(default_factory=WorkspaceSpec)
+    """The model and data (flat keys model, dataset, data_dir, weights, ... as in ``ajpq search``)."""
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
     """Methods to run, from ajpq, random, uniform, opq, olmp, admm."""
     budgets: list[Any] = field(default_factory=lambda: ["1/16", "1/32", "1/64"])
@@ -108,7 +99,9 @@ class CompareConfig:
             raise ConfigError("budgets and bops_budgets are both empty; give at least one ratio, e.g. budgets: [1/16]")
         self.budgets = [parse_ratio("budgets", b) for b in self.budgets]
         self.bops_budgets = [parse_ratio("bops_budgets", b) for b in self.bops_budgets]
-        for name in ("seed", "episodes", "finetune_epochs", "split_seed"):
+        if not isinstance(self.workspace, WorkspaceSpec):
+            raise ConfigError(f"workspace must be a WorkspaceSpec, but got {self.workspace!r}")
+        for name in ("seed", "episodes", "finetune_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "episodes" else 0):
                 raise ConfigError(f"{name} must be a non-negative integer, but got {value!r}")
@@ -118,17 +111,26 @@ class CompareConfig:
         if unknown:
             raise ConfigError(f"method_options has unknown method(s) {unknown}; use {list(ALL_METHODS[1:])}")
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CompareConfig:
+        """The comparison of flat keys (a YAML ``default:`` block)."""
+        rest = {key: value for key, value in values.items() if key not in SPEC_KEYS}
+        return cls(workspace=WorkspaceSpec.from_dict(values), **rest)
 
-CONFIG_KEYS = tuple(f.name for f in fields(CompareConfig))
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form: the workspace's keys first (what ``compare_config.yaml`` holds)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workspace"}
+        return {**self.workspace.to_dict(), **copy.deepcopy(values)}
+
+
+CONFIG_KEYS = SPEC_KEYS + tuple(f.name for f in fields(CompareConfig) if f.name != "workspace")
 
 
 def load_compare_config(path: str | Path, **overrides: Any) -> CompareConfig:
     """Read ``experiments/compare_*.yaml`` (a ``default:`` block), checking every key."""
-    from ajpq.search_commands import load_config_file
-
     values = load_config_file(path, CONFIG_KEYS, "compare")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return CompareConfig(**values)
+    return CompareConfig.from_dict(values)
 
 
 def ratio_label(ratio: float) -> str:
@@ -153,7 +155,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
     """Run one method at one budget, fine-tune its policy, and return its table row."""
     from ajpq.finetune import finetune, finetune_config
     from ajpq.methods import MethodOptions, method_class
-    from ajpq.methods.common import calibration_images, load_method_weights, simulate
+    from ajpq.methods.common import load_method_weights, simulate
     from ajpq.policy import load_policy
     from ajpq.search import SearchConfig, run_search
     from ajpq.train import seed_everything
@@ -162,13 +164,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
     run_path = out / tag
     started = time.perf_counter()
     search_values: dict[str, Any] = {
-        "model": config.model,
-        "dataset": config.dataset,
-        "data_dir": config.data_dir,
-        "weights": config.weights,
-        "split_seed": config.split_seed,
-        "val_size": config.val_size,
-        "device": config.device,
+        **config.workspace.to_dict(),
         "method": method,
         "size_budget": budget.size,
         "bops_budget": budget.bops,
@@ -183,7 +179,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
         options_type = method_class(method).Options
         shared = {f.name: f.default for f in fields(options_type) if f.name in MethodOptions.SHARED}
         search_values["method_options"] = {**shared, **config.method_options.get(method, {})}
-    result = run_search(SearchConfig(**search_values), workspace=workspace)
+    result = run_search(SearchConfig.from_dict(search_values), workspace=workspace)
     if result.best is None:
         raise ConfigError(f"{method} found no policy within {budget_label(budget)} in {result.episodes} episodes")
     policy = load_policy(result.run_dir / "best_policy.json", workspace.analysis)
@@ -191,7 +187,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
     if "weights" in policy.meta:  # OLMP and ADMM retrain the weights their policy applies to
         model = load_method_weights(workspace, Path(policy.meta["weights"]))
     wall = time.perf_counter() - started
-    calibration = calibration_images(workspace)
+    calibration = workspace.calibration_images()
     report = simulate(workspace, None if model is workspace.model else model).cost_model.evaluate(policy)
     splits = {"val": workspace.splits.val, "test": workspace.splits.test}
     tuned = finetune(
@@ -246,7 +242,7 @@ def _export_row(
         workspace.analysis,
         policy,
         calibration,
-        model_name=config.model,
+        model_name=config.workspace.model,
         input_shape=workspace.splits.input_shape,
         num_classes=workspace.splits.num_classes,
         dataset=workspace.splits.name,
@@ -265,18 +261,7 @@ def _export_row(
 
 
 def _open_workspace(config: CompareConfig) -> Any:
-    from ajpq.workspace import open_workspace
-
-    return open_workspace(
-        config.model,
-        config.dataset,
-        data_dir=config.data_dir,
-        weights=config.weights,
-        device=config.device,
-        split_seed=config.split_seed,
-        val_size=config.val_size,
-        progress=False,
-    )
+    return open_workspace(config.workspace, progress=False)
 
 
 def _job(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path, threads: int) -> dict[str, Any]:
@@ -352,7 +337,7 @@ def run_compare(config: CompareConfig, backend: Any = None) -> dict[str, Any]:
     workspace = _open_workspace(config)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare_config.yaml", yaml.safe_dump({"default": asdict(config)}, sort_keys=False))
+    atomic_write_text(out / "compare_config.yaml", yaml.safe_dump({"default": config.to_dict()}, sort_keys=False))
     fp32 = {
         "val": evaluate_accuracy(workspace.model, workspace.splits.val, workspace.device),
         "test": evaluate_accuracy(workspace.model, workspace.splits.test, workspace.device),
@@ -427,7 +412,7 @@ def write_outputs(
         writer.writerow({k: row.get(k, "") for k in (*COLUMNS, "note")})
     paths = {"csv": out / "compare.csv", "table": out / "compare.md", "plot": out / "compare_pareto.png"}
     atomic_write_text(paths["csv"], text.getvalue())
-    title = f"{config.model} on {config.dataset}, {config.finetune_epochs} fine-tuning epochs"
+    title = f"{config.workspace.model} on {config.workspace.dataset}, {config.finetune_epochs} fine-tuning epochs"
     atomic_write_text(paths["table"], f"# {title}\n\n" + markdown_table(rows, fp32))
     atomic_write_bytes(paths["plot"], pareto_png(rows, fp32, title))
     return paths

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ajpq._version import __version__
 from ajpq.analysis import ModelAnalysis, fingerprint_of, layer_module
 from ajpq.compress import SimulatedModel, set_module
 from ajpq.errors import ArtifactError, ModelError
@@ -498,7 +499,6 @@ def build_artifact(
         for name, q in simulator.quantizers.items()
     }
     data = payload.getvalue()
-    from ajpq import __version__
 
     header: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,

@@ -51,3 +51,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON with a trailing newline."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def cache_dir() -> Path:
+    """Where ajpq caches what it computes once (``$AJPQ_CACHE_DIR``, default ``~/.cache/ajpq``)."""
+    return Path(os.environ.get("AJPQ_CACHE_DIR", Path.home() / ".cache" / "ajpq"))

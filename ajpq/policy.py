@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ajpq._version import __version__
 from ajpq.analysis import ModelAnalysis
 from ajpq.errors import PolicyError
 from ajpq.io import atomic_write_json
@@ -114,8 +115,6 @@ class Policy:
 
     def with_meta(self, method: str, seed: int | None = None, **extra: Any) -> Policy:
         """A copy stamped with how and when it was made."""
-        from ajpq import __version__
-
         policy = self.copy()
         policy.meta = {
             "method": method,

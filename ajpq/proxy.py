@@ -35,7 +35,7 @@ from ajpq.data import Split
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
 from ajpq.train import evaluate_accuracy
-from ajpq.workspace import CALIBRATION_SIZE, Workspace
+from ajpq.workspace import Workspace
 
 Evaluator = Callable[[Policy], float]
 """A complete, validated policy -> its search score (a validation accuracy in [0, 1])."""
@@ -189,7 +189,7 @@ def make_evaluator(workspace: Workspace, options: ProxyOptions | None = None) ->
             return evaluate_accuracy(workspace.simulated.apply(policy), val, device)
 
         return evaluate
-    calibration = next(workspace.splits.train.batches(CALIBRATION_SIZE))[0]
+    calibration = workspace.calibration_images()
     batches = (
         reestimation_batches(workspace.splits.train, options.bn_batches, options.bn_batch_size, options.seed, device)
         if options.bn_batches and has_batchnorm

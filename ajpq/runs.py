@@ -29,7 +29,7 @@ import yaml
 
 from ajpq.errors import ArtifactError, ConfigError
 from ajpq.io import atomic_write_json, atomic_write_text
-from ajpq.policy import LayerPolicy, Policy
+from ajpq.policy import LayerPolicy, Policy, load_policy
 
 EPISODES_FILE = "episodes.jsonl"
 POLICIES_FILE = "policies.jsonl"
@@ -270,6 +270,19 @@ class RunDir:
             if count
             else f"run {self.path} has recorded no episode yet"
         )
+
+    def export_policy(self, episode: int | None = None) -> Policy:
+        """The run's best feasible policy, or episode ``episode``'s with its metrics and meta (``ajpq export``)."""
+        if episode is None:
+            if not self.best_policy_path.is_file():
+                raise ConfigError(f"run {self.path} has no best_policy.json yet (no feasible episode recorded)")
+            return load_policy(self.best_policy_path)
+        info = self.read_info()
+        config = self.read_config()
+        policy = self.read_policy(episode, config.get("model"), info.get("fingerprint"))
+        record = next((r for r in self.read_episodes() if r.get("episode") == episode), {})
+        policy.metrics = {k: v for k, v in record.items() if k not in ("wall_time", "eval_time")}
+        return policy.with_meta(str(config.get("method", "ajpq")), config.get("seed"), run=str(self.path))
 
     def truncate(self, episodes: int) -> None:
         """Keep the first ``episodes`` records of the JSON-lines files (drops what came after a checkpoint)."""

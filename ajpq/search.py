@@ -10,19 +10,21 @@ this loop.
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ajpq.budget import Budget, check_feasible, parse_ratio
 from ajpq.callbacks import Recorder, RunInfo, default_callbacks
 from ajpq.errors import ConfigError, StorageError
+from ajpq.logs import log
 from ajpq.methods import METHODS, SearchContext, method_class
 from ajpq.methods.base import StopOnSignal, method_options
 from ajpq.runs import RunDir
 from ajpq.train import seed_everything
-from ajpq.workspace import Workspace, log, open_workspace
+from ajpq.workspace import SPEC_KEYS, Workspace, WorkspaceSpec, open_workspace
 
 DEFAULT_EPISODES = 300
 
@@ -31,22 +33,8 @@ DEFAULT_EPISODES = 300
 class SearchConfig:
     """Everything that defines a search (the keys of ``--config`` YAML files and of a run's ``config.yaml``)."""
 
-    model: str = "digits_cnn"
-    """Model to compress (zoo name, torchvision name or ``pkg.mod:factory``)."""
-    dataset: str = "digits"
-    """Dataset (digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder)."""
-    data_dir: str | None = None
-    """Folder with the dataset files (default: $AJPQ_DATA_DIR or the cache)."""
-    weights: str | None = None
-    """FP32 checkpoint (default: the cached reference, pretrained on first use)."""
-    split_seed: int = 0
-    """Seed of the train/validation split."""
-    val_size: int | None = None
-    """Validation images (the reward's data); default per dataset."""
-    device: str = "auto"
-    """cpu, cuda or auto."""
-    importance: str = "l1"
-    """Channel-importance criterion (l1 or l2)."""
+    workspace: WorkspaceSpec = field(default_factory=WorkspaceSpec)
+    """The model and data (flat keys model, dataset, data_dir, weights, ... in YAML and ``config.yaml``)."""
     method: str = "ajpq"
     """Search method (a name registered in :mod:`ajpq.methods`: ajpq, random, uniform, opq, olmp, admm)."""
     size_budget: float | None = 0.1
@@ -101,7 +89,7 @@ class SearchConfig:
     workers: int | None = None
     """Worker processes or Ray actors (default: processes, the CPU cores; ray, the cluster's CPUs)."""
     ray_address: str | None = None
-    """Ray cluster to join ("auto" or HOST:PORT; default: start a local Ray)."""
+    """The Ray cluster to join ("auto" or HOST:PORT; default: start a local Ray)."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options of the other methods (see each module's ``DEFAULTS`` in :mod:`ajpq.methods`), e.g. {"rounds": 3}."""
 
@@ -119,17 +107,16 @@ class SearchConfig:
                 raise ConfigError(f"{name} must be a number, but got {value!r}")
             return float(value)
 
-        for name in ("model", "dataset", "device", "importance", "method", "budget_mode", "run_root"):
+        if not isinstance(self.workspace, WorkspaceSpec):
+            raise ConfigError(f"workspace must be a WorkspaceSpec, but got {self.workspace!r}")
+        for name in ("method", "budget_mode", "run_root"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, but got {getattr(self, name)!r}")
-        for name in ("data_dir", "weights", "run_dir"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a path (a string) or null, but got {getattr(self, name)!r}")
+        if self.run_dir is not None and not isinstance(self.run_dir, str):
+            raise ConfigError(f"run_dir must be a path (a string) or null, but got {self.run_dir!r}")
         integer("episodes", 1)
         integer("warmup_episodes", 0)
         integer("seed", 0)
-        integer("split_seed", 0)
-        integer("val_size", 1, allow_none=True)
         integer("channel_group_size", 1, allow_none=True)
         integer("episodes_per_update", 1)
         integer("episode_finetune_steps", 0)
@@ -184,11 +171,20 @@ class SearchConfig:
 
         return BackendOptions(self.backend, self.workers, self.ray_address)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
+        """The configuration of flat keys (a YAML ``default:`` block, a run's ``config.yaml``)."""
+        rest = {key: value for key, value in values.items() if key not in SPEC_KEYS}
+        return cls(workspace=WorkspaceSpec.from_dict(values), **rest)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat form: the workspace's keys first, then the search's (what ``config.yaml`` holds)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workspace"}
+        return {**self.workspace.to_dict(), **copy.deepcopy(values)}
 
 
-CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(SearchConfig))
+CONFIG_KEYS: tuple[str, ...] = SPEC_KEYS + tuple(f.name for f in fields(SearchConfig) if f.name != "workspace")
+"""The flat keys of a search configuration."""
 
 
 @dataclass
@@ -278,17 +274,7 @@ def _run_search(
             return SearchResult(run_dir.path, done, best, 0.0, 0.0, finished=True, fp32_accuracy=fp32)
     seed_everything(config.seed)
     if workspace is None:
-        workspace = open_workspace(
-            config.model,
-            config.dataset,
-            data_dir=config.data_dir,
-            weights=config.weights,
-            device=config.device,
-            split_seed=config.split_seed,
-            val_size=config.val_size,
-            criterion=config.importance,
-            progress=config.progress,
-        )
+        workspace = open_workspace(config.workspace, progress=config.progress)
     budget = config.budget
     if method_class(config.method).episodic:
         min_abits = 2 if config.search_activation_bits else config.activation_bits
@@ -305,8 +291,8 @@ def _run_search(
     evaluate = make_evaluator(workspace, proxy)
     sensitivity = None
     if config.method == "ajpq" and config.sensitivity:
+        from ajpq.io import cache_dir
         from ajpq.sensitivity import load_or_measure
-        from ajpq.workspace import cache_dir
 
         sensitivity, cached = load_or_measure(
             workspace.model,
@@ -335,11 +321,13 @@ def _run_search(
             run_dir.best_policy_path.unlink(missing_ok=True)
         log(f"resuming {run_dir.path} after episode {done} (its last checkpoint)")
     else:
-        run_dir = RunDir.create(config.run_root, config.model, workspace.splits.name, config.seed, path=config.run_dir)
+        run_dir = RunDir.create(
+            config.run_root, config.workspace.model, workspace.splits.name, config.seed, path=config.run_dir
+        )
         held.append(run_dir)
         run_dir.write_info(
             {
-                "model": config.model,
+                "model": config.workspace.model,
                 "fingerprint": workspace.analysis.fingerprint,
                 "dataset": workspace.splits.name,
                 "fp32_accuracy_val": fp32,
@@ -350,7 +338,7 @@ def _run_search(
     info = RunInfo(
         method=config.method,
         seed=config.seed,
-        dataset=config.dataset,
+        dataset=config.workspace.dataset,
         budget={"size": config.size_budget, "bops": config.bops_budget},
         fp32_accuracy=fp32,
         episodes=config.episodes,
@@ -361,7 +349,7 @@ def _run_search(
     if state is not None and state.get("best"):
         recorder.restore_best(state["best"])
         fingerprint = run_dir.read_info().get("fingerprint")
-        best_policy = run_dir.read_policy(state["best"]["episode"], config.model, fingerprint)
+        best_policy = run_dir.read_policy(state["best"]["episode"], config.workspace.model, fingerprint)
         run_dir.write_best(recorder.stamp(best_policy, dict(state["best"])))
     if sensitivity is not None:
         run_dir.writer.add_text("sensitivity/table", sensitivity.markdown(workspace.analysis), 0)

@@ -1,107 +1,83 @@
 """A model, its data and its analysis, loaded once: what every command works on.
 
-Also the FP32 reference checkpoints: ``pretrain`` writes them, every command that needs weights reads them, and a
-command given no weights trains the reference itself once and caches it.
+:class:`WorkspaceSpec` names the model and data (the settings ``ajpq search``, ``ajpq compare`` and the model/data
+options of every command share); :func:`open_workspace` loads them into a :class:`Workspace`. The checkpoint format
+lives in :mod:`ajpq.checkpoint`, the FP32 reference and its cache in :mod:`ajpq.reference`.
 """
 
 from __future__ import annotations
 
-import io
-import os
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from ajpq.analysis import ModelAnalysis, analyze_model
+from ajpq.analysis import CRITERIA, ModelAnalysis, analyze_model
+from ajpq.checkpoint import load_checkpoint, load_weights
 from ajpq.compress import SimulatedModel
 from ajpq.cost import CostModel, CostReport
 from ajpq.data import DataSplits, Split, load_dataset
-from ajpq.errors import ConfigError, ModelError
-from ajpq.io import atomic_write_bytes
-from ajpq.models import build_model
+from ajpq.errors import ConfigError
+from ajpq.logs import log
+from ajpq.models import DEFAULT_DATASET, DEFAULT_MODEL, build_model
 from ajpq.policy import Policy
-from ajpq.train import TrainConfig, evaluate_accuracy, resolve_device, seed_everything, train_model
+from ajpq.reference import cached_reference
+from ajpq.train import evaluate_accuracy, resolve_device
 
-CHECKPOINT_FORMAT = "ajpq-checkpoint"
-CHECKPOINT_VERSION = 1
 CALIBRATION_SIZE = 256
-DEFAULT_PRETRAIN: dict[str, TrainConfig] = {
-    "digits_cnn": TrainConfig(epochs=40, lr=0.05, batch_size=64),
-    "lenet5": TrainConfig(epochs=15, lr=0.02),
-    "lenet300": TrainConfig(epochs=15, lr=0.05),
-}
-"""Default reference training per model; others use ``TrainConfig()``."""
+"""Training images the activation ranges are calibrated on."""
 
 
-def log(message: str) -> None:
-    """Messages for the user go to stderr, so stdout stays clean for ``--json``."""
-    print(f"ajpq: {message}", file=sys.stderr, flush=True)
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    """The model and the data a command works on (flat keys in YAML configs and in a run's ``config.yaml``)."""
+
+    model: str = DEFAULT_MODEL
+    """Model to compress (zoo name, torchvision name or ``pkg.mod:factory``)."""
+    dataset: str = DEFAULT_DATASET
+    """Dataset (digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder)."""
+    data_dir: str | None = None
+    """Folder with the dataset files (idx .gz, CIFAR batches, or an ImageNet-style train/ val/ tree); default
+    $AJPQ_DATA_DIR or ~/.cache/ajpq/data."""
+    weights: str | None = None
+    """FP32 checkpoint (default: the cached reference, pretrained on first use)."""
+    split_seed: int = 0
+    """Seed of the train/validation split."""
+    val_size: int | None = None
+    """Validation images taken from the training data (the reward's data); default per dataset."""
+    device: str = "auto"
+    """cpu, cuda or auto (cuda when present)."""
+    importance: str = "l1"
+    """Channel-importance criterion: norm of each output channel's weights."""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "dataset", "device", "importance"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, but got {getattr(self, name)!r}")
+        for name in ("data_dir", "weights"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a path (a string) or null, but got {getattr(self, name)!r}")
+        for name, low, value in (("split_seed", 0, self.split_seed), ("val_size", 1, self.val_size)):
+            if value is None and name == "val_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, but got {value!r}")
+        if self.importance not in CRITERIA:
+            raise ConfigError(f"importance must be one of {', '.join(CRITERIA)}, but got {self.importance!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> WorkspaceSpec:
+        """The spec of the flat keys in ``values`` (other keys are left to the caller)."""
+        return cls(**{key: values[key] for key in SPEC_KEYS if key in values})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form (the keys of a YAML config)."""
+        return asdict(self)
 
 
-def cache_dir() -> Path:
-    """Where auto-pretrained references are cached (``$AJPQ_CACHE_DIR``, default ``~/.cache/ajpq``)."""
-    return Path(os.environ.get("AJPQ_CACHE_DIR", Path.home() / ".cache" / "ajpq"))
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Atomically write a reference checkpoint: the state dict plus what it was trained on and how well."""
-    buffer = io.BytesIO()
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            **meta,
-            "state_dict": model.state_dict(),
-        },
-        buffer,
-    )
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``ajpq pretrain`` (or a plain state dict) with clear errors."""
-    path = Path(path)
-    if path.is_dir():
-        raise ModelError(f"weights file {path} is a folder; give the checkpoint file in it (e.g. {path / 'ckpt.pt'})")
-    if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist; train one with `ajpq pretrain --out {path}`")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(
-            f"cannot read weights file {path} ({type(exc).__name__}); it may be truncated or not a PyTorch checkpoint"
-        ) from None
-    if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
-        if data.get("version") != CHECKPOINT_VERSION:
-            raise ModelError(
-                f"{path}: checkpoint version {data.get('version')} is not readable by this build (reads "
-                f"{CHECKPOINT_VERSION}); re-run `ajpq pretrain`"
-            )
-        return data
-    if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
-        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": data}
-    raise ModelError(f"{path} is neither an AJPQ checkpoint nor a state dict")
-
-
-def load_weights(model: nn.Module, checkpoint: dict[str, Any], model_name: str, source: str) -> None:
-    """Load a checkpoint's weights, refusing one trained for another model with a message that says so."""
-    trained_for = checkpoint.get("model")
-    if trained_for is not None and trained_for != model_name:
-        raise ModelError(
-            f"{source} holds weights of model '{trained_for}', not '{model_name}'; pass --model {trained_for} "
-            "or other weights"
-        )
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[:3]
-        raise ModelError(
-            f"{source} does not fit model '{model_name}' on this dataset's input/classes: {' '.join(first)}"
-        ) from None
+SPEC_KEYS: tuple[str, ...] = tuple(f.name for f in fields(WorkspaceSpec))
+"""The flat keys of a :class:`WorkspaceSpec` in configs."""
 
 
 @dataclass
@@ -136,9 +112,13 @@ class Workspace:
     def simulated(self) -> SimulatedModel:
         """The BN-folded, calibrated model that policies are applied to (built on first use)."""
         if self._simulated is None:
-            calibration = next(self.splits.train.batches(CALIBRATION_SIZE))[0]
-            self._simulated = SimulatedModel(self.model, self.analysis, calibration, self.device)
+            self._simulated = SimulatedModel(self.model, self.analysis, self.calibration_images(), self.device)
         return self._simulated
+
+    def calibration_images(self) -> torch.Tensor:
+        """The images every simulated or exported model calibrates its activation ranges on: the first
+        ``CALIBRATION_SIZE`` training images, unshuffled, so that calibration is the same in every command."""
+        return next(self.splits.train.batches(CALIBRATION_SIZE))[0]
 
     def cost(self, policy: Policy) -> CostReport:
         return self.cost_model.evaluate(policy)
@@ -149,94 +129,19 @@ class Workspace:
         return evaluate_accuracy(module, self.split(split), self.device)
 
 
-def reference_cache_path(model_name: str, splits: DataSplits) -> Path:
-    """Where the auto-pretrained FP32 reference of a model on these splits is cached.
-
-    The key holds the split seed and the validation size: a reference trained on other training images would have
-    seen validation images.
-    """
-    key = f"{model_name.replace(':', '_')}__{splits.name}__split{splits.split_seed}__val{len(splits.val)}"
-    return cache_dir() / "pretrained" / f"{key}.pt"
-
-
-def default_pretrain_config(model_name: str) -> TrainConfig:
-    return DEFAULT_PRETRAIN.get(model_name, TrainConfig())
-
-
-def pretrain(
-    model_name: str,
-    splits: DataSplits,
-    config: TrainConfig,
-    *,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the FP32 reference and return it with the checkpoint metadata (accuracies on val and test)."""
-    generator = seed_everything(seed)
-    model = build_model(model_name, splits.input_shape, splits.num_classes)
-    train_model(
-        model,
-        splits.train,
-        config,
-        device=device,
-        generator=generator,
-        progress=progress,
-        description=f"pretrain {model_name}",
-    )
-    meta = {
-        "model": model_name,
-        "dataset": splits.name,
-        "split_seed": splits.split_seed,
-        "input_shape": list(splits.input_shape),
-        "num_classes": splits.num_classes,
-        "seed": seed,
-        "epochs": config.epochs,
-        "accuracy": {
-            "val": evaluate_accuracy(model, splits.val, device),
-            "test": evaluate_accuracy(model, splits.test, device),
-        },
-    }
-    return model, meta
-
-
-def open_workspace(
-    model_name: str,
-    dataset: str,
-    *,
-    data_dir: str | Path | None = None,
-    weights: str | Path | None = None,
-    device: str | torch.device | None = "auto",
-    split_seed: int = 0,
-    val_size: int | None = None,
-    criterion: str = "l1",
-    need_weights: bool = True,
-    progress: bool = True,
-) -> Workspace:
+def open_workspace(spec: WorkspaceSpec, *, need_weights: bool = True, progress: bool = True) -> Workspace:
     """Load data, build the model, load (or train and cache) its FP32 weights, and analyse it."""
-    resolved = resolve_device(device)
-    splits = load_dataset(dataset, data_dir=data_dir, split_seed=split_seed, val_size=val_size)
-    model = build_model(model_name, splits.input_shape, splits.num_classes)
+    resolved = resolve_device(spec.device)
+    splits = load_dataset(spec.dataset, data_dir=spec.data_dir, split_seed=spec.split_seed, val_size=spec.val_size)
+    model = build_model(spec.model, splits.input_shape, splits.num_classes)
     checkpoint: dict[str, Any] = {}
-    if weights is not None:
-        checkpoint = load_checkpoint(weights)
-        load_weights(model, checkpoint, model_name, str(weights))
+    if spec.weights is not None:
+        checkpoint = load_checkpoint(spec.weights)
+        load_weights(model, checkpoint, spec.model, str(spec.weights))
         if checkpoint.get("dataset") not in (None, splits.name):
-            log(f"note: {weights} was trained on '{checkpoint['dataset']}', evaluating on '{splits.name}'")
+            log(f"note: {spec.weights} was trained on '{checkpoint['dataset']}', evaluating on '{splits.name}'")
     elif need_weights:
-        cached = reference_cache_path(model_name, splits)
-        if cached.is_file():
-            checkpoint = load_checkpoint(cached)
-            load_weights(model, checkpoint, model_name, str(cached))
-            log(f"no --weights given: using the cached FP32 reference {cached}")
-        else:
-            config = default_pretrain_config(model_name)
-            log(
-                f"no --weights given: pretraining the FP32 reference of {model_name} on {splits.name} "
-                f"({config.epochs} epochs), cached at {cached}; `ajpq pretrain` gives you control over this"
-            )
-            model, checkpoint = pretrain(model_name, splits, config, device=resolved, progress=progress)
-            save_checkpoint(cached, model, checkpoint)
+        model, checkpoint = cached_reference(model, spec.model, splits, resolved, progress=progress)
     model.to(resolved).eval()
-    analysis = analyze_model(model, splits.input_shape, model_name=model_name, criterion=criterion)
-    return Workspace(model_name, splits, model, analysis, resolved, checkpoint)
+    analysis = analyze_model(model, splits.input_shape, model_name=spec.model, criterion=spec.importance)
+    return Workspace(spec.model, splits, model, analysis, resolved, checkpoint)

@@ -44,10 +44,10 @@ def problem_from_workspace(
     model's validation accuracy); ``kwargs`` are the problem's settings (budget, max_sparsity, ...)."""
     from ajpq.proxy import make_evaluator
     from ajpq.train import evaluate_accuracy
-    from ajpq.workspace import open_workspace
+    from ajpq.workspace import WorkspaceSpec, open_workspace
 
     if workspace is None:
-        workspace = open_workspace("digits_cnn", "digits", device="cpu", progress=False)
+        workspace = open_workspace(WorkspaceSpec(device="cpu"), progress=False)
     fp32 = evaluate_accuracy(workspace.model, workspace.splits.val, workspace.device)
     return CompressionProblem(workspace.analysis, evaluate or make_evaluator(workspace), fp32, **kwargs)
 

@@ -19,7 +19,7 @@ import torch
 
 from ajpq.policy import Policy, validate_policy
 from ajpq.train import evaluate_accuracy
-from ajpq.workspace import open_workspace
+from ajpq.workspace import WorkspaceSpec, open_workspace
 
 
 def random_policy(workspace, rng: np.random.Generator) -> Policy:
@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 
-    workspace = open_workspace(args.model, args.dataset, val_size=args.val_size, device=args.device)
+    workspace = open_workspace(
+        WorkspaceSpec(model=args.model, dataset=args.dataset, val_size=args.val_size, device=args.device)
+    )
     val = workspace.splits.val
     start = time.perf_counter()
     simulated = workspace.simulated

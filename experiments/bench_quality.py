@@ -131,7 +131,7 @@ def run_compare_suite(
         suite_seeds = min(seeds, spec.pop("seeds", seeds))
         for seed in range(suite_seeds):
             methods = [*SEARCHES, *OTHERS] if seed == 0 else list(SEARCHES)
-            config = CompareConfig(**spec, methods=methods, seed=seed, device="auto")
+            config = CompareConfig.from_dict({**spec, "methods": methods, "seed": seed, "device": "auto"})
             budgets = "_".join(budget_label(b).replace("/", "_").replace(" ", "") for b in compare_budgets(config))
             config.out_dir = str(out / name / f"{budgets}__seed{seed}")
             print(f"bench_quality: {name} seed {seed} budgets {budgets}", file=sys.stderr, flush=True)

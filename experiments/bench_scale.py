@@ -73,13 +73,15 @@ def backends(episodes: int, settings: list[str], names: list[str], tmp: Path) ->
     for setting in settings:
         reference: list[dict[str, Any]] | None = None
         for name in names:
-            config = SearchConfig(
-                **SETTINGS[setting],
-                **BACKENDS[name],
-                episodes=episodes,
-                device="cpu",
-                progress=False,
-                run_dir=str(tmp / f"{setting}-{name}"),
+            config = SearchConfig.from_dict(
+                {
+                    **SETTINGS[setting],
+                    **BACKENDS[name],
+                    "episodes": episodes,
+                    "device": "cpu",
+                    "progress": False,
+                    "run_dir": str(tmp / f"{setting}-{name}"),
+                }
             )
             result = run_search(config)
             rows_written = _episodes(result.run_dir)
@@ -121,15 +123,17 @@ def memory(points: list[int], tmp: Path) -> list[dict[str, Any]]:
         stop = threading.Event()
         thread = threading.Thread(target=_sample_rss, args=(stop, peak), daemon=True)
         thread.start()
-        config = SearchConfig(
-            **SETTINGS["digits_cnn"],
-            backend="processes",
-            workers=2,
-            episodes=episodes,
-            checkpoint_every=max(4, episodes // 4 // 4 * 4),
-            device="cpu",
-            progress=False,
-            run_dir=str(tmp / f"memory-{episodes}"),
+        config = SearchConfig.from_dict(
+            {
+                **SETTINGS["digits_cnn"],
+                "backend": "processes",
+                "workers": 2,
+                "episodes": episodes,
+                "checkpoint_every": max(4, episodes // 4 // 4 * 4),
+                "device": "cpu",
+                "progress": False,
+                "run_dir": str(tmp / f"memory-{episodes}"),
+            }
         )
         run_search(config)
         stop.set()

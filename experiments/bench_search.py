@@ -40,14 +40,16 @@ def main() -> None:
             for seed in args.seeds:
                 for method in ("rl", "random"):
                     warmup = args.episodes if method == "random" else 20
-                    config = SearchConfig(
-                        **SETTINGS[setting],
-                        episodes=args.episodes,
-                        warmup_episodes=min(warmup, args.episodes),
-                        seed=seed,
-                        run_root=tmp,
-                        device=args.device,
-                        progress=False,
+                    config = SearchConfig.from_dict(
+                        {
+                            **SETTINGS[setting],
+                            "episodes": args.episodes,
+                            "warmup_episodes": min(warmup, args.episodes),
+                            "seed": seed,
+                            "run_root": tmp,
+                            "device": args.device,
+                            "progress": False,
+                        }
                     )
                     result = run_search(config)
                     rows.append(

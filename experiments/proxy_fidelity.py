@@ -39,7 +39,7 @@ from ajpq.envs import CompressionProblem, Episode
 from ajpq.finetune import finetune, finetune_config
 from ajpq.proxy import ProxyOptions, make_evaluator
 from ajpq.train import evaluate_accuracy, seed_everything
-from ajpq.workspace import CALIBRATION_SIZE, Workspace, open_workspace
+from ajpq.workspace import Workspace, WorkspaceSpec, open_workspace
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits": {"model": "digits_cnn", "dataset": "digits", "size_budget": 0.1, "qat_steps": [5, 20]},
@@ -136,14 +136,10 @@ def main() -> None:
     size_budget = args.size_budget if args.size_budget is not None else setting["size_budget"]
     val_size = args.val_size if args.val_size is not None else setting.get("val_size")
 
-    workspace = open_workspace(
-        setting["model"],
-        setting["dataset"],
-        weights=args.weights,
-        device=args.device,
-        val_size=val_size,
-        progress=False,
+    spec = WorkspaceSpec(
+        model=setting["model"], dataset=setting["dataset"], weights=args.weights, device=args.device, val_size=val_size
     )
+    workspace = open_workspace(spec, progress=False)
     workspace = limit_train(workspace, args.train_size)
     has_bn = any(layer.bn_name for layer in workspace.analysis.layers)
     seed_everything(args.seed)
@@ -155,7 +151,7 @@ def main() -> None:
     evaluators = {p.describe(): make_evaluator(workspace, p) for p in proxies}
     for evaluate in evaluators.values():
         evaluate(policies[0])  # warm up (first-use set-up is not a per-candidate cost)
-    calibration = next(workspace.splits.train.batches(CALIBRATION_SIZE))[0]
+    calibration = workspace.calibration_images()
     rows = []
     for index, policy in enumerate(policies):
         row: dict[str, Any] = {"policy": index, "size_ratio": workspace.cost(policy).size_ratio, "scores": {}}

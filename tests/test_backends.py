@@ -21,7 +21,7 @@ from ajpq.policy import Policy
 from ajpq.proxy import ProxyOptions, make_evaluator
 from ajpq.runs import TIME_KEYS
 from ajpq.search import SearchConfig, run_search
-from ajpq.workspace import open_workspace
+from ajpq.workspace import WorkspaceSpec, open_workspace
 
 SEARCH = {
     "episodes": 8,
@@ -70,7 +70,7 @@ def test_identical_projected_policies_are_evaluated_once_per_search() -> None:
     from ajpq.budget import Budget
     from ajpq.envs import CompressionProblem
 
-    workspace = open_workspace("digits_cnn", "digits", progress=False)
+    workspace = open_workspace(WorkspaceSpec(), progress=False)
     evaluate = make_evaluator(workspace)
     seen: list[Policy] = []
 
@@ -90,7 +90,7 @@ def test_identical_projected_policies_are_evaluated_once_per_search() -> None:
 
 
 def test_scores_do_not_depend_on_the_thread_count() -> None:
-    workspace = open_workspace("digits_cnn", "digits", progress=False)
+    workspace = open_workspace(WorkspaceSpec(), progress=False)
     evaluate = make_evaluator(workspace)
     before = torch.get_num_threads()
     try:
@@ -119,7 +119,7 @@ def _wait_until_dead(pid: int, timeout: float = 30.0) -> None:
 
 
 def test_processes_backend_matches_local_and_survives_a_killed_worker() -> None:
-    workspace = open_workspace("digits_cnn", "digits", progress=False)
+    workspace = open_workspace(WorkspaceSpec(), progress=False)
     policies = _policies(workspace)
     expected = [e.accuracy for e in LocalBackend(make_evaluator(workspace)).evaluate_many(policies)]
     backend = ProcessBackend(WorkerSpec.from_workspace(workspace, ProxyOptions()), workers=2, threads=1)
@@ -240,7 +240,7 @@ def test_two_node_ray_cluster_runs_actors_on_both_nodes(tmp_path: Path, local_ru
             time.sleep(1)
         ray.shutdown()
 
-        workspace = open_workspace("digits_cnn", "digits", progress=False)
+        workspace = open_workspace(WorkspaceSpec(), progress=False)
         backend = RayBackend(WorkerSpec.from_workspace(workspace, ProxyOptions()), workers=2, address=address)
         try:
             assert len({node for node, _ in backend.where()}) == 2

@@ -21,6 +21,7 @@ from nets import GroupedConvNet, LayerNormMLP, ShuffleNet
 
 from ajpq import load_compressed
 from ajpq.analysis import analyze_model
+from ajpq.checkpoint import save_checkpoint
 from ajpq.cli import main
 from ajpq.compress import SimulatedModel
 from ajpq.cost import sparse_storage_bits
@@ -41,7 +42,6 @@ from ajpq.finetune import finetune, finetune_config
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
 from ajpq.train import TrainConfig, evaluate_accuracy, seed_everything, train_model
-from ajpq.workspace import save_checkpoint
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
@@ -486,9 +486,9 @@ def test_sparse_policies_export_at_the_cost_models_size(method: str, tmp_path: P
     from ajpq.methods.common import load_method_weights
     from ajpq.policy import load_policy
     from ajpq.search import SearchConfig, run_search
-    from ajpq.workspace import open_workspace
+    from ajpq.workspace import WorkspaceSpec, open_workspace
 
-    workspace = open_workspace("digits_cnn", "digits", device="cpu", progress=False)
+    workspace = open_workspace(WorkspaceSpec(device="cpu"), progress=False)
     fast = {
         "opq": {},
         "olmp": {"rounds": 1, "population": 2, "iterations": 1, "retrain_epochs": 0.5},

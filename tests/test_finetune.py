@@ -11,6 +11,7 @@ import torch
 from nets import BatchNormNet
 
 from ajpq.analysis import analyze_model
+from ajpq.checkpoint import load_checkpoint, save_checkpoint
 from ajpq.cli import main
 from ajpq.compress import SimulatedModel
 from ajpq.data import load_dataset
@@ -20,7 +21,6 @@ from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
 from ajpq.train import TrainConfig, distillation_loss, evaluate_accuracy, lr_factor, seed_everything, train_model
-from ajpq.workspace import load_checkpoint, save_checkpoint
 
 
 def half_policy(analysis, bits: int = 3) -> Policy:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ajpq.budget import Budget
+from ajpq.checkpoint import load_checkpoint, load_weights
 from ajpq.cost import CostModel
 from ajpq.methods import METHODS
 from ajpq.methods.olmp import ncs_minimize
@@ -17,7 +18,7 @@ from ajpq.models import build_model
 from ajpq.policy import load_policy
 from ajpq.runs import RunDir
 from ajpq.search import SearchConfig, SearchResult, run_search
-from ajpq.workspace import load_checkpoint, load_weights, open_workspace
+from ajpq.workspace import WorkspaceSpec, open_workspace
 
 BUDGET = 1 / 16
 FAST = {
@@ -32,7 +33,7 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def workspace():
-    return open_workspace("digits_cnn", "digits", device="cpu", progress=False)
+    return open_workspace(WorkspaceSpec(device="cpu"), progress=False)
 
 
 def run_method(workspace, method, path, budget=BUDGET, options=None, **settings) -> SearchResult:

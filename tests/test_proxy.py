@@ -19,7 +19,7 @@ from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
 from ajpq.proxy import ProxyOptions, make_evaluator, reestimate_batchnorm, reestimation_batches
 from ajpq.train import TrainConfig, evaluate_accuracy, seed_everything, train_model
-from ajpq.workspace import CALIBRATION_SIZE, Workspace
+from ajpq.workspace import Workspace
 
 
 def pruned_policy(analysis, bits: int = 3, fraction: float = 0.5) -> Policy:
@@ -76,7 +76,7 @@ def test_bn_reestimation_equals_pytorch_adaptive_batchnorm_on_the_unfolded_candi
     statistics (momentum None, training mode) on the same batches, and compare logits and score."""
     analysis, model = tiny.analysis, tiny.model
     policy = pruned_policy(analysis)
-    calibration = next(tiny.splits.train.batches(CALIBRATION_SIZE))[0]
+    calibration = tiny.calibration_images()
     simulated = SimulatedModel(model, analysis, calibration)
     module: Any = simulated.apply(policy)
     folded = {
@@ -188,7 +188,7 @@ def test_qat_steps_proxy_is_deterministic_and_leaves_the_workspace_unchanged(dig
 def test_search_scores_with_the_configured_proxy(tmp_path, capsys) -> None:
     from ajpq.cli import main
     from ajpq.policy import load_policy
-    from ajpq.workspace import open_workspace
+    from ajpq.workspace import WorkspaceSpec, open_workspace
 
     assert main(["search", "--proxy-bn-batches", "-2"]) == 2
     assert "proxy_bn_batches must be an integer >= 0, but got -2" in capsys.readouterr().err
@@ -197,7 +197,7 @@ def test_search_scores_with_the_configured_proxy(tmp_path, capsys) -> None:
     argv.append("--no-warm-start")  # random episodes: policies that the re-estimation visibly changes
     assert main([*argv, "--run-dir", str(run), "--no-progress", "--json"]) == 0
     assert "proxy_bn_batches: 2" in (run / "config.yaml").read_text()
-    workspace = open_workspace("digits_cnn", "digits", progress=False)
+    workspace = open_workspace(WorkspaceSpec(), progress=False)
     best = load_policy(run / "best_policy.json", workspace.analysis)
     score = make_evaluator(workspace, ProxyOptions(bn_batches=2, seed=4))(best)
     assert best.metrics["accuracy"] == pytest.approx(score, abs=1e-8)  # policy files round metrics to 8 digits

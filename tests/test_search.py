@@ -17,7 +17,7 @@ from ajpq.cost import CostModel
 from ajpq.policy import load_policy
 from ajpq.runs import TIME_KEYS
 from ajpq.search import SearchConfig, run_search
-from ajpq.workspace import open_workspace
+from ajpq.workspace import WorkspaceSpec, open_workspace
 
 FAST = {"warmup_episodes": 2, "episodes_per_update": 2, "checkpoint_every": 4, "progress": False}
 
@@ -33,7 +33,7 @@ def test_short_search_writes_valid_best_policy_and_tensorboard(tmp_path: Path) -
     rows = _lines(run)
     assert [r["episode"] for r in rows] == list(range(1, 9))
     assert {"reward", "accuracy", "size_ratio", "bops_ratio", "feasible", "wall_time"} <= set(rows[0])
-    workspace = open_workspace("digits_cnn", "digits", progress=False)
+    workspace = open_workspace(WorkspaceSpec(), progress=False)
     policy = load_policy(run / "best_policy.json", workspace.analysis)
     assert CostModel(workspace.analysis).evaluate(policy).size_ratio <= 0.08
     assert policy.metrics["reward"] == max(r["reward"] for r in rows if r["feasible"])

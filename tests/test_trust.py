@@ -408,7 +408,7 @@ def test_failed_download_leaves_no_empty_folders(tmp_path: Path, capsys, monkeyp
 def test_fractions_are_read_wherever_a_ratio_is(tmp_path: Path, capsys) -> None:
     from ajpq.budget import Budget, parse_ratio
     from ajpq.cli import build_parser
-    from ajpq.search_commands import config_from_args
+    from ajpq.cli.search import config_from_args
 
     args = build_parser().parse_args(
         ["search", "--size-budget", "1/16", "--bops-budget", "3/8", "--max-sparsity", "1/2"]
@@ -459,7 +459,7 @@ def test_bit_allocation_figure_is_readable(tmp_path: Path) -> None:
 
 
 def test_commands_take_model_dataset_and_split_from_the_checkpoint(tmp_path: Path, capsys) -> None:
-    from ajpq.workspace import save_checkpoint
+    from ajpq.checkpoint import save_checkpoint
 
     checkpoint = tmp_path / "ft.pt"
     model = build_model("lenet300", (1, 8, 8), 10)

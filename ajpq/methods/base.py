@@ -38,9 +38,10 @@ import torch
 
 from ajpq.callbacks import Recorder
 from ajpq.errors import BudgetError, ConfigError
+from ajpq.logs import log
 from ajpq.policy import Policy, validate_policy
 from ajpq.runs import RunDir
-from ajpq.workspace import Workspace, log
+from ajpq.workspace import Workspace
 
 if TYPE_CHECKING:
     from ajpq.compress import SimulatedModel

@@ -18,13 +18,15 @@ from torch import nn
 
 from ajpq.analysis import layer_module
 from ajpq.budget import Budget
+from ajpq.checkpoint import checkpoint_meta, load_checkpoint, load_weights, save_checkpoint
 from ajpq.compress import SimulatedModel
 from ajpq.cost import CostModel
 from ajpq.errors import BudgetError, ConfigError
+from ajpq.logs import log
 from ajpq.policy import Policy
 from ajpq.runs import RunDir
 from ajpq.train import evaluate_accuracy
-from ajpq.workspace import CALIBRATION_SIZE, Workspace, load_checkpoint, load_weights, log, save_checkpoint
+from ajpq.workspace import Workspace
 
 WEIGHTS_FILE = "weights.pt"
 
@@ -56,16 +58,11 @@ def check_bits(name: str, value: Any) -> int:
     return int(value)
 
 
-def calibration_images(workspace: Workspace) -> torch.Tensor:
-    """The images the workspace's simulated model calibrates on (the first training batch)."""
-    return next(workspace.splits.train.batches(CALIBRATION_SIZE))[0]
-
-
 def simulate(workspace: Workspace, model: nn.Module | None = None) -> SimulatedModel:
     """The simulated model of the workspace's weights, or of retrained ``model`` (same analysis and calibration)."""
     if model is None:
         return workspace.simulated
-    return SimulatedModel(model, workspace.analysis, calibration_images(workspace), workspace.device)
+    return SimulatedModel(model, workspace.analysis, workspace.calibration_images(), workspace.device)
 
 
 def prune_groups(workspace: Workspace, policy: Policy, fraction: float) -> Policy:
@@ -87,15 +84,12 @@ def save_weights(run_dir: RunDir | None, workspace: Workspace, model: nn.Module,
     """Write retrained FP32 weights as ``weights.pt`` in the run folder (a checkpoint ``--weights`` reads)."""
     if run_dir is None:
         return None
-    meta = {
-        "model": workspace.model_name,
-        "dataset": workspace.splits.name,
-        "split_seed": workspace.splits.split_seed,
-        "input_shape": list(workspace.splits.input_shape),
-        "num_classes": workspace.splits.num_classes,
-        "retrained_by": method,
-        "accuracy": {"val": evaluate_accuracy(model, workspace.splits.val, workspace.device)},
-    }
+    meta = checkpoint_meta(
+        workspace.model_name,
+        workspace.splits,
+        retrained_by=method,
+        accuracy={"val": evaluate_accuracy(model, workspace.splits.val, workspace.device)},
+    )
     return save_checkpoint(run_dir.path / WEIGHTS_FILE, model, meta)
 
 

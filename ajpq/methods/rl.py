@@ -43,7 +43,7 @@ def _best_result(context: SearchContext) -> Any:
     if best is None:
         return None
     info = context.run_dir.read_info()
-    policy = context.run_dir.read_policy(best["episode"], context.config.model, info.get("fingerprint"))
+    policy = context.run_dir.read_policy(best["episode"], context.config.workspace.model, info.get("fingerprint"))
     report = context.problem.cost_model.evaluate(policy)
     return EpisodeResult(float(best["reward"]), float(best["accuracy"]), report, True, False, policy, 0.0)
 

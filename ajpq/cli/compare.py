@@ -1,10 +1,12 @@
-"""The ``ajpq compare`` subcommand (see :mod:`ajpq.compare`)."""
+"""``ajpq compare``: several methods at several budgets (see :mod:`ajpq.compare`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ajpq.cli import add_debug, print_json
+from ajpq.backends import BackendOptions
+from ajpq.cli.common import add_backend_arguments, add_debug, print_json
+from ajpq.compare import load_compare_config, markdown_table, run_compare
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -19,19 +21,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     compare.add_argument("--out-dir", default=None, help="output folder (default: the config's out_dir)")
     compare.add_argument("--device", default=None, help="cpu, cuda or auto (default: the config's device)")
     compare.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
-    from ajpq.search_commands import add_backend_arguments
-
     add_backend_arguments(compare)
     add_debug(compare)
     compare.set_defaults(handler=run_compare_command)
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
-    from ajpq.compare import load_compare_config, markdown_table, run_compare
-
     config = load_compare_config(args.config, out_dir=args.out_dir, device=args.device)
-    from ajpq.backends import BackendOptions
-
     backend = BackendOptions(args.backend or "local", args.workers, args.ray_address)
     result = run_compare(config, backend)
     if args.json:

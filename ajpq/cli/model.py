@@ -1,17 +1,19 @@
-"""Foundation subcommands: ``inspect``, ``pretrain`` and ``evaluate``."""
+"""The model commands: ``inspect``, ``pretrain`` and ``evaluate`` (``--artifact``: see :mod:`ajpq.cli.export`)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
-from ajpq.cli import print_json
+from ajpq.checkpoint import save_checkpoint
+from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
+from ajpq.cli.export import run_evaluate_artifact
 from ajpq.cost import CostModel
-from ajpq.errors import ConfigError, ModelError
+from ajpq.data import load_dataset
+from ajpq.evaluation import evaluation_report, inspect_report
+from ajpq.logs import log
 from ajpq.policy import Policy, load_policy
+from ajpq.reference import default_pretrain_config, pretrain
 from ajpq.train import TrainConfig, resolve_device
-from ajpq.workspace import Workspace, default_pretrain_config, log, open_workspace, pretrain, save_checkpoint
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         description="Evaluate the FP32 model, or with --policy the simulated compressed model (quantized "
         "weights, removed channels, quantized activations), on a split.",
     )
-    evaluate.add_argument("--weights", default=None, help="FP32 checkpoint (default: the cached reference)")
+    add_weights(evaluate, "FP32 checkpoint (default: the cached reference)")
     evaluate.add_argument("--policy", default=None, help="policy JSON to apply")
     evaluate.add_argument("--split", default="test", choices=("val", "test"), help="split to report (default test)")
     evaluate.add_argument(
@@ -68,59 +70,6 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     evaluate.set_defaults(handler=run_evaluate)
 
 
-def adopt_checkpoint_settings(args: argparse.Namespace) -> None:
-    """Given ``--weights``, take model, dataset and split seed from the checkpoint unless told otherwise.
-
-    A flag left at its default takes the checkpoint's value; a flag given with another value is refused. A model name
-    the checkpoint records is adopted only if it is a zoo or torchvision name (a file never names code to import).
-    """
-    from ajpq.models import DEFAULT_DATASET, DEFAULT_MODEL, is_builtin_model
-    from ajpq.workspace import load_checkpoint
-
-    if not getattr(args, "weights", None):
-        return
-    checkpoint = load_checkpoint(args.weights)
-    contradictions = []
-    for key, flag, default in (
-        ("model", "--model", DEFAULT_MODEL),
-        ("dataset", "--dataset", DEFAULT_DATASET),
-        ("split_seed", "--split-seed", 0),
-    ):
-        recorded, given = checkpoint.get(key), getattr(args, key)
-        if recorded is None or recorded == given:
-            continue
-        if given != default:
-            contradictions.append(f"{flag} {given} (the checkpoint records {recorded})")
-        elif key == "model" and not is_builtin_model(str(recorded)):
-            raise ModelError(
-                f"{args.weights} was trained on model {recorded!r}; pass --model {recorded} yourself (a model named "
-                "in a file is never imported on its own)"
-            )
-        else:
-            setattr(args, key, recorded)
-            log(f"{flag} {recorded} (from {args.weights})")
-    if contradictions:
-        raise ModelError(
-            f"{args.weights} contradicts {', '.join(contradictions)}; drop those flags to use the checkpoint's, "
-            "or give other weights"
-        )
-
-
-def _workspace(args: argparse.Namespace, *, need_weights: bool = True) -> Workspace:
-    adopt_checkpoint_settings(args)
-    return open_workspace(
-        args.model,
-        args.dataset,
-        data_dir=args.data_dir,
-        weights=getattr(args, "weights", None),
-        device=args.device,
-        split_seed=args.split_seed,
-        val_size=args.val_size,
-        criterion=args.importance,
-        need_weights=need_weights,
-    )
-
-
 def _human_bits(bits: float) -> str:
     size = bits / 8
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -131,45 +80,10 @@ def _human_bits(bits: float) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    workspace = _workspace(args, need_weights=False)
+    workspace = open_from_args(args, need_weights=False)
     analysis = workspace.analysis
     cost = CostModel(analysis)
-    layers = [
-        {
-            "name": layer.name,
-            "type": layer.type,
-            "in_channels": layer.in_channels,
-            "out_channels": layer.out_channels,
-            "kernel_size": list(layer.kernel_size),
-            "stride": list(layer.stride),
-            "groups": layer.groups,
-            "out_hw": layer.out_hw,
-            "params": layer.params,
-            "macs": layer.macs,
-            "group": layer.group,
-        }
-        for layer in analysis.layers
-    ]
-    groups = [
-        {
-            "id": g.id,
-            "channels": g.size,
-            "members": g.members,
-            "consumers": g.consumers,
-            "prunable": g.prunable,
-        }
-        for g in analysis.groups
-    ]
-    report = {
-        "model": args.model,
-        "dataset": workspace.splits.name,
-        "input_shape": list(workspace.splits.input_shape),
-        "fingerprint": analysis.fingerprint,
-        "layers": layers,
-        "groups": groups,
-        "other_params": analysis.other_params,
-        "reference": {"size_bits": cost.reference_size_bits, "bops": cost.reference_bops},
-    }
+    report = inspect_report(workspace)
     if args.write_policy:
         Policy.uniform(analysis).with_meta("template").save(args.write_policy)
         log(f"wrote an 8-bit policy template to {args.write_policy}")
@@ -207,9 +121,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give a file path such as {out / 'ckpt.pt'}")
+    out = check_out(args.out, "ckpt.pt")
     defaults = default_pretrain_config(args.model)
     config = TrainConfig(
         epochs=args.epochs if args.epochs is not None else defaults.epochs,
@@ -217,18 +129,12 @@ def run_pretrain(args: argparse.Namespace) -> int:
         batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size,
         weight_decay=args.weight_decay if args.weight_decay is not None else defaults.weight_decay,
     )
-    from ajpq.data import load_dataset
-
     device = resolve_device(args.device)
     splits = load_dataset(args.dataset, data_dir=args.data_dir, split_seed=args.split_seed, val_size=args.val_size)
     log(f"{splits.describe()}; training {args.model} for {config.epochs} epochs on {device}")
     model, meta = pretrain(args.model, splits, config, seed=args.seed, device=device)
-    meta["train_config"] = {
-        "lr": config.lr,
-        "batch_size": config.batch_size,
-        "weight_decay": config.weight_decay,
-    }
-    save_checkpoint(out, model.cpu(), meta)
+    train_config = {"lr": config.lr, "batch_size": config.batch_size, "weight_decay": config.weight_decay}
+    save_checkpoint(out, model.cpu(), {**meta, "train_config": train_config})
     accuracy = meta["accuracy"]
     if args.json:
         print_json({"out": str(out), "accuracy": accuracy})
@@ -237,31 +143,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluation_report(workspace: Workspace, policy: Policy | None, split: str) -> dict[str, Any]:
-    """The numbers ``ajpq evaluate --json`` prints (accuracy plus the cost model's figures)."""
-    if policy is None:
-        costs = workspace.cost_model
-        report: dict[str, Any] = {
-            "accuracy": workspace.accuracy(None, split),
-            "size_bits": costs.reference_size_bits,
-            "size_ratio": 1.0,
-            "compression_rate": 1.0,
-            "bops": costs.reference_bops,
-            "bops_ratio": 1.0,
-            "reference_size_bits": costs.reference_size_bits,
-            "reference_bops": costs.reference_bops,
-        }
-    else:
-        report = {"accuracy": workspace.accuracy(policy, split), **workspace.cost(policy).as_dict()}
-    return report
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     if getattr(args, "artifact", None):
-        from ajpq.export_commands import run_evaluate_artifact
-
         return run_evaluate_artifact(args)
-    workspace = _workspace(args)
+    workspace = open_from_args(args)
     policy = load_policy(args.policy, workspace.analysis) if args.policy else None
     report = evaluation_report(workspace, policy, args.split)
     if args.json:
