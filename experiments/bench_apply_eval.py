@@ -103,4 +103,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ajpq.logs import setup_logging
+
+    setup_logging()  # ajpq's progress messages on stderr, as the CLI prints them
     main()

@@ -193,4 +193,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from ajpq.logs import setup_logging
+
+    setup_logging()  # ajpq's progress messages on stderr, as the CLI prints them
     raise SystemExit(main())
