@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     export.add_argument("--out", required=True, help="artifact to write (e.g. model.ajpq)")
     export.add_argument("--onnx", default=None, metavar="PATH", help="also write the slim model as ONNX (opset 17)")
     export.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    export.set_defaults(handler=run_export)
+    export.set_defaults(handler=run_export_model)
 
 
 def _export_policy(args: argparse.Namespace, workspace: Workspace) -> Policy:
@@ -60,7 +60,7 @@ def _export_policy(args: argparse.Namespace, workspace: Workspace) -> Policy:
     return validate_policy(policy_from_dict(embedded, f"{args.weights} (embedded policy)"), workspace.analysis)
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run_export_model(args: argparse.Namespace) -> int:
     out = check_out(args.out, "model.ajpq")
     if args.onnx:
         _require_onnx()

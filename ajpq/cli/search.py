@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     export.add_argument("--out", required=True, help="policy file to write")
     export.add_argument("--json", action="store_true", help="print the policy's metrics as JSON on stdout")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    export.set_defaults(handler=run_export)
+    export.set_defaults(handler=run_export_policy)
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
     )
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run_export_policy(args: argparse.Namespace) -> int:
     """``ajpq export``: a run's best policy (or episode N's) as a policy file."""
     out = Path(args.out)
     policy = RunDir.open(args.run, what="--run").export_policy(args.episode)
