@@ -8,6 +8,7 @@ run on them. Each line names the model and budget, the seconds of every run, the
 returned policies (sha256 over ``policy_key`` of each, in order), so two builds can be compared for identical output.
 
     python experiments/bench_allocation.py                    # ResNet-20 and MobileNetV2 at 3x32x32
+    python experiments/bench_allocation.py --models mobilenet_v2-224   # MobileNetV2 at 3x224x224, 1000 classes
     python experiments/bench_allocation.py --quick            # CI size: digits_cnn (1x8x8) and LeNet-5 (1x28x28)
     python experiments/bench_allocation.py --baseline a483fc8 # also time allocation.py as of that git revision,
                                                               # interleaved with the current one, and their ratio
@@ -39,8 +40,16 @@ from ajpq.envs.core import policy_key
 from ajpq.models import build_model
 from ajpq.sensitivity import ACT_BITS, PRUNE_FRACTIONS, QUANT_BITS, SensitivityTable, step_groups
 
-FULL_MODELS = {"resnet20": (3, 32, 32), "mobilenet_v2": (3, 32, 32)}
-QUICK_MODELS = {"digits_cnn": (1, 8, 8), "lenet5": (1, 28, 28)}
+MODELS = {
+    "digits_cnn": ("digits_cnn", (1, 8, 8), 10),
+    "lenet5": ("lenet5", (1, 28, 28), 10),
+    "resnet20": ("resnet20", (3, 32, 32), 10),
+    "mobilenet_v2": ("mobilenet_v2", (3, 32, 32), 10),
+    "mobilenet_v2-224": ("mobilenet_v2", (3, 224, 224), 1000),
+}
+"""Benchmark name: (model name, input shape, classes)."""
+FULL_MODELS = ("resnet20", "mobilenet_v2")
+QUICK_MODELS = ("digits_cnn", "lenet5")
 SETTINGS = {
     "size-1/32": {"budget": Budget(size=1 / 32), "search_activation_bits": False},
     "bops-1/256": {"budget": Budget(bops=1 / 256), "search_activation_bits": True},
@@ -100,7 +109,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI-size models")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", help="git revision whose allocation.py is timed beside the current one")
-    parser.add_argument("--models", nargs="*", help="subset of the models to run")
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), help="models to run instead")
     parser.add_argument("--settings", nargs="*", choices=sorted(SETTINGS), help="subset of the budgets")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -109,15 +118,16 @@ def main() -> None:
     if args.baseline:
         impls[f"baseline@{args.baseline}"] = baseline_module(args.baseline)
     impls["current"] = allocation
-    for name in args.models or list(models):
+    for name in args.models or models:
+        model_name, shape, classes = MODELS[name]
         torch.manual_seed(0)
-        model = build_model(name, models[name], 10).eval()
-        analysis = analyze_model(model, models[name], model_name=name)
+        model = build_model(model_name, shape, classes).eval()
+        analysis = analyze_model(model, shape, model_name=model_name)
         table = synthetic_table(analysis)
         for setting_name in args.settings or list(SETTINGS):
             row: dict[str, Any] = {
                 "model": name,
-                "input_shape": list(models[name]),
+                "input_shape": list(shape),
                 "setting": setting_name,
                 "layers": len(analysis.layers),
                 "steps": len(table.groups),
