@@ -239,8 +239,11 @@ def project_to_budget(
 
         def pruned(k: int) -> Policy:
             trial = result.copy()
+            by_group: dict[int, list[int]] = {}  # one pass per group, not per channel (MobileNetV2 has thousands)
             for gid, channel in candidates[:k]:
-                _prune_group_channels(analysis, trial, gid, np.array([channel]))
+                by_group.setdefault(gid, []).append(channel)
+            for gid, channels in by_group.items():
+                _prune_group_channels(analysis, trial, gid, np.array(channels))
             return trial
 
         low, high = 0, len(candidates)
