@@ -18,19 +18,30 @@ import copy
 import csv
 import difflib
 import io
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from ajpq.backends import BackendOptions, default_threads
 from ajpq.budget import Budget, parse_ratio
 from ajpq.config import load_config_file
 from ajpq.errors import AJPQError, ConfigError
+from ajpq.export import build_artifact, latency_report, load_compressed
+from ajpq.finetune import finetune, finetune_config
 from ajpq.io import atomic_write_bytes, atomic_write_text
 from ajpq.logs import log
+from ajpq.methods import MethodOptions, method_class
+from ajpq.methods.common import load_method_weights, simulate
+from ajpq.policy import load_policy
+from ajpq.search import SearchConfig, run_search
+from ajpq.train import evaluate_accuracy, seed_everything
 from ajpq.workspace import SPEC_KEYS, WorkspaceSpec, open_workspace
 
 ALL_METHODS: tuple[str, ...] = ("ajpq", "random", "uniform", "opq", "olmp", "admm")
@@ -153,12 +164,6 @@ def compare_budgets(config: CompareConfig) -> list[Budget]:
 
 def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path) -> dict[str, Any]:
     """Run one method at one budget, fine-tune its policy, and return its table row."""
-    from ajpq.finetune import finetune, finetune_config
-    from ajpq.methods import MethodOptions, method_class
-    from ajpq.methods.common import load_method_weights, simulate
-    from ajpq.policy import load_policy
-    from ajpq.search import SearchConfig, run_search
-    from ajpq.train import seed_everything
 
     tag = f"{method}__{budget_label(budget).replace('/', '_').replace(' + ', '__').replace(' ', '_')}"
     run_path = out / tag
@@ -234,8 +239,6 @@ def _export_row(
     config: CompareConfig, workspace: Any, model: Any, policy: Any, calibration: Any, path: Path
 ) -> dict[str, Any]:
     """Export the fine-tuned result and measure the artifact: file bytes, its test accuracy, CPU latency."""
-    from ajpq.export import build_artifact, latency_report, load_compressed
-    from ajpq.train import evaluate_accuracy
 
     artifact = build_artifact(
         model,
@@ -266,9 +269,6 @@ def _open_workspace(config: CompareConfig) -> Any:
 
 def _job(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path, threads: int) -> dict[str, Any]:
     """One (method, budget) job, seeded on its own so that it gives the same row alone, in any order or process."""
-    import torch
-
-    from ajpq.train import seed_everything
 
     if threads:
         torch.set_num_threads(threads)
@@ -287,7 +287,6 @@ def run_jobs(
 ) -> Any:
     """Yield the rows of ``jobs`` in job order, run one after the other (backend local) or concurrently in worker
     processes or Ray tasks (the rows are the same, only the wall times differ)."""
-    from ajpq.backends import BackendOptions, default_threads
 
     options = backend or BackendOptions()
     if options.backend == "local":
@@ -295,9 +294,6 @@ def run_jobs(
             yield _job(config, workspace, method, budget, out, 0)
         return
     if options.backend == "processes":
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         workers = min(len(jobs), options.workers or os.cpu_count() or 1)
         threads = options.threads or default_threads(workers)
         context = multiprocessing.get_context("spawn")
@@ -332,7 +328,6 @@ def run_compare(config: CompareConfig, backend: Any = None) -> dict[str, Any]:
 
     ``backend`` (an :class:`ajpq.backends.BackendOptions`) runs the (method, budget) jobs concurrently.
     """
-    from ajpq.train import evaluate_accuracy
 
     workspace = _open_workspace(config)
     out = Path(config.out_dir)

@@ -16,13 +16,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ajpq.agents import AGENT_KINDS
+from ajpq.backends import BackendOptions, make_backend
 from ajpq.budget import Budget, check_feasible, parse_ratio
 from ajpq.callbacks import Recorder, RunInfo, default_callbacks
+from ajpq.envs import problem_from_workspace
 from ajpq.errors import ConfigError, StorageError
+from ajpq.io import cache_dir
 from ajpq.logs import log
 from ajpq.methods import METHODS, SearchContext, method_class
 from ajpq.methods.base import StopOnSignal, method_options
+from ajpq.proxy import ProxyOptions, make_evaluator
+from ajpq.quant import ACTIVATION_BITS_ALLOWED
 from ajpq.runs import RunDir
+from ajpq.sensitivity import load_or_measure
 from ajpq.train import seed_everything
 from ajpq.workspace import SPEC_KEYS, Workspace, WorkspaceSpec, open_workspace
 
@@ -131,8 +138,6 @@ class SearchConfig:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
         if not 0.0 <= number("max_sparsity") < 1.0:
             raise ConfigError(f"max_sparsity must be in [0, 1), but got {self.max_sparsity}")
-        from ajpq.agents import AGENT_KINDS
-        from ajpq.quant import ACTIVATION_BITS_ALLOWED
 
         for name in ("layer_agent", "channel_agent"):
             if getattr(self, name) not in AGENT_KINDS:
@@ -166,8 +171,7 @@ class SearchConfig:
         return method_options(self)
 
     @property
-    def backend_options(self) -> Any:
-        from ajpq.backends import BackendOptions
+    def backend_options(self) -> BackendOptions:
 
         return BackendOptions(self.backend, self.workers, self.ray_address)
 
@@ -253,9 +257,6 @@ def _run_search(
     held: list[RunDir],
     stop: StopOnSignal,
 ) -> SearchResult:
-    from ajpq.backends import make_backend
-    from ajpq.envs import problem_from_workspace
-    from ajpq.proxy import ProxyOptions, make_evaluator
 
     state = None
     if resume is not None:
@@ -291,9 +292,6 @@ def _run_search(
     evaluate = make_evaluator(workspace, proxy)
     sensitivity = None
     if config.method == "ajpq" and config.sensitivity:
-        from ajpq.io import cache_dir
-        from ajpq.sensitivity import load_or_measure
-
         sensitivity, cached = load_or_measure(
             workspace.model,
             workspace.simulated,

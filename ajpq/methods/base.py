@@ -122,24 +122,6 @@ def method_options(config: SearchConfig) -> MethodOptions:
     return options_type.from_mapping(config.method, values)
 
 
-def option_docs(options_type: type[MethodOptions]) -> dict[str, str]:
-    """Each option's docstring (the string under its field), for help texts and the README."""
-    import inspect
-    import textwrap
-
-    docs: dict[str, str] = {}
-    body = ast.parse(textwrap.dedent(inspect.getsource(options_type))).body[0]
-    assert isinstance(body, ast.ClassDef)
-    previous: str | None = None
-    for node in body.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            previous = node.target.id
-        elif previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[previous] = " ".join(str(node.value.value).split())
-            previous = None
-    return docs
-
-
 class StopOnSignal:
     """SIGINT/SIGTERM during a search: finish the episode, checkpoint, stop (a second signal stops at once)."""
 
