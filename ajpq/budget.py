@@ -10,13 +10,14 @@ same three pieces:
 * :func:`project_to_budget` (hard mode) turns any policy into one that meets the budget by lowering the bits of the
   least important channels first, then pruning the least important channels, following the one importance order of
   :meth:`ajpq.analysis.ModelAnalysis.channel_order` (coupled groups are pruned in all member layers together and the
-  classifier's outputs are never pruned), as HAQ and AMC limit their actions.
+  classifier's outputs are never pruned), as HAQ and AMC limit their actions; in soft mode it leaves the policy as
+  it is, and :meth:`Budget.excess` is the reward's penalty.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Literal
 
@@ -89,6 +90,10 @@ class Budget:
         if self.bops is not None:
             total += max(0.0, report.bops_ratio / self.bops - 1.0)
         return total
+
+    def hard(self) -> Budget:
+        """The same limits in hard mode (for a caller that needs policies that fit, whatever the search's mode)."""
+        return replace(self, mode="hard")
 
     def describe(self) -> str:
         parts = []
@@ -176,13 +181,16 @@ def project_to_budget(
     policy: Policy,
     analysis: ModelAnalysis,
     cost_model: CostModel,
-    size_budget: float | None,
-    bops_budget: float | None,
+    budget: Budget,
     *,
     max_sparsity: float = 0.8,
     min_activation_bits: int | None = None,
 ) -> tuple[Policy, CostReport]:
-    """The hard-mode projection: a copy of ``policy`` that meets the budget, and its cost report.
+    """The hard-mode projection: a copy of ``policy`` that meets ``budget``, and its cost report.
+
+    In soft mode a policy is not projected (its excess is penalized in the reward instead): ``policy`` itself is
+    returned with its report. A caller that needs a fitting policy whatever the mode projects onto
+    ``budget.hard()``.
 
     1. Bits are lowered one at a time in sweeps over all channels, least important first (by rank in their group's
        importance order), down to 1 bit, stopping at the first decrement after which the policy fits. Pruning is
@@ -196,9 +204,8 @@ def project_to_budget(
     A policy that already fits is returned unchanged. If nothing fits, the smallest policy reached is returned
     (:func:`check_feasible` is there to refuse such budgets before a search).
     """
-    budget = Budget(size_budget, bops_budget)
     report = cost_model.evaluate(policy)
-    if budget.fits(report):
+    if budget.mode != "hard" or budget.fits(report):
         return policy, report
     result = policy.copy()
     names, ids, channels = _channel_table(analysis)

@@ -90,14 +90,11 @@ def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Genera
         bits = result.layers[gain].weight_bits
         channels = _chunk(problem, result, gain, rng)
         bits[channels] = np.minimum(bits[channels] + 1, 8)
-    if problem.budget.mode != "hard":
-        return result
     return project_to_budget(
         result,
         analysis,
         problem.cost_model,
-        problem.budget.size,
-        problem.budget.bops,
+        problem.budget,
         max_sparsity=problem.max_sparsity,
         min_activation_bits=problem.min_activation_bits,
     )[0]

@@ -180,18 +180,15 @@ class CompressionProblem:
 
     def project(self, policy: Policy) -> tuple[Policy, CostReport, bool]:
         """The policy that is evaluated (projected onto the budget in hard mode), its cost, and whether it moved."""
-        if self.budget.mode == "hard":
-            final, report = project_to_budget(
-                policy,
-                self.analysis,
-                self.cost_model,
-                self.budget.size,
-                self.budget.bops,
-                max_sparsity=self.max_sparsity,
-                min_activation_bits=self.min_activation_bits,
-            )
-            return final, report, final is not policy
-        return policy, self.cost_model.evaluate(policy), False
+        final, report = project_to_budget(
+            policy,
+            self.analysis,
+            self.cost_model,
+            self.budget,
+            max_sparsity=self.max_sparsity,
+            min_activation_bits=self.min_activation_bits,
+        )
+        return final, report, final is not policy
 
     def score(
         self, final: Policy, report: CostReport, projected: bool, accuracy: float, eval_time: float
