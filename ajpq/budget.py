@@ -279,16 +279,12 @@ def _prune_candidates(analysis: ModelAnalysis, policy: Policy, max_sparsity: flo
     for group in analysis.groups:
         if not group.prunable:
             continue
-        member = group.members[0]
-        kept = np.empty(group.size, dtype=bool)
-        kept[analysis.out_root[member]] = policy.layers[member].weight_bits > 0
+        kept = policy.group_kept(analysis, group.id)
         allowed = max_pruned(group.size, max_sparsity) - int((~kept).sum())
         if allowed <= 0:
             continue
-        position = np.empty(group.size, dtype=np.int64)
-        position[group.order] = np.arange(group.size)
-        alive = [int(c) for c in group.order if kept[c]]
-        for channel in alive[len(alive) - allowed :]:
-            rows.append((-position[channel] / group.size, group.id, channel))
+        alive = [(rank, int(channel)) for rank, channel in enumerate(group.order) if kept[channel]]
+        for rank, channel in alive[len(alive) - allowed :]:
+            rows.append((-rank / group.size, group.id, channel))
     rows.sort()
     return [(gid, channel) for _, gid, channel in rows]

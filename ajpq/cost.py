@@ -203,14 +203,8 @@ class CostModel:
         return cls(analysis, {layer.name: folded[layer.name][0] for layer in analysis.layers})
 
     def group_kept(self, policy: Policy) -> list[np.ndarray]:
-        """Kept mask of every coupled group, read from its first member layer."""
-        kept = []
-        for group in self.analysis.groups:
-            member = group.members[0]
-            mask = np.empty(group.size, dtype=bool)
-            mask[self.analysis.out_root[member]] = policy.layers[member].weight_bits > 0
-            kept.append(mask)
-        return kept
+        """Kept mask of every coupled group (:meth:`Policy.group_kept`), by group id."""
+        return [policy.group_kept(self.analysis, group.id) for group in self.analysis.groups]
 
     def input_kept(self, layer: LayerInfo, group_kept: list[np.ndarray]) -> np.ndarray:
         """Which input channels of ``layer`` survive the policy's pruning of the layers before it."""

@@ -83,6 +83,17 @@ class Policy:
             fingerprint=analysis.fingerprint,
         )
 
+    def group_kept(self, analysis: ModelAnalysis, group_id: int, member: str | None = None) -> np.ndarray:
+        """Which channels of coupled group ``group_id`` the policy keeps, indexed by group channel.
+
+        Read from layer ``member`` (default: the group's first member; in a validated policy every member agrees).
+        """
+        group = analysis.groups[group_id]
+        name = group.members[0] if member is None else member
+        kept = np.empty(group.size, dtype=bool)
+        kept[analysis.out_root[name]] = self.layers[name].kept
+        return kept
+
     def copy(self) -> Policy:
         return Policy(
             layers={
@@ -292,11 +303,9 @@ def validate_policy(policy: Policy, analysis: ModelAnalysis, source: str = "poli
         if len(group.members) < 2:
             continue
         reference_name = group.members[0]
-        reference = np.empty(group.size, dtype=bool)
-        reference[analysis.out_root[reference_name]] = complete.layers[reference_name].kept
+        reference = complete.group_kept(analysis, group.id)
         for member in group.members[1:]:
-            kept = np.empty(group.size, dtype=bool)
-            kept[analysis.out_root[member]] = complete.layers[member].kept
+            kept = complete.group_kept(analysis, group.id, member)
             differ = np.flatnonzero(kept != reference)
             if differ.size:
                 channel = int(differ[0])

@@ -42,14 +42,6 @@ def _chunk(problem: CompressionProblem, policy: Policy, name: str, rng: np.rando
     return kept[start : start + size]
 
 
-def _group_kept(problem: CompressionProblem, policy: Policy, group_id: int) -> np.ndarray:
-    group = problem.analysis.groups[group_id]
-    member = group.members[0]
-    kept = np.zeros(group.size, dtype=bool)
-    kept[problem.analysis.out_root[member]] = policy.layers[member].weight_bits > 0
-    return kept
-
-
 def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Generator) -> Policy:
     """One random move from ``policy`` (see the module docstring), projected onto the budget in hard mode."""
     analysis = problem.analysis
@@ -68,7 +60,7 @@ def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Genera
         groups = [g for g in analysis.groups if g.prunable]
         if groups:
             group = groups[int(rng.integers(len(groups)))]
-            kept = _group_kept(problem, result, group.id)
+            kept = result.group_kept(analysis, group.id)
             chunk = max(1, math.ceil(group.size / 16))
             if move == "prune":
                 allowed = max_pruned(group.size, problem.max_sparsity) - int((~kept).sum())

@@ -336,8 +336,6 @@ class Episode:
         group = unit.group
         n_prune = min(unit.max_prune, round(sparsity * group.size)) if group.prunable else 0
         surviving = group.order[: group.size - n_prune]
-        position = np.empty(group.size)
-        position[group.order] = np.arange(group.size) / group.size
         self.sparsity = n_prune / group.size
         self.prev_sparsity = self.sparsity
         self.prev_abits = abits / 8.0
@@ -349,8 +347,8 @@ class Episode:
         self._fan: dict[str, np.ndarray] = {}
         for layer in unit.members:
             layer_policy = self.policy.layers[layer.name]
-            root = p.analysis.out_root[layer.name]
-            kept = keep_mask[root]
+            rank = p.analysis.channel_rank(layer.name)
+            kept = rank < surviving.size
             layer_policy.weight_bits[~kept] = 0
             layer_policy.activation_bits = abits
             order = p.analysis.channel_order(layer.name)
@@ -359,7 +357,7 @@ class Episode:
             size = p.channel_group_size or max(1, math.ceil(alive.size / MAX_STEPS_PER_LAYER))
             for start in range(0, alive.size, size):
                 channels = alive[start : start + size]
-                self.chunks.append((layer, channels, position[root[channels]]))
+                self.chunks.append((layer, channels, rank[channels] / group.size))
             self.min_rest_size -= p.min_layer_size[layer.name]
             self.min_rest_bops -= p.min_layer_bops[layer.name]
         self.chunk_index = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,37 @@ def test_importance_criteria_and_order(residual):
     assert np.all(np.diff(values) <= 0)
     with pytest.raises(ModelError, match="criterion must be one of l1, l2"):
         analyze_model(ResidualDepthwiseNet(), (1, 4, 4), criterion="l3")
+
+
+def _permuted(analysis):
+    """The residual net's analysis with a hand-made order of its shared group (conv1, conv2, dw) and dw's channel
+    ``k`` stored as group channel ``[1, 2, 3, 0][k]`` (what a channel permutation between layers would give)."""
+    shared = analysis.layer("conv1").group
+    groups = [replace(g, order=np.array([2, 0, 3, 1])) if g.id == shared else g for g in analysis.groups]
+    return replace(analysis, groups=groups, out_root={**analysis.out_root, "dw": np.array([1, 2, 3, 0])})
+
+
+def test_channel_rank_and_order_follow_the_group_order_through_out_root(residual):
+    analysis = _permuted(residual[1])
+    # group order [2, 0, 3, 1]: group channel 2 ranks 0, channel 0 ranks 1, channel 3 ranks 2, channel 1 ranks 3
+    assert analysis.channel_rank("conv1").tolist() == [1, 3, 0, 2]
+    assert analysis.channel_order("conv1").tolist() == [2, 0, 3, 1]
+    # dw's channels 0..3 are group channels 1, 2, 3, 0
+    assert analysis.channel_rank("dw").tolist() == [3, 0, 2, 1]
+    assert analysis.channel_order("dw").tolist() == [1, 3, 2, 0]
+    assert not analysis.channel_order("dw").flags.writeable  # cached: nobody may change it under the others
+
+
+def test_group_kept_reads_a_member_through_out_root(residual):
+    analysis = _permuted(residual[1])
+    shared = analysis.layer("conv1").group
+    policy = Policy(layers={name: LayerPolicy([8, 0, 4, 2]) for name in ("conv1", "conv2", "dw")})
+    assert policy.group_kept(analysis, shared).tolist() == [True, False, True, True]  # the first member, conv1
+    assert policy.group_kept(analysis, shared, "dw").tolist() == [True, True, False, True]
+    with pytest.raises(PolicyError, match=r"channel 1 is pruned in 'conv1' but kept in 'dw'.* \(2 channels differ\)"):
+        validate_policy(policy, analysis)
+    policy.layers["dw"] = LayerPolicy([0, 4, 4, 4])  # dw's channel 0 is group channel 1
+    assert validate_policy(policy, analysis).group_kept(analysis, shared, "dw").tolist() == [True, False, True, True]
 
 
 def test_model_that_does_not_run_on_the_shape_is_refused():
