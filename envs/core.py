@@ -20,7 +20,7 @@ import numpy as np
 
 from ajpq.analysis import ChannelGroup, LayerInfo, ModelAnalysis
 from ajpq.budget import Budget, max_pruned, project_to_budget, smallest_policy
-from ajpq.cost import BIAS_BITS, SCALE_BITS, CostModel, CostReport
+from ajpq.cost import CostModel, CostReport, channel_extra_bits
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
 from ajpq.sensitivity import SensitivityTable
@@ -371,8 +371,7 @@ class Episode:
         bits = int(min(8, max(1, bits)))
         self.policy.layers[layer.name].weight_bits[channels] = bits
         fan = self._fan[layer.name][channels]
-        extra = SCALE_BITS + (BIAS_BITS if layer.has_bias else 0)
-        self.size_used += float(fan.sum() * bits + extra * channels.size)
+        self.size_used += float(fan.sum() * bits + channel_extra_bits(layer) * channels.size)
         self.bops_used += float(fan.sum() * bits * layer.out_hw * self.policy.layers[layer.name].activation_bits)
         self.unit_bits_sum += bits * channels.size
         self.unit_bits_count += channels.size

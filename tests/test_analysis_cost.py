@@ -18,7 +18,7 @@ from nets import (
 
 from ajpq.analysis import NETWORK_INPUT, analyze_model, channel_importance
 from ajpq.compress import SimulatedModel
-from ajpq.cost import CostModel
+from ajpq.cost import CostModel, LayerCost, channel_extra_bits
 from ajpq.errors import ModelError, PolicyError
 from ajpq.models import build_model
 from ajpq.policy import LayerPolicy, Policy, validate_policy
@@ -96,6 +96,19 @@ def test_cost_model_matches_hand_count(residual):
     assert report.reference_bops == (576 + 2304 + 576 + 384 + 72) * 32 * 32
     assert report.size_ratio == pytest.approx(1977 / 10656)
     assert report.compression_rate == pytest.approx(10656 / 1977)
+
+
+def test_layer_cost_from_counts_by_hand(residual):
+    _, analysis = residual
+    pw = analysis.layer("pw")  # 6 channels, 16 output positions, a bias
+    bits = np.array([8, 8, 0, 4, 4, 2])
+    dense = LayerCost.from_counts(pw, bits, 6, weights=15, value_bits=78)
+    assert (dense.kept_channels, dense.size_bits, dense.bops, dense.index_bits) == (5, 78 + 5 * 48, 78 * 16 * 6, 0)
+    assert dense.mean_bits == pytest.approx(78 / 15) and dense.storage == "dense"
+    no_bias = replace(pw, has_bias=False)
+    sparse = LayerCost.from_counts(no_bias, bits, 6, 15, 78, storage_bits=90, storage="bitmap")
+    assert (sparse.size_bits, sparse.bops, sparse.index_bits) == (90 + 5 * 16, 78 * 16 * 6, 90 - 78)
+    assert channel_extra_bits(pw) == 16 + 32 and channel_extra_bits(no_bias) == 16
 
 
 def test_other_parameters_count_in_both_numerator_and_denominator():
