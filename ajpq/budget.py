@@ -210,10 +210,8 @@ def project_to_budget(
     result = policy.copy()
     names, ids, channels = _channel_table(analysis)
     bits = np.array([result.layers[names[i]].weight_bits[c] for i, c in zip(ids, channels, strict=True)])
-    group_kept = cost_model.group_kept(result)
-    fan = np.concatenate(
-        [cost_model.fan_in(layer, cost_model.input_kept(layer, group_kept)) for layer in analysis.layers]
-    )
+    inputs = cost_model.kept_inputs(result)
+    fan = np.concatenate([cost_model.fan_in(layer, inputs[layer.name]) for layer in analysis.layers])
     starts = np.cumsum([0] + [layer.out_channels for layer in analysis.layers])
     fan = fan[starts[ids] + channels]
     hw_act = np.array(

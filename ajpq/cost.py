@@ -249,6 +249,11 @@ class CostModel:
             mask[positions] = group_kept[gid][roots]
         return mask
 
+    def kept_inputs(self, policy: Policy) -> dict[str, np.ndarray]:
+        """:meth:`input_kept` of every layer under ``policy``, by layer name."""
+        group_kept = self.group_kept(policy)
+        return {layer.name: self.input_kept(layer, group_kept) for layer in self.analysis.layers}
+
     def fan_in(self, layer: LayerInfo, input_kept: np.ndarray) -> np.ndarray:
         """Weights of each output channel that read kept inputs."""
         per_group = input_kept.reshape(layer.groups, -1).sum(axis=1)
@@ -307,11 +312,11 @@ class CostModel:
 
     def evaluate(self, policy: Policy) -> CostReport:
         """Size and BOPs of a complete policy (see :func:`ajpq.policy.validate_policy`)."""
-        group_kept = self.group_kept(policy)
+        inputs = self.kept_inputs(policy)
         layers = []
         for layer in self.analysis.layers:
             layer_policy = policy.layers[layer.name]
-            input_kept = self.input_kept(layer, group_kept)
+            input_kept = inputs[layer.name]
             if layer_policy.weight_sparsity > 0:
                 layers.append(
                     self.sparse_layer_cost(
