@@ -119,18 +119,8 @@ def smallest_policy(analysis: ModelAnalysis, max_sparsity: float, activation_bit
     for group in analysis.groups:
         if not group.prunable:
             continue
-        _prune_group_channels(
-            analysis, policy, group.id, group.order[group.size - max_pruned(group.size, max_sparsity) :]
-        )
+        policy.prune_group(analysis, group.id, group.order[group.size - max_pruned(group.size, max_sparsity) :])
     return policy
-
-
-def _prune_group_channels(analysis: ModelAnalysis, policy: Policy, group_id: int, channels: np.ndarray) -> None:
-    """Set group channels ``channels`` to 0 bits in every member layer of the group."""
-    group = analysis.groups[group_id]
-    for member in group.members:
-        removed = np.isin(analysis.out_root[member], channels)
-        policy.layers[member].weight_bits[removed] = 0
 
 
 def check_feasible(
@@ -245,7 +235,7 @@ def project_to_budget(
         def pruned(k: int) -> Policy:
             trial = result.copy()
             for gid, channel in candidates[:k]:
-                _prune_group_channels(analysis, trial, gid, np.array([channel]))
+                trial.prune_group(analysis, gid, [channel])
             return trial
 
         low, high = 0, len(candidates)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,6 +94,12 @@ class Policy:
         kept = np.empty(group.size, dtype=bool)
         kept[analysis.out_root[name]] = self.layers[name].kept
         return kept
+
+    def prune_group(self, analysis: ModelAnalysis, group_id: int, channels: Sequence[int] | np.ndarray) -> None:
+        """Give group channels ``channels`` of coupled group ``group_id`` 0 bits in every member layer (coupled
+        channels are removed together)."""
+        for member in analysis.groups[group_id].members:
+            self.layers[member].weight_bits[np.isin(analysis.out_root[member], channels)] = 0
 
     def copy(self) -> Policy:
         return Policy(

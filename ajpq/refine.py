@@ -66,8 +66,7 @@ def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Genera
                 allowed = max_pruned(group.size, problem.max_sparsity) - int((~kept).sum())
                 alive = [c for c in group.order if kept[c]]
                 removed = alive[len(alive) - min(chunk, max(allowed, 0)) :] if allowed > 0 else []
-                for member in group.members:
-                    result.layers[member].weight_bits[np.isin(analysis.out_root[member], removed)] = 0
+                result.prune_group(analysis, group.id, removed)
             else:
                 back = [c for c in group.order if not kept[c]][:chunk]
                 for member in group.members:

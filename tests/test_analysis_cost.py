@@ -98,6 +98,14 @@ def test_cost_model_matches_hand_count(residual):
     assert report.compression_rate == pytest.approx(10656 / 1977)
 
 
+def test_kept_inputs_follow_the_pruned_channels_into_their_readers(residual):
+    _, analysis = residual
+    inputs = CostModel(analysis).kept_inputs(_hand_policy(analysis))  # channel 1 of conv1/conv2/dw, 2 of pw pruned
+    assert inputs["conv1"].tolist() == [True]  # the network input
+    assert inputs["conv2"].tolist() == inputs["dw"].tolist() == inputs["pw"].tolist() == [True, False, True, True]
+    assert inputs["fc"].tolist() == [c != 2 for c in range(6) for _ in range(4)]  # flatten: 4 positions per channel
+
+
 def test_layer_cost_from_counts_by_hand(residual):
     _, analysis = residual
     pw = analysis.layer("pw")  # 6 channels, 16 output positions, a bias
@@ -208,6 +216,9 @@ def test_group_kept_reads_a_member_through_out_root(residual):
         validate_policy(policy, analysis)
     policy.layers["dw"] = LayerPolicy([0, 4, 4, 4])  # dw's channel 0 is group channel 1
     assert validate_policy(policy, analysis).group_kept(analysis, shared, "dw").tolist() == [True, False, True, True]
+    policy.prune_group(analysis, shared, [0, 1])  # group channel 0 is dw's channel 3
+    bits = {name: policy.layers[name].weight_bits.tolist() for name in ("conv1", "conv2", "dw")}
+    assert bits == {"conv1": [0, 0, 4, 2], "conv2": [0, 0, 4, 2], "dw": [0, 4, 4, 0]}
 
 
 def test_model_that_does_not_run_on_the_shape_is_refused():
