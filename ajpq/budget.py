@@ -78,9 +78,11 @@ class Budget:
 
     def fits(self, report: CostReport) -> bool:
         """Whether a cost report meets every given budget."""
-        return (self.size is None or report.size_ratio <= self.size) and (
-            self.bops is None or report.bops_ratio <= self.bops
-        )
+        return self.fits_ratios(report.size_ratio, report.bops_ratio)
+
+    def fits_ratios(self, size_ratio: float, bops_ratio: float) -> bool:
+        """Whether a size and a BOPs ratio of FP32 meet every given budget (for estimates without a report)."""
+        return (self.size is None or size_ratio <= self.size) and (self.bops is None or bops_ratio <= self.bops)
 
     def excess(self, report: CostReport) -> float:
         """Relative violation ``sum_k max(0, ratio_k / budget_k - 1)`` (0 when the policy fits); the soft penalty."""

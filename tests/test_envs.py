@@ -132,6 +132,9 @@ def test_budget_messages_and_feasibility(res_problem: CompressionProblem) -> Non
         Budget(size=1.7)
     with pytest.raises(BudgetError, match="bops_budget must be in"):
         Budget(bops=0.0)
+    both = Budget(size=0.1, bops=0.2)
+    assert both.fits_ratios(0.1, 0.2) and not both.fits_ratios(0.1, 0.21) and not both.fits_ratios(0.11, 0.2)
+    assert Budget(size=0.1).fits_ratios(0.1, 5.0)  # no BOPs budget: any BOPs
     analysis = res_problem.analysis
     with pytest.raises(BudgetError, match="smallest achievable size ratio is"):
         check_feasible(analysis, CostModel(analysis), Budget(size=1e-4), max_sparsity=0.8, activation_bits=8)
