@@ -335,6 +335,7 @@ def warm_start_policies(
     """Distinct starting policies, each within ``budget`` (projected where needed), the most trusted first.
 
     Without a sensitivity table only the uniform policy (the highest width that fits, projected when none does).
+    A soft ``budget`` is met as well: a start within it is not penalized.
     """
 
     def project(policy: Policy) -> Policy:
@@ -342,8 +343,7 @@ def warm_start_policies(
             policy,
             analysis,
             cost_model,
-            budget.size,
-            budget.bops,
+            budget.hard(),
             max_sparsity=max_sparsity,
             min_activation_bits=2 if search_activation_bits else activation_bits,
         )[0]

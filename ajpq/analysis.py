@@ -104,6 +104,8 @@ class ModelAnalysis:
 
     def __post_init__(self) -> None:
         self._by_name = {layer.name: layer for layer in self.layers}
+        self._rank: dict[str, np.ndarray] = {}
+        self._order: dict[str, np.ndarray] = {}
 
     def layer(self, name: str) -> LayerInfo:
         return self._by_name[name]
@@ -118,12 +120,25 @@ class ModelAnalysis:
     def group_of(self, name: str) -> ChannelGroup:
         return self.groups[self._by_name[name].group]
 
+    def channel_rank(self, name: str) -> np.ndarray:
+        """For each output channel of layer ``name``, the position of its group channel in the group's importance
+        order (0: the most important); read-only, computed once per layer."""
+        rank = self._rank.get(name)
+        if rank is None:
+            group = self.group_of(name)
+            group_rank = np.empty(group.size, dtype=np.int64)
+            group_rank[group.order] = np.arange(group.size)
+            rank = self._rank[name] = group_rank[self.out_root[name]]
+            rank.flags.writeable = False
+        return rank
+
     def channel_order(self, name: str) -> np.ndarray:
-        """Output channels of a layer, most important first (the order of its group)."""
-        group = self.group_of(name)
-        to_channel = np.empty(group.size, dtype=np.int64)
-        to_channel[self.out_root[name]] = np.arange(self._by_name[name].out_channels)
-        return to_channel[group.order]
+        """Output channels of a layer, most important first (the order of its group); read-only."""
+        order = self._order.get(name)
+        if order is None:
+            order = self._order[name] = np.argsort(self.channel_rank(name))
+            order.flags.writeable = False
+        return order
 
     @property
     def total_macs(self) -> int:

@@ -10,13 +10,14 @@ same three pieces:
 * :func:`project_to_budget` (hard mode) turns any policy into one that meets the budget by lowering the bits of the
   least important channels first, then pruning the least important channels, following the one importance order of
   :meth:`ajpq.analysis.ModelAnalysis.channel_order` (coupled groups are pruned in all member layers together and the
-  classifier's outputs are never pruned), as HAQ and AMC limit their actions.
+  classifier's outputs are never pruned), as HAQ and AMC limit their actions; in soft mode it leaves the policy as
+  it is, and :meth:`Budget.excess` is the reward's penalty.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Literal
 
@@ -77,9 +78,11 @@ class Budget:
 
     def fits(self, report: CostReport) -> bool:
         """Whether a cost report meets every given budget."""
-        return (self.size is None or report.size_ratio <= self.size) and (
-            self.bops is None or report.bops_ratio <= self.bops
-        )
+        return self.fits_ratios(report.size_ratio, report.bops_ratio)
+
+    def fits_ratios(self, size_ratio: float, bops_ratio: float) -> bool:
+        """Whether a size and a BOPs ratio of FP32 meet every given budget (for estimates without a report)."""
+        return (self.size is None or size_ratio <= self.size) and (self.bops is None or bops_ratio <= self.bops)
 
     def excess(self, report: CostReport) -> float:
         """Relative violation ``sum_k max(0, ratio_k / budget_k - 1)`` (0 when the policy fits); the soft penalty."""
@@ -89,6 +92,10 @@ class Budget:
         if self.bops is not None:
             total += max(0.0, report.bops_ratio / self.bops - 1.0)
         return total
+
+    def hard(self) -> Budget:
+        """The same limits in hard mode (for a caller that needs policies that fit, whatever the search's mode)."""
+        return replace(self, mode="hard")
 
     def describe(self) -> str:
         parts = []
@@ -114,18 +121,8 @@ def smallest_policy(analysis: ModelAnalysis, max_sparsity: float, activation_bit
     for group in analysis.groups:
         if not group.prunable:
             continue
-        _prune_group_channels(
-            analysis, policy, group.id, group.order[group.size - max_pruned(group.size, max_sparsity) :]
-        )
+        policy.prune_group(analysis, group.id, group.order[group.size - max_pruned(group.size, max_sparsity) :])
     return policy
-
-
-def _prune_group_channels(analysis: ModelAnalysis, policy: Policy, group_id: int, channels: np.ndarray) -> None:
-    """Set group channels ``channels`` to 0 bits in every member layer of the group."""
-    group = analysis.groups[group_id]
-    for member in group.members:
-        removed = np.isin(analysis.out_root[member], channels)
-        policy.layers[member].weight_bits[removed] = 0
 
 
 def check_feasible(
@@ -176,13 +173,16 @@ def project_to_budget(
     policy: Policy,
     analysis: ModelAnalysis,
     cost_model: CostModel,
-    size_budget: float | None,
-    bops_budget: float | None,
+    budget: Budget,
     *,
     max_sparsity: float = 0.8,
     min_activation_bits: int | None = None,
 ) -> tuple[Policy, CostReport]:
-    """The hard-mode projection: a copy of ``policy`` that meets the budget, and its cost report.
+    """The hard-mode projection: a copy of ``policy`` that meets ``budget``, and its cost report.
+
+    In soft mode a policy is not projected (its excess is penalized in the reward instead): ``policy`` itself is
+    returned with its report. A caller that needs a fitting policy whatever the mode projects onto
+    ``budget.hard()``.
 
     1. Bits are lowered one at a time in sweeps over all channels, least important first (by rank in their group's
        importance order), down to 1 bit, stopping at the first decrement after which the policy fits. Pruning is
@@ -196,17 +196,14 @@ def project_to_budget(
     A policy that already fits is returned unchanged. If nothing fits, the smallest policy reached is returned
     (:func:`check_feasible` is there to refuse such budgets before a search).
     """
-    budget = Budget(size_budget, bops_budget)
     report = cost_model.evaluate(policy)
-    if budget.fits(report):
+    if budget.mode != "hard" or budget.fits(report):
         return policy, report
     result = policy.copy()
     names, ids, channels = _channel_table(analysis)
     bits = np.array([result.layers[names[i]].weight_bits[c] for i, c in zip(ids, channels, strict=True)])
-    group_kept = cost_model.group_kept(result)
-    fan = np.concatenate(
-        [cost_model.fan_in(layer, cost_model.input_kept(layer, group_kept)) for layer in analysis.layers]
-    )
+    inputs = cost_model.kept_inputs(result)
+    fan = np.concatenate([cost_model.fan_in(layer, inputs[layer.name]) for layer in analysis.layers])
     starts = np.cumsum([0] + [layer.out_channels for layer in analysis.layers])
     fan = fan[starts[ids] + channels]
     hw_act = np.array(
@@ -243,7 +240,7 @@ def project_to_budget(
             for gid, channel in candidates[:k]:
                 by_group.setdefault(gid, []).append(channel)
             for gid, channels in by_group.items():
-                _prune_group_channels(analysis, trial, gid, np.array(channels))
+                trial.prune_group(analysis, gid, channels)
             return trial
 
         low, high = 0, len(candidates)
@@ -275,16 +272,12 @@ def _prune_candidates(analysis: ModelAnalysis, policy: Policy, max_sparsity: flo
     for group in analysis.groups:
         if not group.prunable:
             continue
-        member = group.members[0]
-        kept = np.empty(group.size, dtype=bool)
-        kept[analysis.out_root[member]] = policy.layers[member].weight_bits > 0
+        kept = policy.group_kept(analysis, group.id)
         allowed = max_pruned(group.size, max_sparsity) - int((~kept).sum())
         if allowed <= 0:
             continue
-        position = np.empty(group.size, dtype=np.int64)
-        position[group.order] = np.arange(group.size)
-        alive = [int(c) for c in group.order if kept[c]]
-        for channel in alive[len(alive) - allowed :]:
-            rows.append((-position[channel] / group.size, group.id, channel))
+        alive = [(rank, int(channel)) for rank, channel in enumerate(group.order) if kept[channel]]
+        for rank, channel in alive[len(alive) - allowed :]:
+            rows.append((-rank / group.size, group.id, channel))
     rows.sort()
     return [(gid, channel) for _, gid, channel in rows]

@@ -90,10 +90,10 @@ def calibrate_activations(
 
 def input_masks(analysis: ModelAnalysis, cost_model: CostModel, policy: Policy) -> dict[str, torch.Tensor]:
     """Per layer, a ``(out_channels, in_channels/groups)`` mask of the weights that read kept inputs."""
-    group_kept = cost_model.group_kept(policy)
+    inputs = cost_model.kept_inputs(policy)
     masks = {}
     for layer in analysis.layers:
-        kept_in = torch.from_numpy(cost_model.input_kept(layer, group_kept))
+        kept_in = torch.from_numpy(inputs[layer.name])
         per_group = kept_in.reshape(layer.groups, -1)
         channel_group = torch.arange(layer.out_channels) // (layer.out_channels // layer.groups)
         masks[layer.name] = per_group[channel_group]
@@ -142,7 +142,7 @@ class SimulatedModel:
     def apply(self, policy: Policy) -> nn.Module:
         """Load the weights ``policy`` gives into the module and return it (a complete, validated policy)."""
         masks = input_masks(self.analysis, self.cost_model, policy)
-        group_kept = self.cost_model.group_kept(policy)
+        inputs = self.cost_model.kept_inputs(policy)
         for layer in self.analysis.layers:
             module = layer_module(self.module, layer.name)
             weight, bias = self._reference[layer.name]
@@ -154,7 +154,7 @@ class SimulatedModel:
                 stored = self.cost_model.weight_mask(
                     layer,
                     layer_policy.weight_bits,
-                    self.cost_model.input_kept(layer, group_kept),
+                    inputs[layer.name],
                     layer_policy.weight_sparsity,
                 )
                 keep = torch.from_numpy(stored).reshape(weight.shape).to(self.device)

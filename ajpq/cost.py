@@ -123,6 +123,42 @@ class LayerCost:
     index_bits: int = 0
     """Bits spent on sparse indices (relative indices and fillers' codes, or the bitmap)."""
 
+    @classmethod
+    def from_counts(
+        cls,
+        layer: LayerInfo,
+        bits: np.ndarray,
+        activation_bits: int,
+        weights: int,
+        value_bits: int,
+        storage_bits: int | None = None,
+        storage: str = "dense",
+    ) -> LayerCost:
+        """The cost of ``layer`` under channel ``bits`` storing ``weights`` weights whose codes take ``value_bits``.
+
+        ``storage_bits`` is what the weights take with their sparse index (the codes alone when dense); every kept
+        channel adds :func:`channel_extra_bits`, and BOPs count the stored codes only.
+        """
+        storage_bits = value_bits if storage_bits is None else storage_bits
+        kept = int((bits > 0).sum())
+        return cls(
+            name=layer.name,
+            kept_channels=kept,
+            out_channels=layer.out_channels,
+            weights=weights,
+            mean_bits=value_bits / weights if weights else 0.0,
+            activation_bits=activation_bits,
+            size_bits=storage_bits + kept * channel_extra_bits(layer),
+            bops=int(value_bits * layer.out_hw * activation_bits),
+            storage=storage,
+            index_bits=storage_bits - value_bits,
+        )
+
+
+def channel_extra_bits(layer: LayerInfo) -> int:
+    """Bits a kept output channel costs besides its weights: the fp16 scale, and the fp32 bias or folded BN."""
+    return SCALE_BITS + (BIAS_BITS if layer.has_bias else 0)
+
 
 @dataclass(frozen=True)
 class CostReport:
@@ -203,14 +239,8 @@ class CostModel:
         return cls(analysis, {layer.name: folded[layer.name][0] for layer in analysis.layers})
 
     def group_kept(self, policy: Policy) -> list[np.ndarray]:
-        """Kept mask of every coupled group, read from its first member layer."""
-        kept = []
-        for group in self.analysis.groups:
-            member = group.members[0]
-            mask = np.empty(group.size, dtype=bool)
-            mask[self.analysis.out_root[member]] = policy.layers[member].weight_bits > 0
-            kept.append(mask)
-        return kept
+        """Kept mask of every coupled group (:meth:`Policy.group_kept`), by group id."""
+        return [policy.group_kept(self.analysis, group.id) for group in self.analysis.groups]
 
     def input_kept(self, layer: LayerInfo, group_kept: list[np.ndarray]) -> np.ndarray:
         """Which input channels of ``layer`` survive the policy's pruning of the layers before it."""
@@ -219,6 +249,11 @@ class CostModel:
             mask[positions] = group_kept[gid][roots]
         return mask
 
+    def kept_inputs(self, policy: Policy) -> dict[str, np.ndarray]:
+        """:meth:`input_kept` of every layer under ``policy``, by layer name."""
+        group_kept = self.group_kept(policy)
+        return {layer.name: self.input_kept(layer, group_kept) for layer in self.analysis.layers}
+
     def fan_in(self, layer: LayerInfo, input_kept: np.ndarray) -> np.ndarray:
         """Weights of each output channel that read kept inputs."""
         per_group = input_kept.reshape(layer.groups, -1).sum(axis=1)
@@ -226,23 +261,8 @@ class CostModel:
         return per_group[channel_group].astype(np.int64) * layer.kernel_area
 
     def layer_cost(self, layer: LayerInfo, bits: np.ndarray, activation_bits: int, fan_in: np.ndarray) -> LayerCost:
-        kept = bits > 0
-        stored = fan_in * kept
-        weight_bits = int((stored * bits).sum())
-        per_channel_extra = SCALE_BITS + (BIAS_BITS if layer.has_bias else 0)
-        size = weight_bits + int(kept.sum()) * per_channel_extra
-        bops = weight_bits * layer.out_hw * activation_bits
-        weights = int(stored.sum())
-        return LayerCost(
-            name=layer.name,
-            kept_channels=int(kept.sum()),
-            out_channels=layer.out_channels,
-            weights=weights,
-            mean_bits=weight_bits / weights if weights else 0.0,
-            activation_bits=activation_bits,
-            size_bits=size,
-            bops=int(bops),
-        )
+        stored = fan_in * (bits > 0)
+        return LayerCost.from_counts(layer, bits, activation_bits, int(stored.sum()), int((stored * bits).sum()))
 
     def candidates(self, layer: LayerInfo, bits: np.ndarray, input_kept: np.ndarray) -> np.ndarray:
         """``(out, in/groups)`` bool: weights of kept channels that read kept inputs (before weight sparsity)."""
@@ -287,29 +307,16 @@ class CostModel:
     ) -> LayerCost:
         """Cost of a layer with weight sparsity, counted exactly from its magnitude mask (see the module doc)."""
         _, stored_per_channel, storage_bits, value_bits, fmt = self._sparse(layer, bits, input_kept, sparsity)
-        kept = bits > 0
-        size = storage_bits + int(kept.sum()) * (SCALE_BITS + (BIAS_BITS if layer.has_bias else 0))
         weights = int(stored_per_channel.sum())
-        return LayerCost(
-            name=layer.name,
-            kept_channels=int(kept.sum()),
-            out_channels=layer.out_channels,
-            weights=weights,
-            mean_bits=value_bits / weights if weights else 0.0,
-            activation_bits=activation_bits,
-            size_bits=size,
-            bops=int(value_bits * layer.out_hw * activation_bits),
-            storage=fmt,
-            index_bits=storage_bits - value_bits,
-        )
+        return LayerCost.from_counts(layer, bits, activation_bits, weights, value_bits, storage_bits, fmt)
 
     def evaluate(self, policy: Policy) -> CostReport:
         """Size and BOPs of a complete policy (see :func:`ajpq.policy.validate_policy`)."""
-        group_kept = self.group_kept(policy)
+        inputs = self.kept_inputs(policy)
         layers = []
         for layer in self.analysis.layers:
             layer_policy = policy.layers[layer.name]
-            input_kept = self.input_kept(layer, group_kept)
+            input_kept = inputs[layer.name]
             if layer_policy.weight_sparsity > 0:
                 layers.append(
                     self.sparse_layer_cost(

@@ -583,7 +583,7 @@ def _stored_mask(simulator: SimulatedModel, policy: Policy, layer: Any) -> np.nd
     """The stored-weight mask of a sparse layer in the slim weight's order: the cost model's stream positions."""
     cost_model = simulator.cost_model
     layer_policy = policy.layers[layer.name]
-    input_kept = cost_model.input_kept(layer, cost_model.group_kept(policy))
+    input_kept = cost_model.kept_inputs(policy)[layer.name]
     mask = cost_model.weight_mask(layer, layer_policy.weight_bits, input_kept, layer_policy.weight_sparsity)
     candidates = np.repeat(
         cost_model.candidates(layer, layer_policy.weight_bits, input_kept).ravel(), layer.kernel_area

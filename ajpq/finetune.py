@@ -120,7 +120,7 @@ class QATModel:
         self.module = copy.deepcopy(model).to(self.device)
         cost_model = CostModel.from_model(analysis, model)
         masks = input_masks(analysis, cost_model, policy)
-        group_kept = cost_model.group_kept(policy)
+        inputs = cost_model.kept_inputs(policy)
         self._keep: dict[str, torch.Tensor] = {}
         self._weight_mask: dict[str, torch.Tensor] = {}
         for layer in analysis.layers:
@@ -137,7 +137,7 @@ class QATModel:
                 stored = cost_model.weight_mask(
                     layer,
                     layer_policy.weight_bits,
-                    cost_model.input_kept(layer, group_kept),
+                    inputs[layer.name],
                     layer_policy.weight_sparsity,
                 )
                 mask = mask * torch.from_numpy(stored).reshape(weight.shape).to(self.device, weight.dtype)

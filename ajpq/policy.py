@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,6 +84,23 @@ class Policy:
             model_name=analysis.model_name,
             fingerprint=analysis.fingerprint,
         )
+
+    def group_kept(self, analysis: ModelAnalysis, group_id: int, member: str | None = None) -> np.ndarray:
+        """Which channels of coupled group ``group_id`` the policy keeps, indexed by group channel.
+
+        Read from layer ``member`` (default: the group's first member; in a validated policy every member agrees).
+        """
+        group = analysis.groups[group_id]
+        name = group.members[0] if member is None else member
+        kept = np.empty(group.size, dtype=bool)
+        kept[analysis.out_root[name]] = self.layers[name].kept
+        return kept
+
+    def prune_group(self, analysis: ModelAnalysis, group_id: int, channels: Sequence[int] | np.ndarray) -> None:
+        """Give group channels ``channels`` of coupled group ``group_id`` 0 bits in every member layer (coupled
+        channels are removed together)."""
+        for member in analysis.groups[group_id].members:
+            self.layers[member].weight_bits[np.isin(analysis.out_root[member], channels)] = 0
 
     def copy(self) -> Policy:
         return Policy(
@@ -291,11 +309,9 @@ def validate_policy(policy: Policy, analysis: ModelAnalysis, source: str = "poli
         if len(group.members) < 2:
             continue
         reference_name = group.members[0]
-        reference = np.empty(group.size, dtype=bool)
-        reference[analysis.out_root[reference_name]] = complete.layers[reference_name].kept
+        reference = complete.group_kept(analysis, group.id)
         for member in group.members[1:]:
-            kept = np.empty(group.size, dtype=bool)
-            kept[analysis.out_root[member]] = complete.layers[member].kept
+            kept = complete.group_kept(analysis, group.id, member)
             differ = np.flatnonzero(kept != reference)
             if differ.size:
                 channel = int(differ[0])

@@ -42,14 +42,6 @@ def _chunk(problem: CompressionProblem, policy: Policy, name: str, rng: np.rando
     return kept[start : start + size]
 
 
-def _group_kept(problem: CompressionProblem, policy: Policy, group_id: int) -> np.ndarray:
-    group = problem.analysis.groups[group_id]
-    member = group.members[0]
-    kept = np.zeros(group.size, dtype=bool)
-    kept[problem.analysis.out_root[member]] = policy.layers[member].weight_bits > 0
-    return kept
-
-
 def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Generator) -> Policy:
     """One random move from ``policy`` (see the module docstring), projected onto the budget in hard mode."""
     analysis = problem.analysis
@@ -68,14 +60,13 @@ def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Genera
         groups = [g for g in analysis.groups if g.prunable]
         if groups:
             group = groups[int(rng.integers(len(groups)))]
-            kept = _group_kept(problem, result, group.id)
+            kept = result.group_kept(analysis, group.id)
             chunk = max(1, math.ceil(group.size / 16))
             if move == "prune":
                 allowed = max_pruned(group.size, problem.max_sparsity) - int((~kept).sum())
                 alive = [c for c in group.order if kept[c]]
                 removed = alive[len(alive) - min(chunk, max(allowed, 0)) :] if allowed > 0 else []
-                for member in group.members:
-                    result.layers[member].weight_bits[np.isin(analysis.out_root[member], removed)] = 0
+                result.prune_group(analysis, group.id, removed)
             else:
                 back = [c for c in group.order if not kept[c]][:chunk]
                 for member in group.members:
@@ -90,14 +81,11 @@ def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Genera
         bits = result.layers[gain].weight_bits
         channels = _chunk(problem, result, gain, rng)
         bits[channels] = np.minimum(bits[channels] + 1, 8)
-    if problem.budget.mode != "hard":
-        return result
     return project_to_budget(
         result,
         analysis,
         problem.cost_model,
-        problem.budget.size,
-        problem.budget.bops,
+        problem.budget,
         max_sparsity=problem.max_sparsity,
         min_activation_bits=problem.min_activation_bits,
     )[0]

@@ -173,9 +173,7 @@ def _pruned(analysis: ModelAnalysis, base: Policy, group_id: int, fraction: floa
     policy = base.copy()
     group = analysis.groups[group_id]
     count = min(group.size - 1, round(fraction * group.size))
-    removed = group.order[group.size - count :]
-    for member in group.members:
-        policy.layers[member].weight_bits[np.isin(analysis.out_root[member], removed)] = 0
+    policy.prune_group(analysis, group_id, group.order[group.size - count :])
     return policy
 
 

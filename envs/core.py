@@ -20,7 +20,7 @@ import numpy as np
 
 from ajpq.analysis import ChannelGroup, LayerInfo, ModelAnalysis
 from ajpq.budget import Budget, max_pruned, project_to_budget, smallest_policy
-from ajpq.cost import BIAS_BITS, SCALE_BITS, CostModel, CostReport
+from ajpq.cost import CostModel, CostReport, channel_extra_bits
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
 from ajpq.sensitivity import SensitivityTable
@@ -180,18 +180,15 @@ class CompressionProblem:
 
     def project(self, policy: Policy) -> tuple[Policy, CostReport, bool]:
         """The policy that is evaluated (projected onto the budget in hard mode), its cost, and whether it moved."""
-        if self.budget.mode == "hard":
-            final, report = project_to_budget(
-                policy,
-                self.analysis,
-                self.cost_model,
-                self.budget.size,
-                self.budget.bops,
-                max_sparsity=self.max_sparsity,
-                min_activation_bits=self.min_activation_bits,
-            )
-            return final, report, final is not policy
-        return policy, self.cost_model.evaluate(policy), False
+        final, report = project_to_budget(
+            policy,
+            self.analysis,
+            self.cost_model,
+            self.budget,
+            max_sparsity=self.max_sparsity,
+            min_activation_bits=self.min_activation_bits,
+        )
+        return final, report, final is not policy
 
     def score(
         self, final: Policy, report: CostReport, projected: bool, accuracy: float, eval_time: float
@@ -339,8 +336,6 @@ class Episode:
         group = unit.group
         n_prune = min(unit.max_prune, round(sparsity * group.size)) if group.prunable else 0
         surviving = group.order[: group.size - n_prune]
-        position = np.empty(group.size)
-        position[group.order] = np.arange(group.size) / group.size
         self.sparsity = n_prune / group.size
         self.prev_sparsity = self.sparsity
         self.prev_abits = abits / 8.0
@@ -352,8 +347,8 @@ class Episode:
         self._fan: dict[str, np.ndarray] = {}
         for layer in unit.members:
             layer_policy = self.policy.layers[layer.name]
-            root = p.analysis.out_root[layer.name]
-            kept = keep_mask[root]
+            rank = p.analysis.channel_rank(layer.name)
+            kept = rank < surviving.size
             layer_policy.weight_bits[~kept] = 0
             layer_policy.activation_bits = abits
             order = p.analysis.channel_order(layer.name)
@@ -362,7 +357,7 @@ class Episode:
             size = p.channel_group_size or max(1, math.ceil(alive.size / MAX_STEPS_PER_LAYER))
             for start in range(0, alive.size, size):
                 channels = alive[start : start + size]
-                self.chunks.append((layer, channels, position[root[channels]]))
+                self.chunks.append((layer, channels, rank[channels] / group.size))
             self.min_rest_size -= p.min_layer_size[layer.name]
             self.min_rest_bops -= p.min_layer_bops[layer.name]
         self.chunk_index = 0
@@ -376,8 +371,7 @@ class Episode:
         bits = int(min(8, max(1, bits)))
         self.policy.layers[layer.name].weight_bits[channels] = bits
         fan = self._fan[layer.name][channels]
-        extra = SCALE_BITS + (BIAS_BITS if layer.has_bias else 0)
-        self.size_used += float(fan.sum() * bits + extra * channels.size)
+        self.size_used += float(fan.sum() * bits + channel_extra_bits(layer) * channels.size)
         self.bops_used += float(fan.sum() * bits * layer.out_hw * self.policy.layers[layer.name].activation_bits)
         self.unit_bits_sum += bits * channels.size
         self.unit_bits_count += channels.size

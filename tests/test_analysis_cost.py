@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from nets import (
 
 from ajpq.analysis import NETWORK_INPUT, analyze_model, channel_importance
 from ajpq.compress import SimulatedModel
-from ajpq.cost import CostModel
+from ajpq.cost import CostModel, LayerCost, channel_extra_bits
 from ajpq.errors import ModelError, PolicyError
 from ajpq.models import build_model
 from ajpq.policy import LayerPolicy, Policy, validate_policy
@@ -96,6 +98,27 @@ def test_cost_model_matches_hand_count(residual):
     assert report.compression_rate == pytest.approx(10656 / 1977)
 
 
+def test_kept_inputs_follow_the_pruned_channels_into_their_readers(residual):
+    _, analysis = residual
+    inputs = CostModel(analysis).kept_inputs(_hand_policy(analysis))  # channel 1 of conv1/conv2/dw, 2 of pw pruned
+    assert inputs["conv1"].tolist() == [True]  # the network input
+    assert inputs["conv2"].tolist() == inputs["dw"].tolist() == inputs["pw"].tolist() == [True, False, True, True]
+    assert inputs["fc"].tolist() == [c != 2 for c in range(6) for _ in range(4)]  # flatten: 4 positions per channel
+
+
+def test_layer_cost_from_counts_by_hand(residual):
+    _, analysis = residual
+    pw = analysis.layer("pw")  # 6 channels, 16 output positions, a bias
+    bits = np.array([8, 8, 0, 4, 4, 2])
+    dense = LayerCost.from_counts(pw, bits, 6, weights=15, value_bits=78)
+    assert (dense.kept_channels, dense.size_bits, dense.bops, dense.index_bits) == (5, 78 + 5 * 48, 78 * 16 * 6, 0)
+    assert dense.mean_bits == pytest.approx(78 / 15) and dense.storage == "dense"
+    no_bias = replace(pw, has_bias=False)
+    sparse = LayerCost.from_counts(no_bias, bits, 6, 15, 78, storage_bits=90, storage="bitmap")
+    assert (sparse.size_bits, sparse.bops, sparse.index_bits) == (90 + 5 * 16, 78 * 16 * 6, 90 - 78)
+    assert channel_extra_bits(pw) == 16 + 32 and channel_extra_bits(no_bias) == 16
+
+
 def test_other_parameters_count_in_both_numerator_and_denominator():
     analysis = analyze_model(ConcatNet(), (1, 5, 5))
     cost = CostModel(analysis)
@@ -162,6 +185,40 @@ def test_importance_criteria_and_order(residual):
     assert np.all(np.diff(values) <= 0)
     with pytest.raises(ModelError, match="criterion must be one of l1, l2"):
         analyze_model(ResidualDepthwiseNet(), (1, 4, 4), criterion="l3")
+
+
+def _permuted(analysis):
+    """The residual net's analysis with a hand-made order of its shared group (conv1, conv2, dw) and dw's channel
+    ``k`` stored as group channel ``[1, 2, 3, 0][k]`` (what a channel permutation between layers would give)."""
+    shared = analysis.layer("conv1").group
+    groups = [replace(g, order=np.array([2, 0, 3, 1])) if g.id == shared else g for g in analysis.groups]
+    return replace(analysis, groups=groups, out_root={**analysis.out_root, "dw": np.array([1, 2, 3, 0])})
+
+
+def test_channel_rank_and_order_follow_the_group_order_through_out_root(residual):
+    analysis = _permuted(residual[1])
+    # group order [2, 0, 3, 1]: group channel 2 ranks 0, channel 0 ranks 1, channel 3 ranks 2, channel 1 ranks 3
+    assert analysis.channel_rank("conv1").tolist() == [1, 3, 0, 2]
+    assert analysis.channel_order("conv1").tolist() == [2, 0, 3, 1]
+    # dw's channels 0..3 are group channels 1, 2, 3, 0
+    assert analysis.channel_rank("dw").tolist() == [3, 0, 2, 1]
+    assert analysis.channel_order("dw").tolist() == [1, 3, 2, 0]
+    assert not analysis.channel_order("dw").flags.writeable  # cached: nobody may change it under the others
+
+
+def test_group_kept_reads_a_member_through_out_root(residual):
+    analysis = _permuted(residual[1])
+    shared = analysis.layer("conv1").group
+    policy = Policy(layers={name: LayerPolicy([8, 0, 4, 2]) for name in ("conv1", "conv2", "dw")})
+    assert policy.group_kept(analysis, shared).tolist() == [True, False, True, True]  # the first member, conv1
+    assert policy.group_kept(analysis, shared, "dw").tolist() == [True, True, False, True]
+    with pytest.raises(PolicyError, match=r"channel 1 is pruned in 'conv1' but kept in 'dw'.* \(2 channels differ\)"):
+        validate_policy(policy, analysis)
+    policy.layers["dw"] = LayerPolicy([0, 4, 4, 4])  # dw's channel 0 is group channel 1
+    assert validate_policy(policy, analysis).group_kept(analysis, shared, "dw").tolist() == [True, False, True, True]
+    policy.prune_group(analysis, shared, [0, 1])  # group channel 0 is dw's channel 3
+    bits = {name: policy.layers[name].weight_bits.tolist() for name in ("conv1", "conv2", "dw")}
+    assert bits == {"conv1": [0, 0, 4, 2], "conv2": [0, 0, 4, 2], "dw": [0, 4, 4, 0]}
 
 
 def test_model_that_does_not_run_on_the_shape_is_refused():

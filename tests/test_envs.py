@@ -12,6 +12,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from torch import nn
 
+from ajpq.allocation import warm_start_policies
 from ajpq.analysis import analyze_model
 from ajpq.budget import Budget, check_feasible, project_to_budget, smallest_policy
 from ajpq.cost import CostModel
@@ -94,15 +95,36 @@ def test_projection_lowers_least_important_bits_first_and_keeps_groups(res_probl
     cost = CostModel(analysis)
     policy = Policy.uniform(analysis, 8)
     loose = cost.evaluate(policy).size_ratio * 0.9
-    projected, report = project_to_budget(policy, analysis, cost, loose, None)
+    projected, report = project_to_budget(policy, analysis, cost, Budget(size=loose))
     assert report.size_ratio <= loose and (projected.layers["fc"].weight_bits > 0).all()
     for layer in analysis.layers:  # bits never increase along the importance order
         bits = projected.layers[layer.name].weight_bits[analysis.channel_order(layer.name)]
         assert (np.diff(bits) <= 0).all()
     smallest = cost.evaluate(smallest_policy(analysis, 0.8, 8)).size_ratio
-    tight, report = project_to_budget(policy, analysis, cost, smallest * 1.01, None)
+    tight, report = project_to_budget(policy, analysis, cost, Budget(size=smallest * 1.01))
     assert report.size_ratio <= smallest * 1.01
     validate_policy(tight, analysis)  # coupled groups pruned together, classifier kept
+
+
+def test_a_soft_budget_is_penalized_not_projected(res_problem: CompressionProblem) -> None:
+    analysis = res_problem.analysis
+    cost = CostModel(analysis)
+    policy = Policy.uniform(analysis, 8)
+    full = cost.evaluate(policy)
+    soft = Budget(size=full.size_ratio / 2, mode="soft")
+    same, report = project_to_budget(policy, analysis, cost, soft)
+    assert same is policy and report == full and soft.excess(report) == pytest.approx(1.0)
+    fitted, report = project_to_budget(policy, analysis, cost, soft.hard())
+    assert soft.hard().mode == "hard" and report.size_ratio <= soft.size and fitted is not policy
+    soft_problem = CompressionProblem(analysis, res_problem.evaluate, 1.0, budget=soft, soft_penalty=0.5)
+    result = soft_problem.finish(policy)
+    assert not result.projected and not result.feasible and result.report == full
+    assert result.reward == pytest.approx(1.0 - 1.0 - 0.5 * 1.0)  # accuracy 8/8 bits, FP32 1.0, excess 1
+    # a warm start meets a soft budget too (the 1-bit uniform policy does not fit this one: it is projected)
+    tight = Budget(size=cost.evaluate(smallest_policy(analysis, 0.8, 8)).size_ratio * 1.01, mode="soft")
+    assert not tight.fits(cost.evaluate(Policy.uniform(analysis, 1)))
+    (start,) = warm_start_policies(analysis, cost, None, tight, max_sparsity=0.8, activation_bits=8)
+    assert tight.fits(cost.evaluate(start))
 
 
 def test_budget_messages_and_feasibility(res_problem: CompressionProblem) -> None:
@@ -110,6 +132,9 @@ def test_budget_messages_and_feasibility(res_problem: CompressionProblem) -> Non
         Budget(size=1.7)
     with pytest.raises(BudgetError, match="bops_budget must be in"):
         Budget(bops=0.0)
+    both = Budget(size=0.1, bops=0.2)
+    assert both.fits_ratios(0.1, 0.2) and not both.fits_ratios(0.1, 0.21) and not both.fits_ratios(0.11, 0.2)
+    assert Budget(size=0.1).fits_ratios(0.1, 5.0)  # no BOPs budget: any BOPs
     analysis = res_problem.analysis
     with pytest.raises(BudgetError, match="smallest achievable size ratio is"):
         check_feasible(analysis, CostModel(analysis), Budget(size=1e-4), max_sparsity=0.8, activation_bits=8)

@@ -74,9 +74,7 @@ def prune_groups(workspace: Workspace, policy: Policy, fraction: float) -> Polic
         count = min(group.size - 1, round(fraction * group.size))
         if count <= 0:
             continue
-        removed = group.order[group.size - count :]
-        for member in group.members:
-            policy.layers[member].weight_bits[np.isin(analysis.out_root[member], removed)] = 0
+        policy.prune_group(analysis, group.id, group.order[group.size - count :])
     return policy
 
 

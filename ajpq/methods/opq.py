@@ -123,11 +123,8 @@ def opq_policy(
             bops += table[index, 2]
         return picks, size / reference_size, bops / reference_bops
 
-    def fits(size_ratio: float, bops_ratio: float) -> bool:
-        return (budget.size is None or size_ratio <= budget.size) and (budget.bops is None or bops_ratio <= budget.bops)
-
     low, high = 0.0, 1e-6
-    while not fits(*choose(high)[1:]):
+    while not budget.fits_ratios(*choose(high)[1:]):
         high *= 4.0
         if high > 1e12:
             picks, size_ratio, bops_ratio = choose(high)
@@ -136,12 +133,12 @@ def opq_policy(
                 f"layer the size ratio is {size_ratio:.4g} and the BOPs ratio {bops_ratio:.4g}; raise the budget or "
                 "opq's max_pruning"
             )
-    if fits(*choose(0.0)[1:]):
+    if budget.fits_ratios(*choose(0.0)[1:]):
         high = 0.0
     else:
         for _ in range(60):
             mid = (low + high) / 2.0
-            if fits(*choose(mid)[1:]):
+            if budget.fits_ratios(*choose(mid)[1:]):
                 high = mid
             else:
                 low = mid
