@@ -68,7 +68,9 @@ def _tree_rss(root: int) -> int:
     return sum(rss.get(p, 0) for p in tree)
 
 
-def backends(episodes: int, settings: list[str], names: list[str], tmp: Path) -> list[dict[str, Any]]:
+def backends(
+    episodes: int, settings: list[str], names: list[str], tmp: Path, proxy_steps: int = 0
+) -> list[dict[str, Any]]:
     rows = []
     for setting in settings:
         reference: list[dict[str, Any]] | None = None
@@ -78,6 +80,7 @@ def backends(episodes: int, settings: list[str], names: list[str], tmp: Path) ->
                     **SETTINGS[setting],
                     **BACKENDS[name],
                     "episodes": episodes,
+                    "episode_finetune_steps": proxy_steps,
                     "device": "cpu",
                     "progress": False,
                     "run_dir": str(tmp / f"{setting}-{name}"),
@@ -191,6 +194,12 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS), help="backend-run models")
     parser.add_argument("--lenet5-weights", default=None, help="LeNet-5/Fashion-MNIST weights (default: cached)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["backends", "memory", "model_size"])
+    parser.add_argument(
+        "--proxy-steps",
+        type=int,
+        default=0,
+        help="QAT fine-tuning steps per candidate (episode_finetune_steps; the LeNet-5 benchmark's proxy uses 10)",
+    )
     args = parser.parse_args()
     episodes = args.episodes or (16 if args.quick else 100)
     if args.lenet5_weights:
@@ -199,7 +208,8 @@ def main() -> None:
     report: dict[str, Any] = {"cpu_count": os.cpu_count(), "episodes": episodes, "quick": args.quick}
     with tempfile.TemporaryDirectory() as tmp:
         if "backends" not in args.skip:
-            report["backends"] = backends(episodes, settings, args.backends, Path(tmp))
+            report["backends"] = backends(episodes, settings, args.backends, Path(tmp), args.proxy_steps)
+            report["proxy_steps"] = args.proxy_steps
         if "memory" not in args.skip:
             report["memory"] = memory([16, 64] if args.quick else [100, 1000], Path(tmp))
         if "model_size" not in args.skip:
