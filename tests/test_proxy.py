@@ -185,6 +185,37 @@ def test_qat_steps_proxy_is_deterministic_and_leaves_the_workspace_unchanged(dig
     assert make_evaluator(workspace)(policy) == plain
 
 
+def test_qat_proxy_trains_on_one_thread_whatever_the_callers_count(
+    digits_workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradient sums depend on the thread count, enough to move a LeNet-5 score by an image: the QAT steps run on
+    QAT_CPU_THREADS threads in every backend, and the caller's count comes back afterwards."""
+    import ajpq.finetune
+    from ajpq.proxy import QAT_CPU_THREADS
+
+    seen: list[int] = []
+    original = ajpq.finetune.finetune
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ajpq.finetune, "finetune", recording)
+    policy = pruned_policy(digits_workspace.analysis, bits=2, fraction=0.5)
+    evaluate = make_evaluator(digits_workspace, ProxyOptions(finetune_steps=4))
+    before = torch.get_num_threads()
+    try:
+        scores = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            scores.append(evaluate(policy))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [QAT_CPU_THREADS, QAT_CPU_THREADS] and QAT_CPU_THREADS == 1
+    assert scores[0] == scores[1]
+
+
 def test_search_scores_with_the_configured_proxy(tmp_path, capsys) -> None:
     from ajpq.cli import main
     from ajpq.policy import load_policy
