@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,7 +33,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch (CPU and CUDA) and return a generator for data order, so runs repeat from a seed."""
+    """Seed Python's, numpy's and torch's (CPU and CUDA) global generators and return a generator for data order, so
+    runs repeat from a seed (the search's checkpoints save and restore all three)."""
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
