@@ -23,8 +23,7 @@ simulated model changes; the workspace's model and simulated model are never tou
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,7 @@ from ajpq.compress import SimulatedModel
 from ajpq.data import Split
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
-from ajpq.train import evaluate_accuracy
+from ajpq.train import cpu_threads, evaluate_accuracy
 from ajpq.workspace import Workspace
 
 Evaluator = Callable[[Policy], float]
@@ -223,19 +222,6 @@ search on ``--backend local`` and one on two 1-thread workers would part ways. O
 count, and the score is a function of the policy and the seed alone."""
 
 
-@contextlib.contextmanager
-def _cpu_threads(threads: int, device: torch.device) -> Iterator[None]:
-    """torch's intra-op CPU threads set to ``threads`` for the block (nothing changes on CUDA)."""
-    before = torch.get_num_threads()
-    if device.type == "cpu" and before != threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
 def qat_steps(workspace: Workspace, policy: Policy, calibration: torch.Tensor, options: ProxyOptions) -> nn.Module:
     """The FP32 weights after ``options.finetune_steps`` steps of ``ajpq finetune``'s QAT of ``policy``.
 
@@ -246,7 +232,7 @@ def qat_steps(workspace: Workspace, policy: Policy, calibration: torch.Tensor, o
     from ajpq.finetune import finetune, finetune_config
 
     devices = [workspace.device.index or 0] if workspace.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _cpu_threads(QAT_CPU_THREADS, workspace.device):
+    with torch.random.fork_rng(devices=devices), cpu_threads(QAT_CPU_THREADS, workspace.device):
         torch.manual_seed(options.seed)
         result = finetune(
             workspace.model,

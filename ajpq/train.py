@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA GPU is available here; use --device cpu")
     return device
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``threads`` for the block (nothing changes on CUDA)."""
+    before = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> torch.Generator:
