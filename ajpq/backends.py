@@ -216,10 +216,7 @@ class ProcessBackend:
         if self._pool is not None and any(not p.is_alive() for p in (self._pool._processes or {}).values()):
             # a worker died between two batches: the pool notices only when a task reaches it, which may be never
             # if the others finish the batch first; restart now, so a batch never runs one worker short
-            self.restarts += 1
-            log("an evaluation worker died; starting new workers")
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._start()
+            self._restart("an evaluation worker died; starting new workers")
         while len(results) < len(policies):
             todo = [i for i in range(len(policies)) if i not in results]
             futures = {}
@@ -236,13 +233,19 @@ class ProcessBackend:
                     broken = True
             if broken:
                 restarts += 1
-                self.restarts += 1
                 if restarts > MAX_RESTARTS:
                     raise RuntimeError(f"evaluation workers died {restarts} times in one batch; giving up")
-                log(f"an evaluation worker died; starting new workers and re-evaluating {len(policies) - len(results)}")
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._start()
+                self._restart(
+                    f"an evaluation worker died; starting new workers and re-evaluating {len(policies) - len(results)}"
+                )
         return [results[i] for i in range(len(policies))]
+
+    def _restart(self, message: str) -> None:
+        """Replace the whole pool (a pool with a dead worker is broken) and count it."""
+        self.restarts += 1
+        log(message)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._start()
 
     def close(self) -> None:
         if self._pool is not None:

@@ -164,7 +164,6 @@ def compare_budgets(config: CompareConfig) -> list[Budget]:
 
 def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path) -> dict[str, Any]:
     """Run one method at one budget, fine-tune its policy, and return its table row."""
-
     tag = f"{method}__{budget_label(budget).replace('/', '_').replace(' + ', '__').replace(' ', '_')}"
     run_path = out / tag
     started = time.perf_counter()
@@ -269,7 +268,6 @@ def _open_workspace(config: CompareConfig) -> Any:
 
 def _job(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path, threads: int) -> dict[str, Any]:
     """One (method, budget) job, seeded on its own so that it gives the same row alone, in any order or process."""
-
     if threads:
         torch.set_num_threads(threads)
     if workspace is None:  # a worker process on this machine: the driver has already cached the reference

@@ -69,9 +69,6 @@ class MethodOptions:
             )
         return cls(**{k: v for k, v in values.items() if v is not None})
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @runtime_checkable
 class Method(Protocol):

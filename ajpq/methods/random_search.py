@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ajpq.envs import Episode
 from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method
 
@@ -29,8 +30,6 @@ BATCH = 8
 
 def _random_policy(problem: Any, rng: np.random.Generator) -> Any:
     """One episode of uniformly random actions (sparsity per layer step, then bits per chunk of channels)."""
-    from ajpq.envs import Episode
-
     episode = Episode(problem)
     while episode.next_unit is not None:
         episode.begin_unit(rng.uniform(-1.0, 1.0, problem.layer_action_dim))
