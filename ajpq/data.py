@@ -480,13 +480,43 @@ _CIFAR_LAYOUT = {
 }
 
 
+def _array_globals() -> dict[tuple[str, str], Any]:
+    import codecs
+
+    from numpy._core import multiarray, numeric
+
+    reconstruct, frombuffer = multiarray._reconstruct, numeric._frombuffer  # type: ignore[attr-defined]
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,  # numpy 1 (the files as distributed)
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,  # numpy 2
+        ("numpy.core.numeric", "_frombuffer"): frombuffer,  # pickle protocol 5
+        ("numpy._core.numeric", "_frombuffer"): frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # bytes pickled by Python 3 at protocol 2
+    }
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads pickles of numpy arrays, lists, dicts and strings, and nothing else: CIFAR's python batches are pickles,
+    and a plain ``pickle.load`` of a received data folder would run whatever callable the file names."""
+
+    allowed = _array_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file has no reason to")
+        return found
+
+
 def _read_cifar_batches(folder: Path, names: Sequence[str], key: str) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for n in names:
         path = folder / n
         try:
             with path.open("rb") as f:
-                entry = pickle.load(f, encoding="latin1")  # torchvision's own format; only trusted folders
+                entry = _ArrayUnpickler(f, encoding="latin1").load()  # torchvision's own format
             xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(entry[key], dtype=np.int64))
         except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:

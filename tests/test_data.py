@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ajpq.data import (
+    _MEAN_STD,
     DATASETS,
     DEBIAN_FASHION_MNIST,
     DataSplits,
@@ -218,6 +219,49 @@ def test_cifar_batches_and_augmentation(tmp_path: Path) -> None:
     aug1 = torch.cat([x for x, _ in train.batches(32, augment=True, generator=torch.Generator().manual_seed(0))])
     aug2 = torch.cat([x for x, _ in train.batches(32, augment=True, generator=torch.Generator().manual_seed(0))])
     assert aug1.shape == train.x.shape and torch.equal(aug1, aug2) and not torch.equal(aug1, train.x)
+
+
+class _RunsCode:
+    """Pickles as a call of ``pathlib.Path.touch``: what a hostile data file would do with ``os.system``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_read_numpy_pickles_of_every_protocol(tmp_path: Path, protocol: int) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    data = {name: rng.integers(0, 256, (20, 3072), dtype=np.uint8) for name in ("train", "test")}
+    for name, images in data.items():
+        labels = np.arange(20, dtype=np.int64) % 2 * 5
+        with (folder / name).open("wb") as f:
+            pickle.dump({"data": images, "fine_labels": labels, "batch_label": b"x"}, f, protocol=protocol)
+    splits = load_dataset("cifar100", data_dir=tmp_path, val_size=10, download=False)
+    test = splits.test
+    assert isinstance(test, TensorSplit) and splits.num_classes == 100
+    assert test.y.tolist() == [0, 5] * 10
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _MEAN_STD["cifar100"])
+    expected = torch.from_numpy(data["test"]).view(-1, 3, 32, 32).float().div(255.0).sub(mean).div(std)
+    assert torch.allclose(test.x, expected)
+
+
+def test_a_cifar_batch_that_names_a_callable_is_refused_without_running_it(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    good = {"data": np.zeros((20, 3072), dtype=np.uint8), "fine_labels": [0] * 20}
+    with (folder / "train").open("wb") as f:
+        pickle.dump(good, f)
+    with (folder / "test").open("wb") as f:
+        pickle.dump({**good, "extra": _RunsCode(marker)}, f)
+    with pytest.raises(DataError, match=r"test: not a readable CIFAR python batch .*names pathlib.*touch"):
+        load_dataset("cifar100", data_dir=tmp_path, val_size=10, download=False)
+    assert not marker.exists()
 
 
 def test_crop_flip_is_a_shifted_flipped_copy() -> None:
