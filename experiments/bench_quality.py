@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ajpq.backends import BackendOptions
 from ajpq.compare import CompareConfig, budget_label, compare_budgets, run_compare
 from ajpq.io import atomic_write_json, atomic_write_text
 from ajpq.search import SearchConfig, run_search
@@ -120,33 +121,44 @@ def verdicts(medians: list[dict[str, Any]], key: str = "test_after") -> list[dic
 
 
 def run_compare_suite(
-    name: str, runs: list[dict[str, Any]], seeds: int, out: Path, part: int | None = None
+    name: str,
+    runs: list[dict[str, Any]],
+    seeds: list[int],
+    out: Path,
+    part: int | None = None,
+    backend: BackendOptions | None = None,
 ) -> dict[str, Any]:
+    """Every compare run of the suite on every seed (the one-shot and retraining methods on seed 0 only).
+
+    Each finished compare run's rows are also kept in ``rows.json`` in its folder, so that an interrupted benchmark
+    loses only the run it was in."""
     rows: list[dict[str, Any]] = []
     fp32: dict[str, float] = {}
     for index, spec in enumerate(runs):
         if part is not None and index != part:
             continue
         spec = dict(spec)
-        suite_seeds = min(seeds, spec.pop("seeds", seeds))
-        for seed in range(suite_seeds):
+        limit = spec.pop("seeds", None)
+        for seed in seeds if limit is None else [s for s in seeds if s < limit]:
             methods = [*SEARCHES, *OTHERS] if seed == 0 else list(SEARCHES)
             config = CompareConfig.from_dict({**spec, "methods": methods, "seed": seed, "device": "auto"})
             budgets = "_".join(budget_label(b).replace("/", "_").replace(" ", "") for b in compare_budgets(config))
             config.out_dir = str(out / name / f"{budgets}__seed{seed}")
             print(f"bench_quality: {name} seed {seed} budgets {budgets}", file=sys.stderr, flush=True)
-            result = run_compare(config)
+            result = run_compare(config, backend)
             fp32 = result["fp32"]
-            rows += [{**row, "seed": seed} for row in result["rows"]]
+            seed_rows = [{**row, "seed": seed} for row in result["rows"]]
+            atomic_write_json(Path(config.out_dir) / "rows.json", {"fp32": fp32, "rows": seed_rows})
+            rows += seed_rows
     medians = median_rows(rows)
     return {"fp32": fp32, "rows": rows, "medians": medians, "verdicts": verdicts(medians)}
 
 
-def run_digits_search(seeds: int, episodes: int, out: Path) -> dict[str, Any]:
+def run_digits_search(seeds: list[int], episodes: int, out: Path) -> dict[str, Any]:
     """ajpq against random search on digits: best validation accuracy of the search (no fine-tuning)."""
     rows = []
     for budget in (0.1, 0.05):
-        for seed in range(seeds):
+        for seed in seeds:
             for method in SEARCHES:
                 started = time.perf_counter()
                 result = run_search(
@@ -172,7 +184,7 @@ def run_digits_search(seeds: int, episodes: int, out: Path) -> dict[str, Any]:
                 )
     per_seed = []
     for budget in ("0.1", "0.05"):
-        for seed in range(seeds):
+        for seed in seeds:
             acc = {r["method"]: r["val_accuracy"] for r in rows if r["budget"] == budget and r["seed"] == seed}
             per_seed.append({"budget": budget, "seed": seed, **acc, "ajpq_wins": acc["ajpq"] > acc["random"]})
     return {"rows": rows, "per_seed": per_seed}
@@ -234,9 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         help="QAT steps of the search score for ajpq and random alike (default 10; quick 0; see proxy_fidelity.py)",
     )
     parser.add_argument("--part", type=int, default=None, help="run only this compare run of each suite (0, 1, ...)")
+    parser.add_argument(
+        "--seed-list", type=int, nargs="+", default=None, help="run these seeds only (instead of 0 .. --seeds - 1)"
+    )
+    parser.add_argument(
+        "--backend", choices=("local", "processes", "ray"), default="local", help="how compare runs its jobs"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="concurrent compare jobs (processes or ray)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    seeds = args.seeds or (1 if args.quick else 3)
+    seeds = args.seed_list or list(range(args.seeds or (1 if args.quick else 3)))
+    backend = BackendOptions(backend=args.backend, workers=args.workers)
     started = time.perf_counter()
     report: dict[str, Any] = {"mode": "quick" if args.quick else "full", "seeds": seeds, "suites": {}}
     wanted = set(args.suites or ["lenet5", "resnet20", "digits", "digits-compare"])
@@ -244,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     report["proxy_steps"] = proxy_steps
     for name, runs in suites(args.quick, args.episodes, proxy_steps).items():
         if name in wanted:
-            report["suites"][name] = run_compare_suite(name, runs, seeds, out, args.part)
+            report["suites"][name] = run_compare_suite(name, runs, seeds, out, args.part, backend)
     if "digits" in wanted and args.part in (None, 0):
         episodes = args.episodes or (16 if args.quick else 100)
         report["suites"]["digits"] = run_digits_search(seeds, episodes, out)
