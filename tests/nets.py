@@ -120,6 +120,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             n = module.num_features
+            assert module.running_mean is not None and module.running_var is not None  # tracked by default
             module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
             module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
             module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
