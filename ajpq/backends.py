@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ajpq.config import check_int
 from ajpq.errors import ConfigError
 from ajpq.logs import log
 from ajpq.policy import Policy
@@ -69,9 +70,8 @@ class BackendOptions:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, but got {self.backend!r}")
         for name in ("workers", "threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be an integer >= 1, but got {value!r}")
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
         if self.ray_address is not None and self.backend != "ray":
             raise ConfigError(f"ray_address needs backend ray (add --backend ray), but backend is {self.backend!r}")
 

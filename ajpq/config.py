@@ -3,6 +3,8 @@
 * :func:`load_config_file` reads the ``default:`` block of an experiment YAML, checking every key;
 * :func:`field_docs` reads the attribute docstrings of a configuration dataclass (the line under each field), so that
   the CLI's help texts and defaults come from the dataclass itself;
+* ``check_int``, ``check_fraction``, ``check_non_negative`` and ``check_bits`` check one setting each, with the
+  message every configuration class uses;
 * :func:`resume_values` merges the settings given to ``--resume`` with a run's own ``config.yaml``.
 """
 
@@ -12,6 +14,7 @@ import ast
 import difflib
 import inspect
 import itertools
+import math
 import textwrap
 from collections.abc import Iterable, Mapping
 from functools import cache
@@ -102,3 +105,33 @@ def resume_values(stored: Mapping[str, Any], given: Mapping[str, Any], run: str 
             f"imported on its own; pass --model {model} yourself to resume it"
         )
     return values
+
+
+def check_fraction(name: str, value: Any, *, high: float = 1.0, closed: bool = False) -> float:
+    """A number in ``[0, high)`` (``[0, high]`` when ``closed``), or a :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number in [0, {high:g}{']' if closed else ')'}, but got {value!r}")
+    if not (0.0 <= value <= high if closed else 0.0 <= value < high):
+        raise ConfigError(f"{name} must be in [0, {high:g}{']' if closed else ')'}, but got {value:g}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """An integer (not a bool) >= ``minimum``, or a :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, but got {value!r}")
+    return int(value)
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    """A finite number >= 0, or a :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a number >= 0, but got {value!r}")
+    return float(value)
+
+
+def check_bits(name: str, value: Any) -> int:
+    """A bit width 1..8, or a :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        raise ConfigError(f"{name} must be an integer from 1 to 8, but got {value!r}")
+    return int(value)

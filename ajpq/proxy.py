@@ -31,6 +31,7 @@ from torch import nn
 
 from ajpq.analysis import ModelAnalysis
 from ajpq.compress import SimulatedModel
+from ajpq.config import check_int
 from ajpq.data import Split
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
@@ -56,9 +57,7 @@ class ProxyOptions:
 
     def __post_init__(self) -> None:
         for name, low in (("finetune_steps", 0), ("bn_batches", 0), ("bn_batch_size", 2), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, but got {value!r}")
+            check_int(name, getattr(self, name), low)
 
     def describe(self) -> str:
         """A short name of the proxy, e.g. ``plain``, ``bn8``, ``qat50+bn8``."""

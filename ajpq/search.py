@@ -20,6 +20,7 @@ from ajpq.agents import AGENT_KINDS
 from ajpq.backends import BackendOptions, make_backend
 from ajpq.budget import Budget, check_feasible, parse_ratio
 from ajpq.callbacks import Recorder, RunInfo, default_callbacks
+from ajpq.config import check_int
 from ajpq.envs import problem_from_workspace
 from ajpq.errors import ConfigError, StorageError
 from ajpq.io import cache_dir
@@ -102,11 +103,8 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, but got {value!r}")
+            if not (allow_none and getattr(self, name) is None):
+                check_int(name, getattr(self, name), low)
 
         def number(name: str) -> float:
             value = getattr(self, name)

@@ -16,6 +16,7 @@ from torch import nn
 from ajpq.analysis import CRITERIA, ModelAnalysis, analyze_model
 from ajpq.checkpoint import load_checkpoint, load_weights
 from ajpq.compress import SimulatedModel
+from ajpq.config import check_int
 from ajpq.cost import CostModel, CostReport
 from ajpq.data import DataSplits, Split, load_dataset
 from ajpq.errors import ConfigError
@@ -58,11 +59,9 @@ class WorkspaceSpec:
         for name in ("data_dir", "weights"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a path (a string) or null, but got {getattr(self, name)!r}")
-        for name, low, value in (("split_seed", 0, self.split_seed), ("val_size", 1, self.val_size)):
-            if value is None and name == "val_size":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, but got {value!r}")
+        check_int("split_seed", self.split_seed, 0)
+        if self.val_size is not None:
+            check_int("val_size", self.val_size, 1)
         if self.importance not in CRITERIA:
             raise ConfigError(f"importance must be one of {', '.join(CRITERIA)}, but got {self.importance!r}")
 

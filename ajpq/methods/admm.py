@@ -28,15 +28,12 @@ import torch
 
 from ajpq.analysis import layer_module
 from ajpq.budget import Budget
+from ajpq.config import check_bits, check_fraction, check_int, check_non_negative
 from ajpq.cost import magnitude_keep
 from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method
 from ajpq.methods.common import (
     apply_masks,
-    check_bits,
-    check_fraction,
-    check_non_negative,
-    check_positive_int,
     fitting_bits,
     folded_scale,
     layer_masks,
@@ -73,7 +70,7 @@ class ADMMOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         check_bits("admm weight_bits", self.weight_bits)
-        check_positive_int("admm steps", self.steps)
+        check_int("admm steps", self.steps)
         check_fraction("admm max_sparsity", self.max_sparsity)
         check_bits("admm activation_bits", self.activation_bits)
         for name in ("admm_epochs", "retrain_epochs", "quant_epochs", "rho", "lr"):

@@ -10,7 +10,6 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ from ajpq.budget import Budget
 from ajpq.checkpoint import checkpoint_meta, load_checkpoint, load_weights, save_checkpoint
 from ajpq.compress import SimulatedModel
 from ajpq.cost import CostModel
-from ajpq.errors import BudgetError, ConfigError
+from ajpq.errors import BudgetError
 from ajpq.logs import log
 from ajpq.policy import Policy
 from ajpq.runs import RunDir
@@ -29,33 +28,6 @@ from ajpq.train import evaluate_accuracy
 from ajpq.workspace import Workspace
 
 WEIGHTS_FILE = "weights.pt"
-
-
-def check_fraction(name: str, value: Any, *, high: float = 1.0, closed: bool = False) -> float:
-    """A number in ``[0, high)`` (``[0, high]`` when ``closed``), or a :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a number in [0, {high:g}{']' if closed else ')'}, but got {value!r}")
-    if not (0.0 <= value <= high if closed else 0.0 <= value < high):
-        raise ConfigError(f"{name} must be in [0, {high:g}{']' if closed else ')'}, but got {value:g}")
-    return float(value)
-
-
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, but got {value!r}")
-    return int(value)
-
-
-def check_non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a number >= 0, but got {value!r}")
-    return float(value)
-
-
-def check_bits(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-        raise ConfigError(f"{name} must be an integer from 1 to 8, but got {value!r}")
-    return int(value)
 
 
 def simulate(workspace: Workspace, model: nn.Module | None = None) -> SimulatedModel:

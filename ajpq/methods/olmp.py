@@ -34,14 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ajpq.config import check_bits, check_fraction, check_int, check_non_negative
 from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method
 from ajpq.methods.common import (
     apply_masks,
-    check_bits,
-    check_fraction,
-    check_non_negative,
-    check_positive_int,
     fitting_bits,
     layer_masks,
     save_weights,
@@ -81,12 +78,12 @@ class OLMPOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         check_bits("olmp weight_bits", self.weight_bits)
-        check_positive_int("olmp rounds", self.rounds)
-        check_positive_int("olmp population", self.population)
-        check_positive_int("olmp iterations", self.iterations, 0)
+        check_int("olmp rounds", self.rounds)
+        check_int("olmp population", self.population)
+        check_int("olmp iterations", self.iterations, 0)
         check_fraction("olmp accuracy_loss", self.accuracy_loss, closed=True)
         check_fraction("olmp max_sparsity", self.max_sparsity)
-        check_positive_int("olmp eval_limit", self.eval_limit)
+        check_int("olmp eval_limit", self.eval_limit)
         check_bits("olmp activation_bits", self.activation_bits)
         for name in ("penalty", "sigma", "retrain_epochs", "lr"):
             check_non_negative(f"olmp {name}", getattr(self, name))

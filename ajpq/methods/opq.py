@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from ajpq.budget import Budget
+from ajpq.config import check_bits, check_fraction
 from ajpq.cost import CostModel
 from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method
-from ajpq.methods.common import check_bits, check_fraction
 from ajpq.policy import LayerPolicy, Policy
 
 

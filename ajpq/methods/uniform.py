@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from ajpq.config import check_bits, check_fraction
 from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method
-from ajpq.methods.common import check_bits, check_fraction, prune_groups
+from ajpq.methods.common import prune_groups
 from ajpq.policy import Policy
 from ajpq.train import evaluate_accuracy
 from ajpq.workspace import Workspace
