@@ -351,7 +351,9 @@ def _run_search(
         run_dir.writer.add_text("sensitivity/table", sensitivity.markdown(workspace.analysis), 0)
     problem.backend = make_backend(config.backend_options, workspace, proxy, local=lambda: evaluate)
     context = SearchContext(workspace, config, run_dir, problem, recorder, resume_state=state, stop=stop)
-    started = time.perf_counter()
+    # the clock of the first episode starts with the method, as the search's does: the backend's start-up (spawning
+    # workers) is not an episode's
+    started = recorder.last_time = time.perf_counter()
     try:
         METHODS[config.method]().run(context, config.options)
     finally:

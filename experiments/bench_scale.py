@@ -45,6 +45,14 @@ def _episodes(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS} for line in lines]
 
 
+def _rl_overhead(run: Path) -> float:
+    """Overhead ratio of the RL episodes alone (wall / evaluation time of the ``phase: rl`` lines): the steady state,
+    without the one-time costs of the start (agent construction, warm-start allocation and behaviour cloning)."""
+    records = [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
+    rl = [r for r in records if r.get("phase") == "rl"]
+    return sum(r["wall_time"] for r in rl) / max(sum(r["eval_time"] for r in rl), 1e-9)
+
+
 def _tree_rss(root: int) -> int:
     """Resident bytes of ``root`` and its descendants (from /proc)."""
     parents: dict[int, int] = {}
@@ -97,6 +105,7 @@ def backends(
                     "episodes": result.episodes,
                     "episodes_per_s": round(result.episodes_per_s, 3),
                     "overhead_ratio": round(result.eval_time_fraction, 3),
+                    "rl_overhead_ratio": round(_rl_overhead(result.run_dir), 3),
                     "same_episodes_as_first": rows_written == reference,
                     "best_episode": result.best["episode"] if result.best else None,
                     "best_layers": best["layers"],
