@@ -157,6 +157,12 @@ def budget_label(budget: Budget) -> str:
     return " + ".join(parts)
 
 
+def run_folder_name(method: str, label: str) -> str:
+    """The run folder of ``method`` at the budget labelled ``label`` inside a compare's ``out_dir``:
+    ``ajpq__1_32``, ``opq__BOPs_1_256``."""
+    return f"{method}__{label.replace('/', '_').replace(' + ', '__').replace(' ', '_')}"
+
+
 def compare_budgets(config: CompareConfig) -> list[Budget]:
     """The rows' budgets: each size budget, then each BOPs budget."""
     return [Budget(size=b) for b in config.budgets] + [Budget(bops=b) for b in config.bops_budgets]
@@ -164,8 +170,7 @@ def compare_budgets(config: CompareConfig) -> list[Budget]:
 
 def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path) -> dict[str, Any]:
     """Run one method at one budget, fine-tune its policy, and return its table row."""
-    tag = f"{method}__{budget_label(budget).replace('/', '_').replace(' + ', '__').replace(' ', '_')}"
-    run_path = out / tag
+    run_path = out / run_folder_name(method, budget_label(budget))
     started = time.perf_counter()
     search_values: dict[str, Any] = {
         **config.workspace.to_dict(),
