@@ -28,18 +28,19 @@ from typing import Any
 
 import torch
 import yaml
+from torch import Tensor, nn
 
 from ajpq.backends import BackendOptions, default_threads
 from ajpq.budget import Budget, parse_ratio
 from ajpq.config import load_config_file
 from ajpq.errors import AJPQError, ConfigError
 from ajpq.export import build_artifact, latency_report, load_compressed
-from ajpq.finetune import finetune, finetune_config
+from ajpq.finetune import FinetuneResult, finetune, finetune_config
 from ajpq.io import atomic_write_bytes, atomic_write_text
 from ajpq.logs import log
 from ajpq.methods import MethodOptions, method_class
 from ajpq.methods.common import load_method_weights, simulate
-from ajpq.policy import load_policy
+from ajpq.policy import Policy, load_policy
 from ajpq.search import SearchConfig, run_search
 from ajpq.train import evaluate_accuracy, seed_everything
 from ajpq.workspace import SPEC_KEYS, WorkspaceSpec, open_workspace
@@ -168,6 +169,36 @@ def compare_budgets(config: CompareConfig) -> list[Budget]:
     return [Budget(size=b) for b in config.budgets] + [Budget(bops=b) for b in config.bops_budgets]
 
 
+def run_result(workspace: Any, run_dir: Path) -> tuple[Policy, nn.Module]:
+    """A method's best policy in ``run_dir`` and the weights it applies to (OLMP and ADMM retrain their own)."""
+    policy = load_policy(run_dir / "best_policy.json", workspace.analysis)
+    model = workspace.model
+    if "weights" in policy.meta:
+        model = load_method_weights(workspace, Path(policy.meta["weights"]))
+    return policy, model
+
+
+def finetune_result(
+    config: CompareConfig, workspace: Any, policy: Policy, model: nn.Module, calibration: Tensor, distill: bool
+) -> FinetuneResult:
+    """compare's recovery of one result: ``config.finetune_epochs`` of ``ajpq.finetune`` (seeded with
+    ``config.seed``), distilled from the FP32 reference when ``distill``, scored on validation and test."""
+    return finetune(
+        model,
+        workspace.analysis,
+        policy,
+        workspace.splits.train,
+        calibration,
+        finetune_config(epochs=config.finetune_epochs, lr=config.finetune_lr),
+        report={"val": workspace.splits.val, "test": workspace.splits.test},
+        device=workspace.device,
+        generator=seed_everything(config.seed),
+        progress=False,
+        distill=distill,
+        teacher=workspace.model,
+    )
+
+
 def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget, out: Path) -> dict[str, Any]:
     """Run one method at one budget, fine-tune its policy, and return its table row."""
     run_path = out / run_folder_name(method, budget_label(budget))
@@ -191,28 +222,11 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
     result = run_search(SearchConfig.from_dict(search_values), workspace=workspace)
     if result.best is None:
         raise ConfigError(f"{method} found no policy within {budget_label(budget)} in {result.episodes} episodes")
-    policy = load_policy(result.run_dir / "best_policy.json", workspace.analysis)
-    model = workspace.model
-    if "weights" in policy.meta:  # OLMP and ADMM retrain the weights their policy applies to
-        model = load_method_weights(workspace, Path(policy.meta["weights"]))
+    policy, model = run_result(workspace, result.run_dir)
     wall = time.perf_counter() - started
     calibration = workspace.calibration_images()
     report = simulate(workspace, None if model is workspace.model else model).cost_model.evaluate(policy)
-    splits = {"val": workspace.splits.val, "test": workspace.splits.test}
-    tuned = finetune(
-        model,
-        workspace.analysis,
-        policy,
-        workspace.splits.train,
-        calibration,
-        finetune_config(epochs=config.finetune_epochs, lr=config.finetune_lr),
-        report=splits,
-        device=workspace.device,
-        generator=seed_everything(config.seed),
-        progress=False,
-        distill=config.distill,
-        teacher=workspace.model,
-    )
+    tuned = finetune_result(config, workspace, policy, model, calibration, config.distill)
     before, after = tuned.accuracy_before, tuned.accuracy_after
     if config.finetune_epochs == 0:
         after = dict(before)

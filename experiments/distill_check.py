@@ -22,35 +22,14 @@ from typing import Any
 import torch
 import yaml
 
-from ajpq.compare import CompareConfig, run_folder_name
-from ajpq.finetune import finetune, finetune_config
-from ajpq.methods.common import load_method_weights
-from ajpq.policy import load_policy
-from ajpq.train import seed_everything
+from ajpq.compare import CompareConfig, finetune_result, run_folder_name, run_result
 from ajpq.workspace import open_workspace
 
 
 def retune(config: CompareConfig, workspace: Any, run: Path, distill: bool) -> dict[str, float]:
     """Test and validation accuracy after the compare's fine-tuning of ``run``'s best policy, with ``distill``."""
-    policy = load_policy(run / "best_policy.json", workspace.analysis)
-    model = workspace.model
-    if "weights" in policy.meta:
-        model = load_method_weights(workspace, Path(policy.meta["weights"]))
-    seed_everything(config.seed)
-    tuned = finetune(
-        model,
-        workspace.analysis,
-        policy,
-        workspace.splits.train,
-        workspace.calibration_images(),
-        finetune_config(epochs=config.finetune_epochs, lr=config.finetune_lr),
-        report={"val": workspace.splits.val, "test": workspace.splits.test},
-        device=workspace.device,
-        generator=seed_everything(config.seed),
-        progress=False,
-        distill=distill,
-        teacher=workspace.model,
-    )
+    policy, model = run_result(workspace, run)
+    tuned = finetune_result(config, workspace, policy, model, workspace.calibration_images(), distill)
     return {"val": tuned.accuracy_after["val"], "test": tuned.accuracy_after["test"]}
 
 
