@@ -15,6 +15,7 @@ import pickle
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -480,7 +481,9 @@ _CIFAR_LAYOUT = {
 }
 
 
+@cache
 def _array_globals() -> dict[tuple[str, str], Any]:
+    """The globals a numpy pickle names (built on first use: they are private numpy names)."""
     import codecs
 
     from numpy._core import multiarray, numeric
@@ -501,10 +504,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Reads pickles of numpy arrays, lists, dicts and strings, and nothing else: CIFAR's python batches are pickles,
     and a plain ``pickle.load`` of a received data folder would run whatever callable the file names."""
 
-    allowed = _array_globals()
-
     def find_class(self, module: str, name: str) -> Any:
-        found = self.allowed.get((module, name))
+        found = _array_globals().get((module, name))
         if found is None:
             raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file has no reason to")
         return found
