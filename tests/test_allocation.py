@@ -4,6 +4,7 @@ plain greedy that re-costs the whole model for every candidate move (kept here a
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,26 +146,14 @@ def test_greedy_allocation_chooses_as_the_reference(net: ModelAnalysis, kind: st
     for budget, search_abits in SETTINGS:
         for weight, sparsity in ((1.0, 0.8), (2.0, 0.5)):
             options = (budget, sparsity, search_abits, weight)
-            fit, before_last = greedy_allocation(
-                net,
-                cost_model,
-                table,
-                budget,
-                max_sparsity=sparsity,
-                activation_bits=8,
-                search_activation_bits=search_abits,
-                prune_weight=weight,
-            )
-            expected_fit, expected_before = reference_greedy(
-                net,
-                cost_model,
-                table,
-                budget,
-                max_sparsity=sparsity,
-                activation_bits=8,
-                search_activation_bits=search_abits,
-                prune_weight=weight,
-            )
+            settings: dict[str, Any] = {
+                "max_sparsity": sparsity,
+                "activation_bits": 8,
+                "search_activation_bits": search_abits,
+                "prune_weight": weight,
+            }
+            fit, before_last = greedy_allocation(net, cost_model, table, budget, **settings)
+            expected_fit, expected_before = reference_greedy(net, cost_model, table, budget, **settings)
             assert policy_key(fit) == policy_key(expected_fit), options
             assert (before_last is None) == (expected_before is None)
             if before_last is not None and expected_before is not None:
