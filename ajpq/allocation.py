@@ -14,6 +14,7 @@ starts from a spread of good policies. Every policy follows the one importance o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -331,11 +332,13 @@ def warm_start_policies(
     max_sparsity: float,
     activation_bits: int,
     search_activation_bits: bool = False,
+    also: Sequence[Policy] = (),
 ) -> list[Policy]:
     """Distinct starting policies, each within ``budget`` (projected where needed), the most trusted first.
 
     Without a sensitivity table only the uniform policy (the highest width that fits, projected when none does).
-    A soft ``budget`` is met as well: a start within it is not penalized.
+    ``also`` are further starts (such as OPQ's allocation when weight sparsity is searched), placed before the
+    uniform one. A soft ``budget`` is met as well: a start within it is not penalized.
     """
 
     def project(policy: Policy) -> Policy:
@@ -365,6 +368,7 @@ def warm_start_policies(
             candidates += [filled, project(fit)]
             if weight == PRUNE_WEIGHTS[0]:
                 candidates.append(project(tilted(analysis, filled)))
+    candidates += [project(policy) for policy in also]
     uniform = next(
         (
             p

@@ -186,7 +186,9 @@ def project_to_budget(
 
     1. Bits are lowered one at a time in sweeps over all channels, least important first (by rank in their group's
        importance order), down to 1 bit, stopping at the first decrement after which the policy fits. Pruning is
-       unchanged here, so size and BOPs are linear in the bits and the stopping point is found exactly.
+       unchanged here, so size and BOPs are linear in the bits and the stopping point is found exactly. (A layer
+       with weight sparsity keeps its mask, and a decrement saves at least a bit per stored weight, which is what is
+       counted: the stop can come a few decrements late, never early.)
     2. If all weights are at 1 bit and it still does not fit, the least important group channels of the prunable
        groups are removed (in all member layers together, never beyond ``max_sparsity`` of a group, never the
        classifier's outputs): the smallest number of removals that fits is found by bisection.
@@ -203,7 +205,17 @@ def project_to_budget(
     names, ids, channels = _channel_table(analysis)
     bits = np.array([result.layers[names[i]].weight_bits[c] for i, c in zip(ids, channels, strict=True)])
     inputs = cost_model.kept_inputs(result)
-    fan = np.concatenate([cost_model.fan_in(layer, inputs[layer.name]) for layer in analysis.layers])
+    fan = np.concatenate(
+        [
+            cost_model.stored_weights(
+                layer,
+                result.layers[layer.name].weight_bits,
+                inputs[layer.name],
+                result.layers[layer.name].weight_sparsity,
+            )
+            for layer in analysis.layers
+        ]
+    )
     starts = np.cumsum([0] + [layer.out_channels for layer in analysis.layers])
     fan = fan[starts[ids] + channels]
     hw_act = np.array(

@@ -302,6 +302,13 @@ class CostModel:
         self._sparse_cache[key] = cached
         return cached
 
+    def stored_weights(self, layer: LayerInfo, bits: np.ndarray, input_kept: np.ndarray, sparsity: float) -> np.ndarray:
+        """Weights each output channel stores under a policy: its fan-in when kept, minus what weight sparsity
+        removes (0 for a pruned channel)."""
+        if sparsity > 0:
+            return self._sparse(layer, bits, input_kept, sparsity)[1]
+        return self.fan_in(layer, input_kept) * (bits > 0)
+
     def sparse_layer_cost(
         self, layer: LayerInfo, bits: np.ndarray, activation_bits: int, input_kept: np.ndarray, sparsity: float
     ) -> LayerCost:

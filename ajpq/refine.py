@@ -9,7 +9,9 @@ importance order:
 * **prune**: a prunable layer step loses its next least important chunk of channels, and a chunk elsewhere gains a
   bit with what that frees;
 * **restore**: a layer step gets back its most important removed chunk (at its layer's mean width);
-* **activation** (when activation bits are searched): one layer's input activations gain or lose a bit.
+* **activation** (when activation bits are searched): one layer's input activations gain or lose a bit;
+* **sparsity** (when weight sparsity is searched): one layer step's weight sparsity rises (and a chunk of the layer
+  gains a bit with what that frees) or falls by :data:`SPARSITY_STEP`, within ``[0, max_weight_sparsity]``.
 
 Candidates are evaluated in batches (one ``evaluate`` call each, so a parallel backend fills its workers), and the
 best of a batch replaces the current policy only if its reward is higher and it fits: the refinement never returns
@@ -24,13 +26,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ajpq.budget import max_pruned, project_to_budget
-from ajpq.envs.core import ACTIVATION_CHOICES, CompressionProblem, EpisodeResult, policy_key
+from ajpq.envs.core import ACTIVATION_CHOICES, WEIGHT_SPARSITY_DECIMALS, CompressionProblem, EpisodeResult, policy_key
 from ajpq.policy import Policy
 
 REFINE_CHUNKS = 8
 """A layer's kept channels are moved in chunks of ``ceil(kept / REFINE_CHUNKS)`` adjacent channels (by importance)."""
 MOVES: tuple[str, ...] = ("shift", "shift", "prune", "restore")
-"""Moves drawn uniformly (shift twice as often); ``activation`` joins when activation bits are searched."""
+"""Moves drawn uniformly (shift twice as often); ``activation`` and ``sparsity`` join when those are searched."""
+SPARSITY_STEP = 0.05
+"""A sparsity move changes a layer step's weight sparsity by this much."""
 
 
 def _chunk(problem: CompressionProblem, policy: Policy, name: str, rng: np.random.Generator) -> np.ndarray:
@@ -47,9 +51,14 @@ def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Genera
     analysis = problem.analysis
     result = policy.copy()
     names = analysis.layer_names
-    moves = (*MOVES, "activation") if problem.search_activation_bits else MOVES
+    moves = (
+        *MOVES,
+        *(("activation",) if problem.search_activation_bits else ()),
+        *(("sparsity",) if problem.search_weight_sparsity else ()),
+    )
     move = moves[int(rng.integers(len(moves)))]
     gain = names[int(rng.integers(len(names)))]
+    sparser = False
     if move == "shift" and len(names) > 1:
         lose = names[int(rng.integers(len(names) - 1))]
         lose = names[-1] if lose == gain else lose
@@ -77,7 +86,14 @@ def neighbour(problem: CompressionProblem, policy: Policy, rng: np.random.Genera
         layer = result.layers[gain]
         step = 1 if rng.random() < 0.5 else -1
         layer.activation_bits = int(np.clip(layer.activation_bits + step, min(ACTIVATION_CHOICES), 8))
-    if move in ("shift", "prune"):
+    elif move == "sparsity":
+        members = analysis.groups[analysis.layer(gain).group].members
+        sparser = rng.random() < 0.5
+        sparsity = result.layers[gain].weight_sparsity + (SPARSITY_STEP if sparser else -SPARSITY_STEP)
+        sparsity = round(float(np.clip(sparsity, 0.0, problem.max_weight_sparsity)), WEIGHT_SPARSITY_DECIMALS)
+        for member in members:
+            result.layers[member].weight_sparsity = sparsity
+    if move in ("shift", "prune") or sparser:  # what a move frees buys a bit somewhere
         bits = result.layers[gain].weight_bits
         channels = _chunk(problem, result, gain, rng)
         bits[channels] = np.minimum(bits[channels] + 1, 8)

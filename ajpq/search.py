@@ -69,6 +69,12 @@ class SearchConfig:
     """Activation bits of every layer (when not searched)."""
     search_activation_bits: bool = False
     """Let the layer agent pick each layer's activation bits (2..8) as a second action dimension."""
+    search_weight_sparsity: bool = False
+    """Let the layer agent also pick each layer's weight sparsity (smallest-magnitude weights of kept channels
+    removed, stored sparse), the freedom OPQ, OLMP and ADMM have; pays off under a BOPs budget, which credits every
+    removed weight with its MACs. ajpq's warm start then includes OPQ's allocation."""
+    max_weight_sparsity: float = 0.95
+    """Largest weight sparsity of a layer with ``search_weight_sparsity``, in [0, 1)."""
     channel_group_size: int | None = None
     """Channels per channel step (default: enough to keep each layer at <= 16 steps)."""
     episodes_per_update: int = 4
@@ -136,6 +142,8 @@ class SearchConfig:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
         if not 0.0 <= number("max_sparsity") < 1.0:
             raise ConfigError(f"max_sparsity must be in [0, 1), but got {self.max_sparsity}")
+        if not 0.0 <= number("max_weight_sparsity") < 1.0:
+            raise ConfigError(f"max_weight_sparsity must be in [0, 1), but got {self.max_weight_sparsity}")
 
         for name in ("layer_agent", "channel_agent"):
             if getattr(self, name) not in AGENT_KINDS:
@@ -155,7 +163,7 @@ class SearchConfig:
                 f"method_options must be a mapping of option names to values, but got {self.method_options!r}"
             )
         self.options  # noqa: B018 (checks method_options: the method's option names and values)
-        for name in ("search_activation_bits", "progress", "sensitivity", "warm_start"):
+        for name in ("search_activation_bits", "search_weight_sparsity", "progress", "sensitivity", "warm_start"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, but got {getattr(self, name)!r}")
 
@@ -306,6 +314,8 @@ def _run_search(
         max_sparsity=config.max_sparsity,
         activation_bits=config.activation_bits,
         search_activation_bits=config.search_activation_bits,
+        search_weight_sparsity=config.search_weight_sparsity,
+        max_weight_sparsity=config.max_weight_sparsity,
         channel_group_size=config.channel_group_size,
         soft_penalty=config.soft_penalty,
         sensitivity=sensitivity,

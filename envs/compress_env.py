@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ajpq.envs.core import CHANNEL_OBS_DIM, LAYER_OBS_DIM, CompressionProblem, Episode, EpisodeResult, bits_of
+from ajpq.envs.core import CompressionProblem, Episode, EpisodeResult, bits_of
 from ajpq.policy import Policy
 
 ActionFn = Callable[[np.ndarray], Any]
@@ -49,6 +49,7 @@ def problem_from_workspace(
     if workspace is None:
         workspace = open_workspace(WorkspaceSpec(device="cpu"), progress=False)
     fp32 = evaluate_accuracy(workspace.model, workspace.splits.val, workspace.device)
+    kwargs.setdefault("pricing", workspace.cost_model)  # built with the weights: it can price weight sparsity
     return CompressionProblem(workspace.analysis, evaluate or make_evaluator(workspace), fp32, **kwargs)
 
 
@@ -65,22 +66,27 @@ class LayerCompressEnv(gym.Env):
 
     ## Action Space
 
-    ``Box(-1, 1, (d,), float32)`` with ``d = problem.layer_action_dim`` (2 with ``search_activation_bits``, else 1);
-    values outside [-1, 1] are clipped.
+    ``Box(-1, 1, (d,), float32)`` with ``d = problem.layer_action_dim`` (1, plus one with ``search_activation_bits``
+    and one with ``search_weight_sparsity``); values outside [-1, 1] are clipped.
 
     | Index | Action | Range |
     |-------|--------|-------|
     | 0 | sparsity ``(a + 1) / 2 * max_sparsity`` of the step | [-1, 1] |
     | 1 | activation bits of the step's layers, 2..8 in 7 equal bins (only with ``search_activation_bits``) | [-1, 1] |
+    | 2 | weight sparsity ``(a + 1) / 2 * max_weight_sparsity`` (only with ``search_weight_sparsity``) | [-1, 1] |
+
+    The weight sparsity is always the last entry (index 1 when activation bits are not searched), to 2 decimals.
 
     The least important ``round(sparsity * channels)`` channels of the step get 0 bits in every member layer (at
-    most all but one; none in a step that may not be pruned, such as the classifier's outputs).
+    most all but one; none in a step that may not be pruned, such as the classifier's outputs). A weight sparsity
+    ``s`` then removes the ``s`` smallest-magnitude (BN-folded) weights of the kept channels that read kept inputs, in
+    every member layer.
 
     ## Observation Space
 
-    ``Box(-1, 1, (30,), float32)`` (:data:`~ajpq.envs.core.LAYER_OBS_DIM`): the step about to be decided (the last
-    one once the episode is over) and the budget used so far. Every value is clipped to [-1, 1]; *squashed* means
-    ``x / (1 + |x|)``.
+    ``Box(-1, 1, (30,), float32)`` (:data:`~ajpq.envs.core.LAYER_OBS_DIM`; 31 with ``search_weight_sparsity``): the
+    step about to be decided (the last one once the episode is over) and the budget used so far. Every value is
+    clipped to [-1, 1]; *squashed* means ``x / (1 + |x|)``.
 
     | Index | Observation | Range |
     |-------|-------------|-------|
@@ -114,6 +120,7 @@ class LayerCompressEnv(gym.Env):
     | 27 | squashed BOPs still allowed / BOPs budget | (-1, 1) |
     | 28 | fraction of channels pruned in the previous step (0 before the first) | [0, 1) |
     | 29 | activation bits of the previous step / 8 (1 before the first) | (0, 1] |
+    | 30 | weight sparsity of the previous step / max_weight_sparsity (only with ``search_weight_sparsity``) | [0, 1] |
 
     Sensitivities are ``d / (1 + d)`` of the damage ``d`` measured for the step (:mod:`ajpq.sensitivity`), 0 when
     the problem has no sensitivity table. Indices 0-23 are fixed per step; :class:`ChannelCompressEnv` observes them
@@ -160,7 +167,7 @@ class LayerCompressEnv(gym.Env):
         self.episode = Episode(self.problem)
         self.channel_controller = channel_controller
         self.channel_discrete = channel_discrete
-        self.observation_space = spaces.Box(-1.0, 1.0, (LAYER_OBS_DIM,), np.float32)
+        self.observation_space = spaces.Box(-1.0, 1.0, (self.problem.layer_obs_dim,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (self.problem.layer_action_dim,), np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
@@ -197,8 +204,9 @@ class ChannelCompressEnv(gym.Env):
 
     ## Observation Space
 
-    ``Box(-1, 1, (33,), float32)`` (:data:`~ajpq.envs.core.CHANNEL_OBS_DIM`): the current layer step, the chunk about
-    to be decided, and the budget used so far. Every value is clipped to [-1, 1]; *squashed* means ``x / (1 + |x|)``.
+    ``Box(-1, 1, (33,), float32)`` (:data:`~ajpq.envs.core.CHANNEL_OBS_DIM`; 34 with ``search_weight_sparsity``): the
+    current layer step, the chunk about to be decided, and the budget used so far. Every value is clipped to [-1, 1];
+    *squashed* means ``x / (1 + |x|)``.
 
     | Index | Observation | Range |
     |-------|-------------|-------|
@@ -212,6 +220,7 @@ class ChannelCompressEnv(gym.Env):
     | 30 | squashed size still allowed / size budget (budget - used - smallest cost of the undecided steps) | (-1, 1) |
     | 31 | squashed BOPs used so far / BOPs budget | [0, 1) |
     | 32 | squashed BOPs still allowed / BOPs budget | (-1, 1) |
+    | 33 | the step's weight sparsity / max_weight_sparsity (only with ``search_weight_sparsity``) | [0, 1] |
 
     After the last chunk (the final observation) indices 24-28 are ``1, 0, sparsity, 1, 0``.
 
@@ -237,7 +246,8 @@ class ChannelCompressEnv(gym.Env):
 
     - ``problem``: a :class:`~ajpq.envs.core.CompressionProblem`; None builds the embedded default.
     - ``layer_controller``: the layer level's :data:`ActionFn` (a :class:`LayerCompressEnv` observation to a layer
-      action); None prunes nothing (and picks 8-bit activations with ``search_activation_bits``).
+      action); None prunes nothing (and picks 8-bit activations with ``search_activation_bits``, no weight sparsity
+      with ``search_weight_sparsity``).
     - ``discrete``: ``Discrete(8)`` actions (True) or ``Box(-1, 1)`` (False).
     """
 
@@ -254,7 +264,7 @@ class ChannelCompressEnv(gym.Env):
         self.episode = Episode(self.problem)
         self.layer_controller = layer_controller
         self.discrete = discrete
-        self.observation_space = spaces.Box(-1.0, 1.0, (CHANNEL_OBS_DIM,), np.float32)
+        self.observation_space = spaces.Box(-1.0, 1.0, (self.problem.channel_obs_dim,), np.float32)
         self.action_space = spaces.Discrete(8) if discrete else spaces.Box(-1.0, 1.0, (1,), np.float32)
 
     def _begin_next_unit(self) -> None:

@@ -7,6 +7,11 @@ of each member layer, in importance order, one channel (or one chunk of adjacent
 policy is projected onto the budget (hard mode) and evaluated. :class:`Episode` holds that state;
 ``LayerCompress-v0`` and ``ChannelCompress-v0`` are two views of it (each asks a controller for the other level's
 actions), and the search drives one episode through both agents.
+
+With ``search_weight_sparsity`` each layer step also gets a *weight sparsity*: the fraction of its kept channels'
+weights removed by magnitude (policy version 2, whose sparse storage and BOPs the cost model counts exactly). A BOPs
+budget credits a removed weight with its MACs, which is how OPQ, OLMP and ADMM meet one while keeping every channel;
+the option lets the layer controller spend the budget the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 
 from ajpq.analysis import ChannelGroup, LayerInfo, ModelAnalysis
 from ajpq.budget import Budget, max_pruned, project_to_budget, smallest_policy
-from ajpq.cost import CostModel, CostReport, channel_extra_bits
+from ajpq.cost import INDEX_BITS, CostModel, CostReport, channel_extra_bits
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
 from ajpq.sensitivity import SensitivityTable
@@ -35,6 +40,9 @@ SENSITIVITY_FEATURES = 8
 LAYER_STATIC = SHAPE_FEATURES + SENSITIVITY_FEATURES
 LAYER_OBS_DIM = LAYER_STATIC + 6
 CHANNEL_OBS_DIM = LAYER_STATIC + 9
+"""Observation sizes; ``search_weight_sparsity`` appends one feature to each (``layer_obs_dim``)."""
+WEIGHT_SPARSITY_DECIMALS = 2
+"""A layer action's weight sparsity is rounded to this many decimals (a finite set of masks, as OPQ's grid)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,13 @@ class CompressionProblem:
     """Measured damage per layer step, given to both controllers (zeros in the observations when None)."""
     backend: Any = field(default=None, repr=False)
     """Evaluation backend of :meth:`finish_many` (an :class:`ajpq.backends.Backend`; None: ``evaluate`` in-process)."""
+    search_weight_sparsity: bool = False
+    """Let the layer agent pick each layer step's weight sparsity (magnitude, within kept channels) as an action."""
+    max_weight_sparsity: float = 0.95
+    """Largest weight sparsity the layer agent may pick, in [0, 1)."""
+    pricing: CostModel | None = field(default=None, repr=False)
+    """The cost model to use; one built with the model's weights (``CostModel.from_model``) is needed to price weight
+    sparsity. None: one without weights (dense policies only)."""
 
     def __post_init__(self) -> None:
         self._cache: dict[bytes, float] = {}
@@ -104,7 +119,9 @@ class CompressionProblem:
             raise ConfigError(f"max_sparsity must be in [0, 1), but got {self.max_sparsity}")
         if self.channel_group_size is not None and self.channel_group_size < 1:
             raise ConfigError(f"channel_group_size must be >= 1, but got {self.channel_group_size}")
-        self.cost_model = CostModel(self.analysis)
+        if not 0.0 <= self.max_weight_sparsity < 1.0:
+            raise ConfigError(f"max_weight_sparsity must be in [0, 1), but got {self.max_weight_sparsity}")
+        self.cost_model = self.pricing if self.pricing is not None else CostModel(self.analysis)
         min_abits = min(ACTIVATION_CHOICES) if self.search_activation_bits else self.activation_bits
         self.min_activation_bits = min_abits
         smallest = self.cost_model.evaluate(smallest_policy(self.analysis, self.max_sparsity, min_abits))
@@ -164,7 +181,20 @@ class CompressionProblem:
 
     @property
     def layer_action_dim(self) -> int:
-        return 2 if self.search_activation_bits else 1
+        return 1 + int(self.search_activation_bits) + int(self.search_weight_sparsity)
+
+    @property
+    def layer_obs_dim(self) -> int:
+        return LAYER_OBS_DIM + int(self.search_weight_sparsity)
+
+    @property
+    def channel_obs_dim(self) -> int:
+        return CHANNEL_OBS_DIM + int(self.search_weight_sparsity)
+
+    @property
+    def weight_sparsity_index(self) -> int:
+        """Index of the weight sparsity in a layer action (after the activation bits when those are searched)."""
+        return 1 + int(self.search_activation_bits)
 
     def sparsity_of(self, action: np.ndarray) -> float:
         """Layer action in [-1, 1] -> sparsity in [0, max_sparsity]."""
@@ -177,6 +207,19 @@ class CompressionProblem:
         a = float(np.clip(action[1], -1.0, 1.0))
         index = min(len(ACTIVATION_CHOICES) - 1, int((a + 1.0) / 2.0 * len(ACTIVATION_CHOICES)))
         return ACTIVATION_CHOICES[index]
+
+    def weight_sparsity_of(self, action: np.ndarray) -> float:
+        """Layer action -> weight sparsity in [0, max_weight_sparsity] (0 when it is not searched)."""
+        if not self.search_weight_sparsity:
+            return 0.0
+        a = float(np.clip(action[self.weight_sparsity_index], -1.0, 1.0))
+        return round((a + 1.0) / 2.0 * self.max_weight_sparsity, WEIGHT_SPARSITY_DECIMALS)
+
+    def weight_sparsity_action(self, sparsity: float) -> float:
+        """The layer action entry that gives ``sparsity`` (clipped to what may be picked); inverse of the above."""
+        if self.max_weight_sparsity <= 0:
+            return -1.0
+        return float(np.clip(2.0 * sparsity / self.max_weight_sparsity - 1.0, -1.0, 1.0))
 
     def project(self, policy: Policy) -> tuple[Policy, CostReport, bool]:
         """The policy that is evaluated (projected onto the budget in hard mode), its cost, and whether it moved."""
@@ -261,6 +304,8 @@ class Episode:
         self.min_rest_bops = float(sum(p.min_layer_bops.values()))
         self.prev_sparsity = 0.0
         self.prev_abits = 1.0
+        self.weight_sparsity = 0.0
+        """Weight sparsity of the current layer step (of the previous one in :meth:`layer_obs`)."""
         self.chunks: list[tuple[LayerInfo, np.ndarray, np.ndarray]] = []
         self.chunk_index = 0
         self.sparsity = 0.0
@@ -298,10 +343,13 @@ class Episode:
     def layer_obs(self) -> np.ndarray:
         """Observation before deciding the next layer step (the last one's when the episode is over)."""
         unit = self.next_unit or self.problem.units[-1]
-        obs = np.concatenate([unit.features, self._budget_features(), [self.prev_sparsity, self.prev_abits]]).astype(
-            np.float32
-        )
+        extra = [self.prev_sparsity, self.prev_abits, *self._weight_sparsity_feature()]
+        obs = np.concatenate([unit.features, self._budget_features(), extra]).astype(np.float32)
         return np.clip(obs, -1.0, 1.0)
+
+    def _weight_sparsity_feature(self) -> list[float]:
+        p = self.problem
+        return [self.weight_sparsity / max(p.max_weight_sparsity, 1e-9)] if p.search_weight_sparsity else []
 
     def channel_obs(self) -> np.ndarray:
         """Observation before assigning bits to the next chunk of channels."""
@@ -320,8 +368,8 @@ class Episode:
                 self.unit_bits_count / max(1, self.unit_surviving),
                 mean_bits,
             ]
-        obs = np.concatenate([unit.features, extra, self._budget_features()]).astype(np.float32)
-        return np.clip(obs, -1.0, 1.0)
+        obs = np.concatenate([unit.features, extra, self._budget_features(), self._weight_sparsity_feature()])
+        return np.clip(obs.astype(np.float32), -1.0, 1.0)
 
     # ---- transitions -------------------------------------------------------------------------------------
     def begin_unit(self, action: np.ndarray) -> None:
@@ -333,6 +381,7 @@ class Episode:
         self.unit_index += 1
         sparsity = p.sparsity_of(action) if unit.group.prunable else 0.0
         abits = p.activation_bits_of(action)
+        self.weight_sparsity = p.weight_sparsity_of(action)
         group = unit.group
         n_prune = min(unit.max_prune, round(sparsity * group.size)) if group.prunable else 0
         surviving = group.order[: group.size - n_prune]
@@ -351,6 +400,7 @@ class Episode:
             kept = rank < surviving.size
             layer_policy.weight_bits[~kept] = 0
             layer_policy.activation_bits = abits
+            layer_policy.weight_sparsity = self.weight_sparsity
             order = p.analysis.channel_order(layer.name)
             alive = order[kept[order]]
             self._fan[layer.name] = p.cost_model.fan_in(layer, p.cost_model.input_kept(layer, group_kept))
@@ -370,9 +420,11 @@ class Episode:
         layer, channels, _ = self.chunks[self.chunk_index]
         bits = int(min(8, max(1, bits)))
         self.policy.layers[layer.name].weight_bits[channels] = bits
-        fan = self._fan[layer.name][channels]
-        self.size_used += float(fan.sum() * bits + channel_extra_bits(layer) * channels.size)
-        self.bops_used += float(fan.sum() * bits * layer.out_hw * self.policy.layers[layer.name].activation_bits)
+        fan = float(self._fan[layer.name][channels].sum())
+        stored = fan * (1.0 - self.weight_sparsity)  # the magnitude mask's count, up to rounding
+        index = min(INDEX_BITS * stored, fan) if self.weight_sparsity > 0 else 0.0  # relative index or bitmap
+        self.size_used += stored * bits + index + channel_extra_bits(layer) * channels.size
+        self.bops_used += stored * bits * layer.out_hw * self.policy.layers[layer.name].activation_bits
         self.unit_bits_sum += bits * channels.size
         self.unit_bits_count += channels.size
         self.chunk_index += 1
@@ -384,8 +436,9 @@ class Episode:
     def demonstrate(
         self, target: Policy, channel_discrete: bool
     ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
-        """Walk a new episode towards ``target``: the actions that reproduce its pruning, activation bits and (per
-        chunk, rounded mean) weight bits, with the observations they are taken in.
+        """Walk a new episode towards ``target``: the actions that reproduce its pruning, activation bits, weight
+        sparsity (when searched; clipped to ``max_weight_sparsity``) and (per chunk, rounded mean) weight bits, with
+        the observations they are taken in.
 
         Returns the layer and the channel (observation, action) pairs; the episode is then complete and can be
         finished. This is how known good policies (the warm start) become demonstrations for the agents.
@@ -405,6 +458,8 @@ class Episode:
                     min(ACTIVATION_CHOICES, key=lambda b: abs(b - target.layers[member].activation_bits))
                 )
                 action.append(-1.0 + (index + 0.5) / len(ACTIVATION_CHOICES) * 2.0)
+            if p.search_weight_sparsity:
+                action.append(p.weight_sparsity_action(target.layers[member].weight_sparsity))
             layer_action = np.clip(np.array(action, dtype=np.float32), -1.0, 1.0)
             layer_steps.append((self.layer_obs(), layer_action))
             self.begin_unit(layer_action.astype(np.float64))

@@ -14,6 +14,7 @@ from nets import ResidualDepthwiseNet
 from ajpq.agents import make_controller
 from ajpq.analysis import analyze_model
 from ajpq.budget import Budget, max_pruned
+from ajpq.cost import CostModel
 from ajpq.envs import ChannelCompressEnv, CompressionProblem, LayerCompressEnv
 from ajpq.envs.core import CHANNEL_OBS_DIM, LAYER_OBS_DIM
 from ajpq.errors import ConfigError
@@ -81,24 +82,68 @@ def problem() -> CompressionProblem:
     return CompressionProblem(analysis, evaluate, 1.0, budget=Budget(size=0.5), search_activation_bits=True)
 
 
+@pytest.fixture(scope="module")
+def sparse_problem(problem: CompressionProblem) -> CompressionProblem:
+    """``problem`` with weight sparsity searched too (up to 0.8), priced by a cost model that has the weights."""
+    torch.manual_seed(0)
+    net = ResidualDepthwiseNet()
+    analysis = analyze_model(net, (1, 4, 4))
+    return CompressionProblem(
+        analysis,
+        problem.evaluate,
+        1.0,
+        budget=Budget(size=0.5),
+        search_activation_bits=True,
+        search_weight_sparsity=True,
+        max_weight_sparsity=0.8,
+        pricing=CostModel.from_model(analysis, net),
+    )
+
+
 @pytest.mark.parametrize(
     ("env_class", "dim"), [(LayerCompressEnv, LAYER_OBS_DIM), (ChannelCompressEnv, CHANNEL_OBS_DIM)]
 )
 def test_documented_observation_table_matches_the_space(
-    problem: CompressionProblem, env_class: type[LayerCompressEnv] | type[ChannelCompressEnv], dim: int
+    problem: CompressionProblem,
+    sparse_problem: CompressionProblem,
+    env_class: type[LayerCompressEnv] | type[ChannelCompressEnv],
+    dim: int,
 ) -> None:
-    env = env_class(problem)
     doc = env_class.__doc__ or ""
-    assert _table_indices(doc, "Observation Space") == list(range(dim))
-    assert env.observation_space.shape == (dim,)
-    assert f"Box(-1, 1, ({dim},), float32)" in doc
+    assert _table_indices(doc, "Observation Space") == list(range(dim + 1))  # the last row: weight sparsity only
+    assert env_class(problem).observation_space.shape == (dim,)
+    assert env_class(sparse_problem).observation_space.shape == (dim + 1,)
+    assert f"Box(-1, 1, ({dim},), float32)" in doc and f"{dim + 1} with ``search_weight_sparsity``" in doc
     for section in ("Action Space", "Observation Space", "Rewards", "Starting State", "Episode End", "Arguments"):
         assert f"\n    ## {section}\n" in doc
 
 
-def test_documented_layer_action_table_matches_the_space(problem: CompressionProblem) -> None:
-    env = LayerCompressEnv(problem)
+def test_documented_layer_action_table_matches_the_space(sparse_problem: CompressionProblem) -> None:
+    env = LayerCompressEnv(sparse_problem)
     assert _table_indices(LayerCompressEnv.__doc__ or "", "Action Space") == list(range(env.action_space.shape[0]))
+
+
+def test_the_weight_sparsity_action_reaches_the_policy_and_both_observations(
+    sparse_problem: CompressionProblem,
+) -> None:
+    problem = sparse_problem
+    env = LayerCompressEnv(problem, channel_controller=lambda obs: 3)  # 4 bits everywhere
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (31,) and obs[30] == 0.0  # no step decided yet
+    first = problem.units[0]
+    obs, *_ = env.step(np.array([-1.0, 1.0, 0.0], dtype=np.float32))  # no pruning, 8-bit activations, (0+1)/2*0.8
+    assert obs[30] == pytest.approx(0.4 / 0.8)
+    for member in first.members:
+        assert env.episode.policy.layers[member.name].weight_sparsity == 0.4
+    channel_env = ChannelCompressEnv(problem, layer_controller=lambda obs: np.array([-1.0, 1.0, 0.5]))
+    channel_obs, _ = channel_env.reset(seed=0)
+    assert channel_obs.shape == (34,) and channel_obs[33] == pytest.approx(0.6 / 0.8)  # (0.5+1)/2*0.8 = 0.6
+    # what the episode counts as used is the magnitude mask's count, up to its rounding
+    while not env.episode.all_decided:
+        env.step(np.array([-1.0, 1.0, 0.0], dtype=np.float32))
+    report = problem.cost_model.evaluate(env.episode.policy)
+    assert env.episode.bops_used == pytest.approx(report.bops, rel=0.05)
+    assert all(cost.storage != "dense" for cost in report.layers)
 
 
 def test_observations_hold_what_the_tables_say(problem: CompressionProblem) -> None:

@@ -56,6 +56,29 @@ def test_short_search_writes_valid_best_policy_and_tensorboard(tmp_path: Path) -
     assert load_policy(out, workspace.analysis).metrics["episode"] == 3
 
 
+def test_a_weight_sparsity_search_starts_from_opq_and_finds_sparse_policies_within_budget(tmp_path: Path) -> None:
+    config = SearchConfig(
+        episodes=16,
+        size_budget=None,
+        bops_budget=1 / 64,
+        search_weight_sparsity=True,
+        run_dir=str(tmp_path / "run"),
+        **FAST,
+    )
+    run = run_search(config).run_dir
+    rows = _lines(run)
+    assert all(r["bops_ratio"] <= 1 / 64 for r in rows)
+    workspace = open_workspace(WorkspaceSpec(), progress=False)
+    run_dir = RunDir.open(run)
+    policies = [run_dir.read_policy(r["episode"], "digits_cnn", None) for r in rows]
+    warm = [p for p, r in zip(policies, rows, strict=True) if r["phase"] == "warm_start"]
+    assert any(layer.weight_sparsity > 0 for p in warm for layer in p.layers.values())  # OPQ's allocation
+    rl = [p for p, r in zip(policies, rows, strict=True) if r["phase"] == "rl"]
+    assert len({layer.weight_sparsity for p in rl for layer in p.layers.values()}) > 3  # the agent picks them
+    best = load_policy(run / "best_policy.json", workspace.analysis)
+    assert workspace.cost_model.evaluate(best).bops_ratio <= 1 / 64
+
+
 @pytest.mark.parametrize("layer,channel", [("ppo", "ppo"), ("ppo", "ddpg"), ("ddpg", "ppo"), ("ddpg", "ddpg")])
 def test_every_agent_combination_runs(tmp_path: Path, layer: str, channel: str) -> None:
     config = SearchConfig(episodes=4, layer_agent=layer, channel_agent=channel, run_dir=str(tmp_path / "run"), **FAST)
@@ -82,6 +105,7 @@ def test_impossible_budget_is_refused_before_searching(tmp_path: Path, capsys: p
     [
         (["search", "--size-budget", "1.7"], r"size_budget must be in (0, 1], but got 1.7"),
         (["search", "--episodes", "0"], "episodes must be an integer >= 1"),
+        (["search", "--max-weight-sparsity", "1"], "max_weight_sparsity must be in [0, 1), but got 1.0"),
         (["search", "--resume", "/nonexistent/run"], "no such run folder"),
         (["export", "--run", "/nonexistent/run", "--out", "x.json"], "no such run folder"),
     ],

@@ -11,7 +11,7 @@ from torch import nn
 from ajpq.agents import make_controller
 from ajpq.allocation import budget_load, greedy_allocation, warm_start_policies
 from ajpq.analysis import analyze_model
-from ajpq.budget import Budget
+from ajpq.budget import Budget, project_to_budget
 from ajpq.compress import SimulatedModel
 from ajpq.cost import CostModel
 from ajpq.data import TensorSplit
@@ -187,3 +187,81 @@ def test_refinement_never_returns_worse_or_over_budget(small: dict) -> None:
     assert best.reward > start.reward  # moving bits to the valuable layers must pay off here
     for _ in range(20):
         validate_policy(neighbour(problem, best.policy, np.random.default_rng(_)), analysis)
+
+
+def _sparse_problem(small: dict, score, budget: Budget) -> CompressionProblem:
+    return CompressionProblem(
+        small["analysis"],
+        score,
+        1.0,
+        budget=budget,
+        max_sparsity=0.75,
+        search_weight_sparsity=True,
+        max_weight_sparsity=0.8,
+        pricing=CostModel.from_model(small["analysis"], small["model"]),
+    )
+
+
+def test_a_demonstration_reproduces_weight_sparsity_clipped_to_the_largest_allowed(small: dict) -> None:
+    problem = _sparse_problem(small, lambda p: 0.5, Budget(size=0.3))
+    target = Policy.uniform(small["analysis"], 3, 8)
+    target.layers["conv2"].weight_sparsity = 0.35
+    target.layers["fc1"].weight_sparsity = 0.9  # more than max_weight_sparsity 0.8 allows
+    episode = Episode(problem)
+    layer_steps, _ = episode.demonstrate(target, channel_discrete=True)
+    assert layer_steps[1][1][-1] == pytest.approx(2 * 0.35 / 0.8 - 1)
+    sparsity = {name: layer.weight_sparsity for name, layer in episode.policy.layers.items()}
+    assert sparsity == {"conv1": 0.0, "conv2": 0.35, "fc1": 0.8, "fc2": 0.0}
+
+
+def test_projection_of_a_weight_sparse_policy_lowers_bits_only_and_fits(small: dict) -> None:
+    analysis = small["analysis"]
+    cost = CostModel.from_model(analysis, small["model"])
+    policy = Policy.uniform(analysis, 8, 8)
+    for name, sparsity in (("conv2", 0.5), ("fc1", 0.7)):
+        policy.layers[name].weight_sparsity = sparsity
+    before = cost.evaluate(policy)
+    budget = Budget(size=before.size_ratio * 0.6)
+    projected, report = project_to_budget(policy, analysis, cost, budget, max_sparsity=0.75)
+    assert budget.fits(report) and report == cost.evaluate(projected)
+    for name, layer in projected.layers.items():
+        assert layer.weight_sparsity == policy.layers[name].weight_sparsity  # the masks stay
+        assert (layer.weight_bits > 0).all()  # lowering bits was enough: nothing pruned
+    stored = {c.name: c.weights for c in report.layers}
+    assert stored == {c.name: c.weights for c in before.layers}  # the same weights stored, at fewer bits
+
+
+def test_refinement_moves_weight_sparsity_within_range_and_budget(small: dict) -> None:
+    analysis = small["analysis"]
+
+    def score(policy: Policy) -> float:  # stand-in: bits are worth more than dense weights
+        return sum(float(layer.weight_bits.mean()) + layer.weight_sparsity for layer in policy.layers.values()) / 40
+
+    budget = Budget(size=0.1)
+    problem = _sparse_problem(small, score, budget)
+    start = problem.finish(Policy.uniform(analysis, 2, 8))
+    evaluated: list = []
+
+    def evaluate(policies: list) -> list:
+        results = [problem.finish(p) for p in policies]
+        evaluated.extend(results)
+        return results
+
+    best, _ = refine(problem, start, evaluate, 40, np.random.default_rng(0))
+    assert all(budget.fits(r.report) for r in evaluated)
+    values = {layer.weight_sparsity for r in evaluated for layer in r.policy.layers.values()}
+    assert max(values) > 0 and all(0.0 <= v <= 0.8 and round(v, 2) == v for v in values)
+    assert best.reward > start.reward and any(layer.weight_sparsity > 0 for layer in best.policy.layers.values())
+
+
+def test_warm_start_takes_further_starts_projected_onto_the_budget(small: dict) -> None:
+    analysis = small["analysis"]
+    cost = CostModel.from_model(analysis, small["model"])
+    budget = Budget(bops=0.02)
+    sparse = Policy.uniform(analysis, 6, 8)
+    for layer in sparse.layers.values():
+        layer.weight_sparsity = 0.6
+    policies = warm_start_policies(analysis, cost, None, budget, max_sparsity=0.75, activation_bits=8, also=[sparse])
+    assert len(policies) == 2  # the further start, then uniform
+    assert all(budget.fits(cost.evaluate(p)) for p in policies)
+    assert {layer.weight_sparsity for layer in policies[0].layers.values()} == {0.6}

@@ -19,7 +19,9 @@ import numpy as np
 from ajpq.agents import make_controller
 from ajpq.allocation import warm_start_policies
 from ajpq.envs import ChannelCompressEnv, Episode, EpisodeResult, LayerCompressEnv, bits_of
+from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method, set_rng_state
+from ajpq.methods.opq import opq_policy
 from ajpq.refine import refine
 from ajpq.train import cpu_threads
 
@@ -60,8 +62,9 @@ def _best_result(context: SearchContext) -> Any:
 class AJPQ:
     """The hierarchical RL search: a layer agent and a channel agent act in every episode and learn from it.
 
-    Three phases share the episode count: the warm start (the sensitivity allocation and uniform policies,
-    demonstrated to the agents), the RL episodes, and a local search around the best policy (:mod:`ajpq.refine`).
+    Three phases share the episode count: the warm start (the sensitivity allocation and uniform policies, and OPQ's
+    allocation when weight sparsity is searched, demonstrated to the agents), the RL episodes, and a local search
+    around the best policy (:mod:`ajpq.refine`).
     """
 
     name = "ajpq"
@@ -104,6 +107,22 @@ def run_ajpq(context: SearchContext) -> None:
         rng.bit_generator.state = method_state["rng"]
         set_rng_state(state["rng"])
     elif config.warm_start:
+        also = []
+        if config.search_weight_sparsity:  # the analytic weight-sparse allocation, as OPQ computes it
+            weights = {name: w.cpu().numpy() for name, w in context.workspace.simulated.reference_weights().items()}
+            try:
+                also.append(
+                    opq_policy(
+                        problem.analysis,
+                        problem.cost_model,
+                        weights,
+                        problem.budget.hard(),
+                        max_pruning=config.max_weight_sparsity,
+                        activation_bits=config.activation_bits,
+                    )[0]
+                )
+            except BudgetError:
+                pass  # it needs channel pruning to fit: the other starts have it
         policies = warm_start_policies(
             problem.analysis,
             problem.cost_model,
@@ -112,6 +131,7 @@ def run_ajpq(context: SearchContext) -> None:
             max_sparsity=config.max_sparsity,
             activation_bits=config.activation_bits,
             search_activation_bits=config.search_activation_bits,
+            also=also,
         )[: max(1, config.episodes // 2)]
         demos, demonstrated = [], []
         for target in policies:
