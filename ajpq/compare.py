@@ -78,6 +78,9 @@ class CompareConfig:
     """Size budgets as ratios of FP32 (numbers or "1/16" strings)."""
     bops_budgets: list[Any] = field(default_factory=list)
     """BOPs budgets as ratios of FP32, each run as a row of its own (no size budget)."""
+    joint_budgets: list[Any] = field(default_factory=list)
+    """Size and BOPs budgets met together: each a pair ``[size, bops]`` of ratios (e.g. ``["1/100", "1/300"]``),
+    run as a row of its own."""
     seed: int = 0
     """Seed of every method and of fine-tuning."""
     episodes: int = 100
@@ -104,13 +107,25 @@ class CompareConfig:
                 close = difflib.get_close_matches(str(method), ALL_METHODS, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown method {method!r} in methods{hint} (known: {', '.join(ALL_METHODS)})")
-        for name in ("budgets", "bops_budgets"):
+        for name in ("budgets", "bops_budgets", "joint_budgets"):
             if not isinstance(getattr(self, name), list):
                 raise ConfigError(f"{name} must be a list of ratios, but got {getattr(self, name)!r}")
-        if not self.budgets and not self.bops_budgets:
-            raise ConfigError("budgets and bops_budgets are both empty; give at least one ratio, e.g. budgets: [1/16]")
+        if not self.budgets and not self.bops_budgets and not self.joint_budgets:
+            raise ConfigError(
+                "budgets, bops_budgets and joint_budgets are all empty; give at least one ratio, e.g. budgets: [1/16]"
+            )
         self.budgets = [parse_ratio("budgets", b) for b in self.budgets]
         self.bops_budgets = [parse_ratio("bops_budgets", b) for b in self.bops_budgets]
+        for pair in self.joint_budgets:
+            if not isinstance(pair, list | tuple) or len(pair) != 2:
+                raise ConfigError(
+                    f"joint_budgets entries must be [size, bops] pairs of ratios such as ['1/100', '1/300'], "
+                    f"but got {pair!r}"
+                )
+        self.joint_budgets = [
+            [parse_ratio("joint_budgets size", size), parse_ratio("joint_budgets bops", bops)]
+            for size, bops in self.joint_budgets
+        ]
         if not isinstance(self.workspace, WorkspaceSpec):
             raise ConfigError(f"workspace must be a WorkspaceSpec, but got {self.workspace!r}")
         for name in ("seed", "episodes", "finetune_epochs"):
@@ -165,8 +180,12 @@ def run_folder_name(method: str, label: str) -> str:
 
 
 def compare_budgets(config: CompareConfig) -> list[Budget]:
-    """The rows' budgets: each size budget, then each BOPs budget."""
-    return [Budget(size=b) for b in config.budgets] + [Budget(bops=b) for b in config.bops_budgets]
+    """The rows' budgets: each size budget, then each BOPs budget, then each joint one."""
+    return (
+        [Budget(size=b) for b in config.budgets]
+        + [Budget(bops=b) for b in config.bops_budgets]
+        + [Budget(size=size, bops=bops) for size, bops in config.joint_budgets]
+    )
 
 
 def run_result(workspace: Any, run_dir: Path) -> tuple[Policy, nn.Module]:

@@ -5,9 +5,10 @@
     python experiments/bench_quality.py --suites digits lenet5 --seeds 3 --episodes 300
 
 Suites (full mode):
-* ``lenet5``: LeNet-5 on Fashion-MNIST, size budgets 1/32, 1/64, 1/100 and a BOPs budget 1/256 with activation bits
-  and weight sparsity searched; ajpq and random on every seed (equal evaluation counts, the same scorer), the one-shot
-  and retraining methods (uniform, opq, olmp, admm) on the first seed; every result fine-tuned the same (3 epochs).
+* ``lenet5``: LeNet-5 on Fashion-MNIST, size budgets 1/32, 1/64, 1/100 (``--part 0``), a BOPs budget 1/256 (part 1)
+  and size 1/100 with BOPs 1/300 together (part 2), activation bits and weight sparsity searched in parts 1 and 2;
+  ajpq and random on every seed (equal evaluation counts, the same scorer), the one-shot and retraining methods
+  (uniform, opq, olmp, admm) on the first seed; every result fine-tuned the same (3 epochs).
 * ``resnet20``: ResNet-20 on Fashion-MNIST (BatchNorm, residual coupling), size budgets 1/16 and 1/32, one seed.
 * ``digits``: digits_cnn on digits, size budgets 0.1 and 0.05, ajpq against random search (best validation accuracy
   of the search itself, no fine-tuning), every seed.
@@ -73,6 +74,12 @@ def suites(quick: bool, episodes: int | None, proxy_steps: int) -> dict[str, lis
                 **lenet,
                 "budgets": [],
                 "bops_budgets": ["1/256"],
+                "search": {"search_activation_bits": True, "search_weight_sparsity": True, **proxy},
+            },
+            {  # the target: 100x smaller and 300x fewer BOPs at once
+                **lenet,
+                "budgets": [],
+                "joint_budgets": [["1/100", "1/300"]],
                 "search": {"search_activation_bits": True, "search_weight_sparsity": True, **proxy},
             },
         ],

@@ -10,7 +10,7 @@ from ajpq import load_compressed
 from ajpq.cli import main
 from ajpq.compare import CompareConfig, load_compare_config
 from ajpq.data import load_dataset
-from ajpq.errors import ConfigError
+from ajpq.errors import BudgetError, ConfigError
 from ajpq.train import evaluate_accuracy
 
 
@@ -44,6 +44,11 @@ def test_compare_config_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="1/16"):
         CompareConfig(budgets=["one sixteenth"])
     assert CompareConfig(budgets=["1/16", 0.5]).budgets == [0.0625, 0.5]
+    with pytest.raises(ConfigError, match=r"^joint_budgets entries must be \[size, bops\] pairs .* but got '1/100'$"):
+        CompareConfig(joint_budgets=["1/100"])
+    with pytest.raises(BudgetError, match=r"^joint_budgets bops must be in \(0, 1\], but got 3"):
+        CompareConfig(joint_budgets=[["1/100", 3]])
+    assert CompareConfig(budgets=[], joint_budgets=[["1/100", "1/300"]]).joint_budgets == [[0.01, 1 / 300]]
     bad = tmp_path / "bad.yaml"
     bad.write_text("default:\n  method: [opq]\n")
     with pytest.raises(ConfigError, match="did you mean 'methods'"):
@@ -58,7 +63,8 @@ def test_shipped_configs_load():
 
 
 def test_compare_bops_budget_runs_random_through_the_search(tmp_path):
-    """A BOPs row; random goes through `ajpq search` with the same search options (activation bits searched)."""
+    """A BOPs row and a joint row; random goes through `ajpq search` with the same search options (activation bits
+    searched)."""
     import json
 
     import yaml
@@ -67,12 +73,21 @@ def test_compare_bops_budget_runs_random_through_the_search(tmp_path):
     config = tmp_path / "bops.yaml"
     config.write_text(
         "default:\n  methods: [random, uniform]\n  budgets: []\n  bops_budgets: ['1/64']\n  episodes: 4\n"
+        "  joint_budgets: [['1/8', '1/64']]\n"
         f"  finetune_epochs: 0\n  search: {{search_activation_bits: true}}\n  out_dir: {out}\n"
     )
     assert main(["compare", "--config", str(config), "--device", "cpu"]) == 0
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    assert [(r["method"], r["budget"]) for r in rows] == [("random", "BOPs 1/64"), ("uniform", "BOPs 1/64")]
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("random", "BOPs 1/64"),
+        ("uniform", "BOPs 1/64"),
+        ("random", "1/8 + BOPs 1/64"),
+        ("uniform", "1/8 + BOPs 1/64"),
+    ]
     assert all(float(r["bops_compression"]) >= 64 for r in rows)
+    assert all(float(r["size_compression"]) >= 8 for r in rows[2:])
+    joint = yaml.safe_load((out / "random__1_8__BOPs_1_64" / "config.yaml").read_text())["default"]
+    assert (joint["size_budget"], joint["bops_budget"]) == (1 / 8, 1 / 64)
     run = out / "random__BOPs_1_64"
     saved = yaml.safe_load((run / "config.yaml").read_text())["default"]
     assert saved["method"] == "random" and saved["search_activation_bits"] is True and saved["bops_budget"] == 1 / 64
