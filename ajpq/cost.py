@@ -232,6 +232,11 @@ class CostModel:
         )
         self.reference_bops = sum(layer.macs for layer in analysis.layers) * FP32_BITS * FP32_BITS
 
+    @property
+    def prices_sparsity(self) -> bool:
+        """Whether this cost model has the weights, which pricing weight sparsity needs."""
+        return self._magnitudes is not None
+
     @classmethod
     def from_model(cls, analysis: ModelAnalysis, model: nn.Module) -> CostModel:
         """A cost model that can price weight sparsity, with ``model``'s BN-folded weights."""

@@ -122,6 +122,11 @@ class CompressionProblem:
         if not 0.0 <= self.max_weight_sparsity < 1.0:
             raise ConfigError(f"max_weight_sparsity must be in [0, 1), but got {self.max_weight_sparsity}")
         self.cost_model = self.pricing if self.pricing is not None else CostModel(self.analysis)
+        if self.search_weight_sparsity and not self.cost_model.prices_sparsity:
+            raise ConfigError(
+                "search_weight_sparsity needs a cost model built with the weights: pass "
+                "pricing=CostModel.from_model(analysis, model) (problem_from_workspace does)"
+            )
         min_abits = min(ACTIVATION_CHOICES) if self.search_activation_bits else self.activation_bits
         self.min_activation_bits = min_abits
         smallest = self.cost_model.evaluate(smallest_policy(self.analysis, self.max_sparsity, min_abits))

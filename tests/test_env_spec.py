@@ -126,6 +126,8 @@ def test_documented_layer_action_table_matches_the_space(sparse_problem: Compres
 def test_the_weight_sparsity_action_reaches_the_policy_and_both_observations(
     sparse_problem: CompressionProblem,
 ) -> None:
+    with pytest.raises(ConfigError, match=r"^search_weight_sparsity needs a cost model built with the weights"):
+        CompressionProblem(sparse_problem.analysis, sparse_problem.evaluate, 1.0, search_weight_sparsity=True)
     problem = sparse_problem
     env = LayerCompressEnv(problem, channel_controller=lambda obs: 3)  # 4 bits everywhere
     obs, _ = env.reset(seed=0)
