@@ -67,6 +67,7 @@ def suites(quick: bool, episodes: int | None, proxy_steps: int) -> dict[str, lis
         "finetune_epochs": 3,
         "method_options": OLMP_ADMM_OPTIONS,
     }
+    searched = {"search_activation_bits": True, "search_weight_sparsity": True, **proxy}  # parts 1 and 2
     return {
         "lenet5": [
             {**lenet, "budgets": ["1/32", "1/64", "1/100"], "search": proxy},
@@ -74,13 +75,13 @@ def suites(quick: bool, episodes: int | None, proxy_steps: int) -> dict[str, lis
                 **lenet,
                 "budgets": [],
                 "bops_budgets": ["1/256"],
-                "search": {"search_activation_bits": True, "search_weight_sparsity": True, **proxy},
+                "search": searched,
             },
             {  # the target: 100x smaller and 300x fewer BOPs at once
                 **lenet,
                 "budgets": [],
                 "joint_budgets": [["1/100", "1/300"]],
-                "search": {"search_activation_bits": True, "search_weight_sparsity": True, **proxy},
+                "search": searched,
             },
         ],
         "resnet20": [

@@ -162,6 +162,21 @@ def test_imitation_makes_the_agents_act_like_the_demonstration(small: dict, kind
                 assert channel_agent.model.actor(obs_t).item() == pytest.approx(float(action[0]), abs=0.1)
 
 
+def _refine_from_two_bits(problem: CompressionProblem, evaluations: int) -> tuple:
+    """Refine from 2 bits everywhere (seed 0): the start, the best result, the evaluations used, and every
+    evaluated result."""
+    start = problem.finish(Policy.uniform(problem.analysis, 2, 8))
+    evaluated: list = []
+
+    def evaluate(policies: list) -> list:
+        results = [problem.finish(p) for p in policies]
+        evaluated.extend(results)
+        return results
+
+    best, used = refine(problem, start, evaluate, evaluations, np.random.default_rng(0))
+    return start, best, used, evaluated
+
+
 def test_refinement_never_returns_worse_or_over_budget(small: dict) -> None:
     analysis = small["analysis"]
     weights = {layer.name: float(i + 1) for i, layer in enumerate(analysis.layers)}
@@ -171,15 +186,7 @@ def test_refinement_never_returns_worse_or_over_budget(small: dict) -> None:
 
     budget = Budget(size=0.1)
     problem = CompressionProblem(analysis, score, 1.0, budget=budget, max_sparsity=0.75)
-    start = problem.finish(Policy.uniform(analysis, 2, 8))
-    evaluated: list = []
-
-    def evaluate(policies: list) -> list:
-        results = [problem.finish(p) for p in policies]
-        evaluated.extend(results)
-        return results
-
-    best, used = refine(problem, start, evaluate, 24, np.random.default_rng(0))
+    start, best, used, evaluated = _refine_from_two_bits(problem, 24)
     assert used == len(evaluated) <= 24
     assert all(budget.fits(r.report) for r in evaluated)
     assert best.reward >= start.reward and budget.fits(best.report)
@@ -232,22 +239,12 @@ def test_projection_of_a_weight_sparse_policy_lowers_bits_only_and_fits(small: d
 
 
 def test_refinement_moves_weight_sparsity_within_range_and_budget(small: dict) -> None:
-    analysis = small["analysis"]
-
     def score(policy: Policy) -> float:  # stand-in: bits are worth more than dense weights
         return sum(float(layer.weight_bits.mean()) + layer.weight_sparsity for layer in policy.layers.values()) / 40
 
     budget = Budget(size=0.1)
     problem = _sparse_problem(small, score, budget)
-    start = problem.finish(Policy.uniform(analysis, 2, 8))
-    evaluated: list = []
-
-    def evaluate(policies: list) -> list:
-        results = [problem.finish(p) for p in policies]
-        evaluated.extend(results)
-        return results
-
-    best, _ = refine(problem, start, evaluate, 40, np.random.default_rng(0))
+    start, best, _, evaluated = _refine_from_two_bits(problem, 40)
     assert all(budget.fits(r.report) for r in evaluated)
     values = {layer.weight_sparsity for r in evaluated for layer in r.policy.layers.values()}
     assert max(values) > 0 and all(0.0 <= v <= 0.8 and round(v, 2) == v for v in values)

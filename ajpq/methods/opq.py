@@ -154,6 +154,22 @@ def opq_policy(
     return policy, {"lambda": high, "allocation": allocation}
 
 
+def workspace_opq_policy(
+    workspace: Any, budget: Budget, *, max_pruning: float, activation_bits: int
+) -> tuple[Policy, dict[str, Any]]:
+    """:func:`opq_policy` of a workspace's FP32 weights (the opq method's result, and ajpq's weight-sparse start)."""
+    simulated = workspace.simulated
+    weights = {name: weight.cpu().numpy() for name, weight in simulated.reference_weights().items()}
+    return opq_policy(
+        workspace.analysis,
+        simulated.cost_model,
+        weights,
+        budget,
+        max_pruning=max_pruning,
+        activation_bits=activation_bits,
+    )
+
+
 @register_method
 class OPQ:
     name = "opq"
@@ -162,14 +178,11 @@ class OPQ:
     episodic = False
 
     def run(self, context: SearchContext, options: OPQOptions) -> None:
-        simulated = context.workspace.simulated
-        weights = {name: weight.cpu().numpy() for name, weight in simulated.reference_weights().items()}
-        policy, info = opq_policy(
-            context.workspace.analysis,
-            simulated.cost_model,
-            weights,
+        policy, info = workspace_opq_policy(
+            context.workspace,
             context.problem.budget,
             max_pruning=options.max_pruning,
             activation_bits=options.activation_bits,
         )
+        simulated = context.workspace.simulated
         context.finish(policy, simulated, lagrange_multiplier=info["lambda"], allocation=info["allocation"])

@@ -21,7 +21,7 @@ from ajpq.allocation import warm_start_policies
 from ajpq.envs import ChannelCompressEnv, Episode, EpisodeResult, LayerCompressEnv, bits_of
 from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method, set_rng_state
-from ajpq.methods.opq import opq_policy
+from ajpq.methods.opq import workspace_opq_policy
 from ajpq.refine import refine
 from ajpq.train import cpu_threads
 
@@ -109,13 +109,10 @@ def run_ajpq(context: SearchContext) -> None:
     elif config.warm_start:
         also = []
         if config.search_weight_sparsity:  # the analytic weight-sparse allocation, as OPQ computes it
-            weights = {name: w.cpu().numpy() for name, w in context.workspace.simulated.reference_weights().items()}
             try:
                 also.append(
-                    opq_policy(
-                        problem.analysis,
-                        problem.cost_model,
-                        weights,
+                    workspace_opq_policy(
+                        context.workspace,
                         problem.budget.hard(),
                         max_pruning=config.max_weight_sparsity,
                         activation_bits=config.activation_bits,
