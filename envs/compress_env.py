@@ -222,7 +222,7 @@ class ChannelCompressEnv(gym.Env):
     | 32 | squashed BOPs still allowed / BOPs budget | (-1, 1) |
     | 33 | the step's weight sparsity / max_weight_sparsity (only with ``search_weight_sparsity``) | [0, 1] |
 
-    After the last chunk (the final observation) indices 24-28 are ``1, 0, sparsity, 1, 0``.
+    After the last chunk (the final observation) indices 24-28 are ``1, 0, sparsity / max_sparsity, 1, 0``.
 
     ## Rewards
 

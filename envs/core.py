@@ -359,8 +359,9 @@ class Episode:
     def channel_obs(self) -> np.ndarray:
         """Observation before assigning bits to the next chunk of channels."""
         unit = self.problem.units[max(self.unit_index, 0)]
+        sparsity = self.sparsity / max(self.problem.max_sparsity, 1e-9)
         if self.unit_done or not self.chunks:
-            extra = [1.0, 0.0, self.sparsity, 1.0, 0.0]
+            extra = [1.0, 0.0, sparsity, 1.0, 0.0]
         else:
             layer, channels, ranks = self.chunks[self.chunk_index]
             importance = self.problem.analysis.layer_importance[layer.name]
@@ -369,7 +370,7 @@ class Episode:
             extra = [
                 float(ranks.mean()),
                 _squash(float(importance[channels].mean()) / mean),
-                self.sparsity / max(self.problem.max_sparsity, 1e-9),
+                sparsity,
                 self.unit_bits_count / max(1, self.unit_surviving),
                 mean_bits,
             ]

@@ -175,6 +175,18 @@ def test_observations_hold_what_the_tables_say(problem: CompressionProblem) -> N
     assert channel_obs[28] == pytest.approx(4 / 8)
 
 
+def test_final_channel_observation_is_the_documented_row(problem: CompressionProblem) -> None:
+    """After the last chunk indices 24-28 are ``1, 0, sparsity / max_sparsity, 1, 0``; the last step is the output
+    layer, which is never pruned, so its sparsity entry is 0."""
+    channel_env = ChannelCompressEnv(problem, layer_controller=lambda obs: np.array([1.0, 1.0]))
+    channel_env.reset(seed=0)
+    terminated = False
+    while not terminated:
+        channel_obs, _, terminated, _, _ = channel_env.step(0)
+    assert not problem.units[-1].group.prunable
+    np.testing.assert_array_equal(channel_obs[24:29], [1.0, 0.0, 0.0, 1.0, 0.0])
+
+
 class MultiDiscreteEnv(gymnasium.Env):
     """An action space PPO accepts but the controllers cannot sample warm-up actions from."""
 
