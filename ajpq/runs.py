@@ -67,6 +67,22 @@ def decode_policy(data: dict[str, Any], model_name: str | None, fingerprint: str
     return Policy(layers=layers, model_name=model_name, fingerprint=fingerprint)
 
 
+def best_by_phase(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The best feasible episode (highest reward, earliest on ties) of each ``phase`` the records name, in the order
+    of their first feasible episodes: what each part of a search (``ajpq``'s warm start, RL episodes and refinement)
+    found, so a user sees whether the RL improved on its start."""
+    best: dict[str, dict[str, Any]] = {}
+    for record in records:
+        phase = record.get("phase")
+        if (
+            phase is not None
+            and record.get("feasible")
+            and (phase not in best or record["reward"] > best[phase]["reward"])
+        ):
+            best[phase] = {key: record[key] for key in ("episode", "reward", "accuracy")}
+    return best
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete lines of a JSON-lines file; a torn last line (process killed mid-write) is ignored."""
     if not path.is_file():

@@ -29,7 +29,7 @@ from ajpq.methods import METHODS, SearchContext, method_class
 from ajpq.methods.base import StopOnSignal, method_options
 from ajpq.proxy import ProxyOptions, make_evaluator
 from ajpq.quant import ACTIVATION_BITS_ALLOWED
-from ajpq.runs import RunDir
+from ajpq.runs import RunDir, best_by_phase
 from ajpq.sensitivity import load_or_measure
 from ajpq.train import seed_everything
 from ajpq.workspace import SPEC_KEYS, Workspace, WorkspaceSpec, open_workspace
@@ -213,6 +213,8 @@ class SearchResult:
     """Validation accuracy of the FP32 model (the reward is the accuracy change against it)."""
     evaluations: int = 0
     """Episodes this call recorded (a resumed run's earlier ones not counted)."""
+    best_by_phase: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Best feasible episode of each search phase over the whole run (:func:`ajpq.runs.best_by_phase`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -223,6 +225,7 @@ class SearchResult:
             "episodes_per_s": self.episodes_per_s,
             "overhead_ratio": self.eval_time_fraction,
             "fp32_accuracy": self.fp32_accuracy,
+            "best_by_phase": self.best_by_phase,
         }
 
 
@@ -375,6 +378,7 @@ def _run_search(
             {k: v for k, v in config.to_dict().items() if v is not None},
             {"hparam/best_reward": recorder.best_reward, "hparam/best_accuracy": recorder.best["accuracy"]},
         )
+    phases = best_by_phase(run_dir.read_episodes())
     run_dir.close()
     return SearchResult(
         run_dir=run_dir.path,
@@ -384,4 +388,5 @@ def _run_search(
         eval_time_fraction=recorder.overhead_ratio,
         fp32_accuracy=fp32,
         evaluations=recorder.count,
+        best_by_phase=phases,
     )

@@ -56,6 +56,42 @@ def test_short_search_writes_valid_best_policy_and_tensorboard(tmp_path: Path) -
     assert load_policy(out, workspace.analysis).metrics["episode"] == 3
 
 
+def _phase_bests(rows: list[dict]) -> dict[str, tuple[int, float]]:
+    """Per phase, (episode, accuracy) of the feasible episode with the highest reward, the earliest of equals."""
+    bests: dict[str, tuple[int, float]] = {}
+    for phase in {r["phase"] for r in rows}:
+        feasible = [r for r in rows if r["phase"] == phase and r["feasible"]]
+        top = min(feasible, key=lambda r: (-r["reward"], r["episode"]))
+        bests[phase] = (top["episode"], top["accuracy"])
+    return bests
+
+
+def test_the_summary_says_what_each_search_phase_found(tmp_path: Path, capsys) -> None:
+    """Warm start, RL episodes and refinement each get their best val accuracy, over the resumed run as a whole."""
+    run = tmp_path / "run"
+    flags = ["--episodes-per-update", "2", "--checkpoint-every", "4", "--size-budget", "0.08", "--no-progress"]
+    assert main(["search", "--episodes", "8", "--run-dir", str(run), *flags]) == 0
+    out = capsys.readouterr().out
+    bests = _phase_bests(_lines(run))
+    assert set(bests) == {"warm_start", "rl", "refine"}
+    names = {"warm_start": "warm start", "rl": "RL episodes", "refine": "refinement"}
+    parts = [f"{names[p]} {bests[p][1]:.4f} (episode {bests[p][0]})" for p in ("warm_start", "rl", "refine")]
+    best_episode = json.loads((run / "best_policy.json").read_text())["metrics"]["episode"]
+    source = next(names[p] for p in ("warm_start", "rl", "refine") if bests[p][0] == best_episode)
+    line = f"best val accuracy by phase: {', '.join(parts)}; the best policy came from the {source}"
+    assert line in out.splitlines(), out
+
+    assert main(["search", "--resume", str(run), "--episodes", "10", "--json", *flags[-1:]]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = _lines(run)
+    assert len(rows) == 10
+    expected = {phase: {"episode": e, "accuracy": a} for phase, (e, a) in _phase_bests(rows).items()}
+    got = {
+        phase: {k: v for k, v in found.items() if k != "reward"} for phase, found in summary["best_by_phase"].items()
+    }
+    assert got == expected and "warm_start" in got  # the episodes before the resume count too
+
+
 def test_a_weight_sparsity_search_starts_from_opq_and_finds_sparse_policies_within_budget(tmp_path: Path) -> None:
     config = SearchConfig(
         episodes=16,

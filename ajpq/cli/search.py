@@ -156,6 +156,7 @@ def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
             f"{best['accuracy']:.4f}{against} (reward = val accuracy change against FP32{penalty}); size ratio "
             f"{best['size_ratio']:.4f} = {best['compression_rate']:.1f}x smaller, BOPs ratio "
             f"{best['bops_ratio']:.4f}; {result.episodes_per_s:.1f} episodes/s",
+            *phase_lines(result.best_by_phase, best["episode"]),
             f"best policy: {best_policy}",
             "next:",
             f"  tensorboard --logdir {result.run_dir / 'tb'}",
@@ -163,6 +164,23 @@ def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
             f"  ajpq export-model {data} --weights finetuned.pt --out model.ajpq",
         ]
     )
+
+
+PHASE_NAMES = {"warm_start": "warm start", "rl": "RL episodes", "refine": "refinement"}
+
+
+def phase_lines(phases: dict[str, dict[str, Any]], best_episode: int) -> list[str]:
+    """One line naming each phase's best val accuracy, and the phase the best policy came from (none for a method
+    without phases)."""
+    if not phases:
+        return []
+    parts = [
+        f"{PHASE_NAMES.get(phase, phase)} {found['accuracy']:.4f} (episode {found['episode']})"
+        for phase, found in phases.items()
+    ]
+    source = next((phase for phase, found in phases.items() if found["episode"] == best_episode), None)
+    came = f"; the best policy came from the {PHASE_NAMES.get(source, source)}" if source else ""
+    return [f"best val accuracy by phase: {', '.join(parts)}{came}"]
 
 
 def run_export_policy(args: argparse.Namespace) -> int:
