@@ -262,6 +262,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
         "search_wall_time": wall,
         "evaluations": result.evaluations,
         **exported,
+        **({"best_by_phase": result.best_by_phase} if result.best_by_phase else {}),
     }
     log(
         f"compare: {method} at {row['budget']}: {row['size_compression']:.1f}x, test accuracy "

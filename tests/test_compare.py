@@ -113,3 +113,27 @@ def test_compare_with_worker_processes_writes_the_serial_rows(tmp_path):
         ]
     assert [r["method"] for r in rows["serial"]] == ["random", "uniform"]
     assert rows["parallel"] == rows["serial"]
+
+
+def test_an_ajpq_row_says_what_each_search_phase_found(tmp_path):
+    """The row (and so ``bench_quality``'s JSON) carries the run's best episode per phase; the CSV keeps its
+    columns."""
+    import json
+
+    from ajpq.compare import COLUMNS, run_compare
+    from ajpq.runs import RunDir
+
+    out = tmp_path / "cmp"
+    config = CompareConfig.from_dict(
+        {"methods": ["ajpq"], "budgets": ["1/16"], "episodes": 6, "finetune_epochs": 0, "out_dir": str(out)}
+    )
+    (row,) = run_compare(config)["rows"]
+    records = RunDir(out / "ajpq__1_16").read_episodes()
+    assert {r["phase"] for r in records} == set(row["best_by_phase"]) == {"warm_start", "rl", "refine"}
+    for phase, found in row["best_by_phase"].items():
+        top = max(r["reward"] for r in records if r["phase"] == phase and r["feasible"])
+        first = next(r for r in records if r["phase"] == phase and r["feasible"] and r["reward"] == top)
+        assert found == {"episode": first["episode"], "reward": top, "accuracy": first["accuracy"]}
+    assert json.loads(json.dumps(row))["best_by_phase"] == row["best_by_phase"]
+    header = (out / "compare.csv").read_text().splitlines()[0].split(",")
+    assert header == [*COLUMNS, "note"]
