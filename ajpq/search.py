@@ -281,7 +281,10 @@ def _run_search(
             )
             fp32 = run_dir.read_info().get("fp32_accuracy_val")
             best = state.get("best") if state else None
-            return SearchResult(run_dir.path, done, best, 0.0, 0.0, finished=True, fp32_accuracy=fp32)
+            phases = best_by_phase(run_dir.read_episodes())
+            return SearchResult(
+                run_dir.path, done, best, 0.0, 0.0, finished=True, fp32_accuracy=fp32, best_by_phase=phases
+            )
     seed_everything(config.seed)
     if workspace is None:
         workspace = open_workspace(config.workspace, progress=config.progress)

@@ -91,6 +91,10 @@ def test_the_summary_says_what_each_search_phase_found(tmp_path: Path, capsys) -
     }
     assert got == expected and "warm_start" in got  # the episodes before the resume count too
 
+    assert main(["search", "--resume", str(run), "--episodes", "10", "--json", *flags[-1:]]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["already_finished"] and again["best_by_phase"] == summary["best_by_phase"]
+
 
 def test_a_weight_sparsity_search_starts_from_opq_and_finds_sparse_policies_within_budget(tmp_path: Path) -> None:
     config = SearchConfig(
