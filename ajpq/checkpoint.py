@@ -9,6 +9,7 @@ read too.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,45 @@ def load_weights(model: nn.Module, checkpoint: dict[str, Any], model_name: str, 
         raise ModelError(
             f"{source} does not fit model '{model_name}' on this dataset's input/classes: {' '.join(first)}"
         ) from None
+
+
+def ranges_meta(ranges: dict[str, tuple[float, bool]], activation_bits: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """The ``activation_ranges`` entry ``ajpq finetune --learn-ranges`` records: per layer, the activation bits the
+    range was learned for, ``max_abs`` and ``signed``."""
+    return {
+        name: {"bits": int(activation_bits[name]), "max_abs": float(max_abs), "signed": bool(signed)}
+        for name, (max_abs, signed) in ranges.items()
+    }
+
+
+def learned_ranges(
+    checkpoint: dict[str, Any], activation_bits: dict[str, int], source: str
+) -> tuple[dict[str, tuple[float, bool]], list[str]]:
+    """The checkpoint's learned activation ranges that apply to a policy with ``activation_bits`` per layer, and the
+    layers whose range was learned for other bits (those are calibrated again, not reused)."""
+    entries = checkpoint.get("activation_ranges")
+    if entries is None:
+        return {}, []
+    if not isinstance(entries, dict):
+        raise ModelError(f"{source}: activation_ranges must map layer names to ranges; re-run `ajpq finetune`")
+    ranges: dict[str, tuple[float, bool]] = {}
+    other_bits: list[str] = []
+    for name, entry in entries.items():
+        valid = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("bits"), int)
+            and isinstance(entry.get("max_abs"), int | float)
+            and math.isfinite(entry["max_abs"])
+            and entry["max_abs"] > 0
+            and isinstance(entry.get("signed"), bool)
+        )
+        if not valid or name not in activation_bits:
+            raise ModelError(
+                f"{source}: activation_ranges[{name!r}] is not a range of this model's layers (bits, max_abs > 0, "
+                "signed); re-run `ajpq finetune`"
+            )
+        if entry["bits"] == activation_bits[name]:
+            ranges[name] = (float(entry["max_abs"]), entry["signed"])
+        else:
+            other_bits.append(name)
+    return ranges, other_bits

@@ -91,6 +91,8 @@ class CompareConfig:
     """Fine-tuning learning rate (OPQ's recipe)."""
     distill: bool = True
     """Fine-tune every result by distilling from the FP32 reference (soft targets mixed with the labels)."""
+    learn_ranges: bool = False
+    """Fine-tune every result with learned activation ranges (``ajpq finetune --learn-ranges``), exported with it."""
     search: dict[str, Any] = field(default_factory=dict)
     """Extra ``ajpq search`` options for ajpq and random (keys of its configuration; e.g. the proxy, and
     ``search_activation_bits``, which both then search), so the two search the same space with the same score."""
@@ -132,6 +134,9 @@ class CompareConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "episodes" else 0):
                 raise ConfigError(f"{name} must be a non-negative integer, but got {value!r}")
+        for name in ("distill", "learn_ranges"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, but got {getattr(self, name)!r}")
         if not isinstance(self.finetune_lr, int | float) or not self.finetune_lr > 0:
             raise ConfigError(f"finetune_lr must be > 0, but got {self.finetune_lr!r}")
         unknown = sorted(set(self.method_options) - set(ALL_METHODS) - {"ajpq"})
@@ -201,7 +206,8 @@ def finetune_result(
     config: CompareConfig, workspace: Any, policy: Policy, model: nn.Module, calibration: Tensor, distill: bool
 ) -> FinetuneResult:
     """compare's recovery of one result: ``config.finetune_epochs`` of ``ajpq.finetune`` (seeded with
-    ``config.seed``), distilled from the FP32 reference when ``distill``, scored on validation and test."""
+    ``config.seed``), distilled from the FP32 reference when ``distill``, with learned activation ranges when
+    ``config.learn_ranges``, scored on validation and test."""
     return finetune(
         model,
         workspace.analysis,
@@ -215,6 +221,7 @@ def finetune_result(
         progress=False,
         distill=distill,
         teacher=workspace.model,
+        learn_ranges=config.learn_ranges,
     )
 
 
@@ -249,7 +256,9 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
     before, after = tuned.accuracy_before, tuned.accuracy_after
     if config.finetune_epochs == 0:
         after = dict(before)
-    exported = _export_row(config, workspace, tuned.model, policy, calibration, run_path / "model.ajpq")
+    exported = _export_row(
+        config, workspace, tuned.model, policy, calibration, run_path / "model.ajpq", tuned.activation_ranges
+    )
     row = {
         "method": method,
         "budget": budget_label(budget),
@@ -274,7 +283,13 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
 
 
 def _export_row(
-    config: CompareConfig, workspace: Any, model: Any, policy: Any, calibration: Any, path: Path
+    config: CompareConfig,
+    workspace: Any,
+    model: Any,
+    policy: Any,
+    calibration: Any,
+    path: Path,
+    activation_ranges: dict[str, tuple[float, bool]],
 ) -> dict[str, Any]:
     """Export the fine-tuned result and measure the artifact: file bytes, its test accuracy, CPU latency."""
 
@@ -287,6 +302,7 @@ def _export_row(
         input_shape=workspace.splits.input_shape,
         num_classes=workspace.splits.num_classes,
         dataset=workspace.splits.name,
+        activation_ranges=activation_ranges,
     )
     artifact.write(path)
     slim = load_compressed(path, model=workspace.model)

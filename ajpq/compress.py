@@ -10,6 +10,7 @@ on the BN-folded weights, the same mask the cost model prices), then is quantize
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -103,8 +104,10 @@ def input_masks(analysis: ModelAnalysis, cost_model: CostModel, policy: Policy) 
 class SimulatedModel:
     """A BN-folded copy of a model whose weights are re-quantized in place for each policy.
 
-    Building it costs one copy and one calibration pass; :meth:`apply` then costs one vectorized quantization per
-    layer, so a search can evaluate thousands of policies without copying the network again.
+    ``activation_ranges`` replaces the calibrated ``(max|x|, signed)`` of the named layers' inputs (the ranges
+    ``ajpq finetune --learn-ranges`` learned). Building it costs one copy and one calibration pass; :meth:`apply` then
+    costs one vectorized quantization per layer, so a search can evaluate thousands of policies without copying the
+    network again.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class SimulatedModel:
         analysis: ModelAnalysis,
         calibration: torch.Tensor,
         device: torch.device | str = "cpu",
+        activation_ranges: Mapping[str, tuple[float, bool]] | None = None,
     ) -> None:
         self.analysis = analysis
         self.device = torch.device(device)
@@ -124,6 +128,8 @@ class SimulatedModel:
             self._reference[layer.name] = (module.weight.detach().clone(), bias)
         self.cost_model = CostModel(analysis, {name: weight for name, (weight, _) in self._reference.items()})
         self.ranges = calibrate_activations(self.module, analysis, calibration.to(self.device))
+        for name, (max_abs, signed) in (activation_ranges or {}).items():  # learned by fine-tuning
+            self.ranges[name] = (float(max_abs), bool(signed))
         self.quantizers: dict[str, ActivationQuantizer] = {}
         for layer in analysis.layers:
             max_abs, signed = self.ranges[layer.name]

@@ -43,6 +43,7 @@ import struct
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -422,12 +423,14 @@ def build_artifact(
     num_classes: int,
     dataset: str | None = None,
     metrics: dict[str, Any] | None = None,
+    activation_ranges: Mapping[str, tuple[float, bool]] | None = None,
 ) -> CompressedArtifact:
     """Compress ``model`` (FP32, BatchNorm unfolded) with a complete, validated ``policy`` into an artifact.
 
     The simulated model is ``SimulatedModel(model, analysis, calibration).apply(policy)`` on the CPU; the slim model
     is rebuilt from the artifact bytes exactly as :func:`load_compressed` does, and checked against it on the
-    calibration images (``metrics["max_abs_logit_diff"]``).
+    calibration images (``metrics["max_abs_logit_diff"]``). ``activation_ranges`` (learned by ``ajpq finetune
+    --learn-ranges``) replace the calibrated input ranges of the layers they name.
     """
     model = copy.deepcopy(model).cpu().eval()
     broken = [
@@ -439,7 +442,7 @@ def build_artifact(
             "before, or fine-tune again with a lower learning rate"
         )
     calibration = calibration.cpu()
-    simulator = SimulatedModel(model, analysis, calibration, "cpu")
+    simulator = SimulatedModel(model, analysis, calibration, "cpu", activation_ranges)
     simulated = simulator.apply(policy)
     cost = simulator.cost_model.evaluate(policy)
     layers, groups = _architecture(analysis, policy)

@@ -9,10 +9,11 @@ and the exported artifact compute (up to float rounding), and the accuracy fine-
 (Quantizing the unfolded weight is not the same: the fp16 rounding of the scales, and subnormal scales of channels
 with a small ``k``, make the codes differ.) Every layer's input is fake-quantized
 (STE) at the policy's activation bits with ranges calibrated like the simulated model's (on the BN-folded FP32
-weights), recalibrated after every epoch. A layer with ``weight_sparsity`` keeps the magnitude mask the simulation
-and the cost model compute from the starting weights. Removed channels, the weights that read removed inputs, and the
-bias/BatchNorm affine of removed channels are zeroed before training and after every optimizer step, so they never
-come back and fold to exact zeros.
+weights), recalibrated after every epoch; with ``learn_ranges`` the ranges are trained instead (LSQ step sizes,
+starting at the calibrated ones) and travel with the weights to the export. A layer with ``weight_sparsity`` keeps the
+magnitude mask the simulation and the cost model compute from the starting weights. Removed channels, the weights
+that read removed inputs, and the bias/BatchNorm affine of removed channels are zeroed before training and after every
+optimizer step, so they never come back and fold to exact zeros.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ajpq.compress import ActivationQuantizer, SimulatedModel, calibrate_activat
 from ajpq.cost import CostModel
 from ajpq.data import Split
 from ajpq.policy import Policy
-from ajpq.quant import quantize_weight_ste
+from ajpq.quant import activation_levels, quantize_activation_learned, quantize_weight_ste
 from ajpq.train import TrainConfig, evaluate_accuracy, train_model
 
 OPQ_RECIPE: dict[str, Any] = {"lr": 0.005, "momentum": 0.9, "weight_decay": 1e-4}
@@ -101,6 +102,26 @@ class _QuantizedWeight(nn.Module):
         return (folded / safe.reshape(shape)).to(weight.dtype)
 
 
+class _LearnedRange(nn.Module):
+    """A layer input's trainable quantization step (:func:`~ajpq.quant.quantize_activation_learned`)."""
+
+    def __init__(self, max_abs: float, bits: int, signed: bool) -> None:
+        super().__init__()
+        self.bits, self.signed = bits, signed
+        self.step = nn.Parameter(torch.tensor(max(max_abs, 1e-6) / activation_levels(bits, signed)[1]))
+
+    def max_abs(self) -> float:
+        """The range the export stores: ``|step| * highest code``."""
+        return float(self.step.detach().abs().clamp(min=1e-8)) * activation_levels(self.bits, self.signed)[1]
+
+    def hook(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (quantize_activation_learned(inputs[0], self.step, self.bits, self.signed), *inputs[1:])
+
+
+RANGES_ATTRIBUTE = "ajpq_learned_ranges"
+"""Where a :class:`QATModel` with learned ranges keeps them in its module (so the optimizer trains them)."""
+
+
 class QATModel:
     """The FP32 model prepared for quantization-aware training with a fixed, complete and validated policy."""
 
@@ -111,6 +132,7 @@ class QATModel:
         policy: Policy,
         calibration: torch.Tensor,
         device: torch.device | str = "cpu",
+        learn_ranges: bool = False,
     ) -> None:
         self.analysis = analysis
         self.policy = policy
@@ -153,6 +175,25 @@ class QATModel:
             self.module.get_submodule(layer.name).register_forward_pre_hook(quantizer)
             self.quantizers[layer.name] = quantizer
         self.recalibrate()
+        self.learned = nn.ModuleDict()
+        if learn_ranges:  # start at the calibrated ranges; the fixed quantizers step aside
+            for layer in analysis.layers:
+                fixed = self.quantizers[layer.name]
+                if fixed.bits >= 32:
+                    continue
+                learned = _LearnedRange(fixed.max_abs, fixed.bits, fixed.signed).to(self.device)
+                self.learned[layer.name.replace(".", "/")] = learned
+                fixed.bits = 32
+                self.module.get_submodule(layer.name).register_forward_pre_hook(learned.hook)
+            setattr(self.module, RANGES_ATTRIBUTE, self.learned)
+
+    def activation_ranges(self) -> dict[str, tuple[float, bool]]:
+        """The learned ``(max|x|, signed)`` of each quantized layer's input (empty without ``learn_ranges``)."""
+        ranges: dict[str, tuple[float, bool]] = {}
+        for name, learned in self.learned.items():
+            assert isinstance(learned, _LearnedRange)  # the only modules put there
+            ranges[name.replace("/", ".")] = (learned.max_abs(), learned.signed)
+        return ranges
 
     @torch.no_grad()
     def enforce(self) -> None:
@@ -178,6 +219,8 @@ class QATModel:
         """
         state = {}
         for key, value in self.module.state_dict().items():
+            if key.startswith(f"{RANGES_ATTRIBUTE}."):
+                continue
             if ".parametrizations." in key:
                 if key.endswith(".parametrizations.weight.original"):
                     state[key.replace(".parametrizations.weight.original", ".weight")] = value
@@ -215,6 +258,8 @@ class FinetuneResult:
     history: list[dict[str, float]]
     accuracy_before: dict[str, float] = field(default_factory=dict)
     accuracy_after: dict[str, float] = field(default_factory=dict)
+    activation_ranges: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    """Learned ``(max|x|, signed)`` input ranges by layer (``learn_ranges``); the export needs them with the model."""
 
 
 def compressed_accuracy(
@@ -224,9 +269,10 @@ def compressed_accuracy(
     calibration: torch.Tensor,
     splits: dict[str, Split],
     device: torch.device | str = "cpu",
+    activation_ranges: dict[str, tuple[float, bool]] | None = None,
 ) -> dict[str, float]:
     """Accuracy of the simulated compressed model on each named split."""
-    module = SimulatedModel(model, analysis, calibration, device).apply(policy)
+    module = SimulatedModel(model, analysis, calibration, device, activation_ranges).apply(policy)
     return {name: evaluate_accuracy(module, split, device) for name, split in splits.items()}
 
 
@@ -246,6 +292,7 @@ def finetune(
     on_epoch: Callable[[int, float, float | None], None] | None = None,
     distill: bool = True,
     teacher: nn.Module | None = None,
+    learn_ranges: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``model`` with the policy's quantization in the forward pass; ``model`` itself is not changed.
 
@@ -269,11 +316,13 @@ def finetune(
             temperature and alpha, instead of plain cross-entropy on the labels.
         teacher: The FP32 teacher (default ``model`` itself; ``compare`` passes the reference model, so methods
             that retrain their weights get the same teacher as the others).
+        learn_ranges: Train the activation ranges with the weights (LSQ step sizes) instead of recalibrating
+            them; the result's ``activation_ranges`` then belong to its model.
     """
     config = config or finetune_config()
     report = report or {}
     before = compressed_accuracy(model, analysis, policy, calibration, report, device)
-    qat = QATModel(model, analysis, policy, calibration, device)
+    qat = QATModel(model, analysis, policy, calibration, device, learn_ranges)
     soft = copy.deepcopy(teacher if teacher is not None else model).to(device).eval() if distill else None
     history = train_model(
         qat.module,
@@ -290,8 +339,9 @@ def finetune(
         teacher=soft,
     )
     result = qat.fp32_model().eval()
-    after = compressed_accuracy(result, analysis, policy, calibration, report, device)
-    return FinetuneResult(result, history, before, after)
+    ranges = qat.activation_ranges()
+    after = compressed_accuracy(result, analysis, policy, calibration, report, device, ranges)
+    return FinetuneResult(result, history, before, after, ranges)
 
 
 __all__ = ["OPQ_RECIPE", "FinetuneResult", "QATModel", "compressed_accuracy", "finetune", "finetune_config"]

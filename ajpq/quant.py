@@ -13,6 +13,8 @@ vectorized over channels: a layer with a different width per channel is one tens
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MAX_WEIGHT_BITS = 8
@@ -101,8 +103,7 @@ def quantize_weight_ste(weight: torch.Tensor, bits: torch.Tensor, keep: torch.Te
 
 def activation_scale(max_abs: float, bits: int, signed: bool) -> float:
     """Step size of an activation quantizer with range ``max_abs``: unsigned uses all ``2^a`` levels."""
-    levels = (2 ** (bits - 1) - 1) if signed else (2**bits - 1)
-    return max(float(max_abs), 1e-12) / levels
+    return max(float(max_abs), 1e-12) / activation_levels(bits, signed)[1]
 
 
 def quantize_activation(x: torch.Tensor, bits: int, max_abs: float, signed: bool, *, ste: bool = False) -> torch.Tensor:
@@ -113,10 +114,27 @@ def quantize_activation(x: torch.Tensor, bits: int, max_abs: float, signed: bool
     if bits >= 32:
         return x
     scale = activation_scale(max_abs, bits, signed)
-    if signed:
-        high = 2 ** (bits - 1) - 1
-        low = -high
-    else:
-        high, low = 2**bits - 1, 0
+    low, high = activation_levels(bits, signed)
     quantized = torch.clamp(torch.round(x / scale), low, high) * scale
     return x + (quantized - x).detach() if ste and x.requires_grad else quantized
+
+
+def activation_levels(bits: int, signed: bool) -> tuple[int, int]:
+    """Lowest and highest code of a ``bits``-wide activation: signed ``+-(2^(a-1)-1)``, unsigned ``0..2^a-1``."""
+    high = (2 ** (bits - 1) - 1) if signed else (2**bits - 1)
+    return (-high if signed else 0), high
+
+
+def quantize_activation_learned(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Fake quantization with a trainable step size (LSQ, Esser et al., ICLR 2020), straight-through for ``x``.
+
+    The step's gradient is LSQ's (``round(x/s) - x/s`` inside the range, the clipped code outside), scaled by
+    ``1/sqrt(features * high)`` so that the step learns at the pace of the weights. ``max_abs = step * high`` is the
+    range :func:`quantize_activation` then reproduces.
+    """
+    low, high = activation_levels(bits, signed)
+    grad_scale = 1.0 / math.sqrt(x[0].numel() * high)
+    step = step.abs().clamp(min=1e-8)
+    step = (step - step * grad_scale).detach() + step * grad_scale
+    scaled = torch.clamp(x / step, low, high)
+    return (scaled + (scaled.round() - scaled).detach()) * step

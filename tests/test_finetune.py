@@ -16,10 +16,11 @@ from ajpq.cli import main
 from ajpq.compress import SimulatedModel
 from ajpq.data import load_dataset
 from ajpq.errors import ConfigError
-from ajpq.export import build_artifact
+from ajpq.export import build_artifact, read_artifact
 from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
+from ajpq.quant import quantize_activation_learned
 from ajpq.train import TrainConfig, distillation_loss, evaluate_accuracy, lr_factor, seed_everything, train_model
 
 
@@ -290,3 +291,106 @@ def test_gradient_clipping_bounds_a_training_step(clip: float | None) -> None:
     assert finetune_config().max_grad_norm == 5.0
     with pytest.raises(ConfigError, match="max_grad_norm must be > 0"):
         TrainConfig(max_grad_norm=0.0)
+
+
+# --- learned activation ranges (LSQ) --------------------------------------------------------------------------------
+
+
+def test_learned_activation_step_gradient_by_hand() -> None:
+    """2-bit unsigned codes 0..3 with step 0.2: LSQ's step gradient is round(x/s) - x/s inside the range, the clipped
+    code outside, times 1/sqrt(features * 3); the input gets the gradient only inside the range."""
+    x = torch.tensor([[0.13, 0.35, 0.47, 2.0, -0.1]], requires_grad=True)
+    step = torch.tensor(0.2, requires_grad=True)
+    out = quantize_activation_learned(x, step, bits=2, signed=False)
+    assert torch.allclose(out, torch.tensor([[0.2, 0.4, 0.4, 0.6, 0.0]]))
+    out.sum().backward()
+    # (1 - 0.65) + (2 - 1.75) + (2 - 2.35) + 3 (clipped high) + 0 (clipped low) = 3.25
+    assert step.grad is not None and float(step.grad) == pytest.approx(3.25 / (5 * 3) ** 0.5, rel=1e-5)
+    assert x.grad is not None and x.grad.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]]
+
+
+def test_learned_ranges_are_trained_and_travel_to_the_artifact(bn_setup) -> None:
+    digits, model, analysis, calibration = bn_setup
+    policy = half_policy(analysis, bits=2)
+    for name in policy.layers:
+        policy.layers[name].activation_bits = 3
+    calibrated = dict(SimulatedModel(model, analysis, calibration).ranges)
+    plain = finetune(model, analysis, policy, digits.train, calibration, finetune_config(max_steps=2), progress=False)
+    assert plain.activation_ranges == {}
+    result = finetune(
+        model,
+        analysis,
+        policy,
+        digits.train,
+        calibration,
+        finetune_config(epochs=2, batch_size=64),
+        val=digits.val,
+        report={"val": digits.val},
+        generator=seed_everything(0),
+        progress=False,
+        learn_ranges=True,
+    )
+    ranges = result.activation_ranges
+    assert set(ranges) == {layer.name for layer in analysis.layers}
+    moved = [name for name in ranges if abs(ranges[name][0] - calibrated[name][0]) > 1e-3 * calibrated[name][0]]
+    assert moved, (ranges, calibrated)  # trained, not the calibration of the starting weights
+    assert dict(SimulatedModel(model, analysis, calibration).ranges) == calibrated  # the reference is untouched
+    artifact = build_artifact(
+        result.model,
+        analysis,
+        policy,
+        calibration,
+        model_name="bn",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        activation_ranges=ranges,
+    )
+    stored = {name: (spec["max_abs"], spec["signed"]) for name, spec in artifact.header["activations"].items()}
+    assert stored == ranges
+    exported = evaluate_accuracy(artifact.slim, digits.val)
+    assert result.history[-1]["val_accuracy"] == result.accuracy_after["val"] == exported
+
+
+def test_cli_learned_ranges_go_from_finetune_to_export_model(setup, tmp_path: Path, capsys) -> None:
+    _, model, analysis, _ = setup
+    weights = tmp_path / "ref.pt"
+    save_checkpoint(weights, model, {"model": "digits_cnn", "dataset": "digits"})
+    policy = half_policy(analysis)
+    for name in policy.layers:
+        policy.layers[name].activation_bits = 4
+    policy_path = tmp_path / "policy.json"
+    policy.save(policy_path)
+    out = tmp_path / "tuned.pt"
+    common = ["--dataset", "digits", "--device", "cpu"]
+    argv = ["finetune", *common, "--weights", str(weights), "--policy", str(policy_path), "--out", str(out)]
+    assert main([*argv, "--epochs", "1", "--max-steps", "20", "--learn-ranges", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    checkpoint = load_checkpoint(out)
+    learned = checkpoint["activation_ranges"]
+    assert set(learned) == set(policy.layers) and all(entry["bits"] == 4 for entry in learned.values())
+    artifact = tmp_path / "tuned.ajpq"
+    assert main(["export-model", *common, "--weights", str(out), "--out", str(artifact), "--json"]) == 0
+    captured = capsys.readouterr()
+    exported = json.loads(captured.out)
+    assert f"using the activation ranges {out} learned for {len(learned)} layers" in captured.err
+    assert exported["accuracy"]["test"] == pytest.approx(report["accuracy"]["after"]["test"])
+    header = read_artifact(artifact).header["activations"]
+    assert {name: spec["max_abs"] for name, spec in header.items()} == {
+        name: entry["max_abs"] for name, entry in learned.items()
+    }
+
+    other = half_policy(analysis)  # 8-bit activations: the ranges learned for 4 bits do not apply
+    other_path = tmp_path / "other.json"
+    other.save(other_path)
+    again = ["export-model", *common, "--weights", str(out), "--policy", str(other_path)]
+    assert main([*again, "--out", str(tmp_path / "other.ajpq"), "--json"]) == 0
+    assert "for other activation bits; calibrating those" in capsys.readouterr().err
+
+    broken = tmp_path / "broken.pt"
+    checkpoint["activation_ranges"] = {"fc1": {"bits": 4, "max_abs": -1.0, "signed": False}}
+    torch.save(checkpoint, broken)
+    assert main(["export-model", *common, "--weights", str(broken), "--out", str(tmp_path / "b.ajpq")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "activation_ranges['fc1'] is not a range of this model's layers" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "b.ajpq").exists()

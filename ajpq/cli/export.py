@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ajpq.checkpoint import learned_ranges
 from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
 from ajpq.errors import ConfigError, PolicyError
 from ajpq.evaluation import evaluate_artifact
@@ -66,6 +67,15 @@ def run_export_model(args: argparse.Namespace) -> int:
         _require_onnx()
     workspace = open_from_args(args)
     policy = _export_policy(args, workspace)
+    bits = {name: layer.activation_bits for name, layer in policy.layers.items()}
+    ranges, other_bits = learned_ranges(workspace.checkpoint, bits, str(args.weights))
+    if ranges:
+        log(f"using the activation ranges {args.weights} learned for {len(ranges)} layers")
+    if other_bits:
+        log(
+            f"note: {args.weights} learned the ranges of {', '.join(other_bits)} for other activation bits; "
+            "calibrating those"
+        )
     artifact = build_artifact(
         workspace.model,
         workspace.analysis,
@@ -75,6 +85,7 @@ def run_export_model(args: argparse.Namespace) -> int:
         input_shape=workspace.splits.input_shape,
         num_classes=workspace.splits.num_classes,
         dataset=workspace.splits.name,
+        activation_ranges=ranges,
     )
     metrics = artifact.header["metrics"]
     metrics["accuracy"] = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from ajpq.checkpoint import checkpoint_meta, save_checkpoint
+from ajpq.checkpoint import checkpoint_meta, ranges_meta, save_checkpoint
 from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
 from ajpq.finetune import finetune, finetune_config
 from ajpq.logs import log
@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     tune.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 4)")
     tune.add_argument(
         "--distill-alpha", type=float, default=None, help="weight of the soft targets, 0..1 (default 0.7)"
+    )
+    tune.add_argument(
+        "--learn-ranges",
+        action="store_true",
+        help="train each layer's activation range with the weights (LSQ step sizes) instead of recalibrating it "
+        "after every epoch; the ranges are saved with the weights and `ajpq export-model` uses them",
     )
     tune.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
     tune.add_argument("--out", required=True, help="checkpoint to write (e.g. finetuned.pt)")
@@ -100,6 +106,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             generator=generator,
             on_epoch=on_epoch,
             distill=not args.no_distill,
+            learn_ranges=args.learn_ranges,
         )
     finally:
         writer.close()
@@ -122,9 +129,13 @@ def run_finetune(args: argparse.Namespace) -> int:
             if args.no_distill
             else {"temperature": config.distill_temperature, "alpha": config.distill_alpha},
             "history": result.history,
+            "learn_ranges": args.learn_ranges,
         },
         compressed_accuracy={"before": result.accuracy_before, "after": result.accuracy_after},
     )
+    if result.activation_ranges:
+        bits = {name: layer.activation_bits for name, layer in policy.layers.items()}
+        meta["activation_ranges"] = ranges_meta(result.activation_ranges, bits)
     save_checkpoint(out, result.model.cpu(), meta)
     report = {
         "out": str(out),
