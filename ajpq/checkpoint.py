@@ -19,6 +19,7 @@ from torch import nn
 from ajpq.data import DataSplits
 from ajpq.errors import ModelError
 from ajpq.io import atomic_write_bytes
+from ajpq.policy import Policy
 
 CHECKPOINT_FORMAT = "ajpq-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -97,20 +98,20 @@ def load_weights(model: nn.Module, checkpoint: dict[str, Any], model_name: str, 
         ) from None
 
 
-def ranges_meta(ranges: dict[str, tuple[float, bool]], activation_bits: dict[str, int]) -> dict[str, dict[str, Any]]:
+def ranges_meta(ranges: dict[str, tuple[float, bool]], policy: Policy) -> dict[str, dict[str, Any]]:
     """The ``activation_ranges`` entry ``ajpq finetune --learn-ranges`` records: per layer, the activation bits the
-    range was learned for, ``max_abs`` and ``signed``."""
+    range was learned for (the fine-tuning ``policy``'s), ``max_abs`` and ``signed``."""
     return {
-        name: {"bits": int(activation_bits[name]), "max_abs": float(max_abs), "signed": bool(signed)}
+        name: {"bits": int(policy.layers[name].activation_bits), "max_abs": float(max_abs), "signed": bool(signed)}
         for name, (max_abs, signed) in ranges.items()
     }
 
 
 def learned_ranges(
-    checkpoint: dict[str, Any], activation_bits: dict[str, int], source: str
+    checkpoint: dict[str, Any], policy: Policy, source: str
 ) -> tuple[dict[str, tuple[float, bool]], list[str]]:
-    """The checkpoint's learned activation ranges that apply to a policy with ``activation_bits`` per layer, and the
-    layers whose range was learned for other bits (those are calibrated again, not reused)."""
+    """The checkpoint's learned activation ranges that apply to ``policy``'s activation bits, and the layers whose
+    range was learned for other bits (those are calibrated again, not reused)."""
     entries = checkpoint.get("activation_ranges")
     if entries is None:
         return {}, []
@@ -127,12 +128,12 @@ def learned_ranges(
             and entry["max_abs"] > 0
             and isinstance(entry.get("signed"), bool)
         )
-        if not valid or name not in activation_bits:
+        if not valid or name not in policy.layers:
             raise ModelError(
                 f"{source}: activation_ranges[{name!r}] is not a range of this model's layers (bits, max_abs > 0, "
                 "signed); re-run `ajpq finetune`"
             )
-        if entry["bits"] == activation_bits[name]:
+        if entry["bits"] == policy.layers[name].activation_bits:
             ranges[name] = (float(entry["max_abs"]), entry["signed"])
         else:
             other_bits.append(name)

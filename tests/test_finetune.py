@@ -199,9 +199,9 @@ def test_qat_module_computes_the_simulated_model_on_batchnorm_nets(bn_setup) -> 
     assert float((got - expected).abs().max()) <= 1e-4 * span
 
 
-def test_finetuned_accuracy_is_the_exported_artifacts(bn_setup) -> None:
+def _finetune_and_export(bn_setup, policy: Policy, learn_ranges: bool = False):
+    """Two fine-tuning epochs of the BatchNorm net, then its artifact (with the learned ranges, if any)."""
     digits, model, analysis, calibration = bn_setup
-    policy = half_policy(analysis, bits=2)
     result = finetune(
         model,
         analysis,
@@ -213,10 +213,24 @@ def test_finetuned_accuracy_is_the_exported_artifacts(bn_setup) -> None:
         report={"val": digits.val},
         generator=seed_everything(0),
         progress=False,
+        learn_ranges=learn_ranges,
     )
     artifact = build_artifact(
-        result.model, analysis, policy, calibration, model_name="bn", input_shape=(1, 8, 8), num_classes=10
+        result.model,
+        analysis,
+        policy,
+        calibration,
+        model_name="bn",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        activation_ranges=result.activation_ranges,
     )
+    return result, artifact
+
+
+def test_finetuned_accuracy_is_the_exported_artifacts(bn_setup) -> None:
+    digits, _, analysis, _ = bn_setup
+    result, artifact = _finetune_and_export(bn_setup, half_policy(analysis, bits=2))
     exported = evaluate_accuracy(artifact.slim, digits.val)
     assert result.history[-1]["val_accuracy"] == result.accuracy_after["val"] == exported
 
@@ -317,34 +331,12 @@ def test_learned_ranges_are_trained_and_travel_to_the_artifact(bn_setup) -> None
     calibrated = dict(SimulatedModel(model, analysis, calibration).ranges)
     plain = finetune(model, analysis, policy, digits.train, calibration, finetune_config(max_steps=2), progress=False)
     assert plain.activation_ranges == {}
-    result = finetune(
-        model,
-        analysis,
-        policy,
-        digits.train,
-        calibration,
-        finetune_config(epochs=2, batch_size=64),
-        val=digits.val,
-        report={"val": digits.val},
-        generator=seed_everything(0),
-        progress=False,
-        learn_ranges=True,
-    )
+    result, artifact = _finetune_and_export(bn_setup, policy, learn_ranges=True)
     ranges = result.activation_ranges
     assert set(ranges) == {layer.name for layer in analysis.layers}
     moved = [name for name in ranges if abs(ranges[name][0] - calibrated[name][0]) > 1e-3 * calibrated[name][0]]
     assert moved, (ranges, calibrated)  # trained, not the calibration of the starting weights
     assert dict(SimulatedModel(model, analysis, calibration).ranges) == calibrated  # the reference is untouched
-    artifact = build_artifact(
-        result.model,
-        analysis,
-        policy,
-        calibration,
-        model_name="bn",
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        activation_ranges=ranges,
-    )
     stored = {name: (spec["max_abs"], spec["signed"]) for name, spec in artifact.header["activations"].items()}
     assert stored == ranges
     exported = evaluate_accuracy(artifact.slim, digits.val)

@@ -67,8 +67,7 @@ def run_export_model(args: argparse.Namespace) -> int:
         _require_onnx()
     workspace = open_from_args(args)
     policy = _export_policy(args, workspace)
-    bits = {name: layer.activation_bits for name, layer in policy.layers.items()}
-    ranges, other_bits = learned_ranges(workspace.checkpoint, bits, str(args.weights))
+    ranges, other_bits = learned_ranges(workspace.checkpoint, policy, str(args.weights))
     if ranges:
         log(f"using the activation ranges {args.weights} learned for {len(ranges)} layers")
     if other_bits:

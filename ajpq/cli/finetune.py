@@ -134,8 +134,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         compressed_accuracy={"before": result.accuracy_before, "after": result.accuracy_after},
     )
     if result.activation_ranges:
-        bits = {name: layer.activation_bits for name, layer in policy.layers.items()}
-        meta["activation_ranges"] = ranges_meta(result.activation_ranges, bits)
+        meta["activation_ranges"] = ranges_meta(result.activation_ranges, policy)
     save_checkpoint(out, result.model.cpu(), meta)
     report = {
         "out": str(out),
