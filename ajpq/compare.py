@@ -203,10 +203,10 @@ def run_result(workspace: Any, run_dir: Path) -> tuple[Policy, nn.Module]:
 
 
 def finetune_result(
-    config: CompareConfig, workspace: Any, policy: Policy, model: nn.Module, calibration: Tensor, distill: bool
+    config: CompareConfig, workspace: Any, policy: Policy, model: nn.Module, calibration: Tensor
 ) -> FinetuneResult:
     """compare's recovery of one result: ``config.finetune_epochs`` of ``ajpq.finetune`` (seeded with
-    ``config.seed``), distilled from the FP32 reference when ``distill``, with learned activation ranges when
+    ``config.seed``), distilled from the FP32 reference when ``config.distill``, with learned activation ranges when
     ``config.learn_ranges``, scored on validation and test."""
     return finetune(
         model,
@@ -219,7 +219,7 @@ def finetune_result(
         device=workspace.device,
         generator=seed_everything(config.seed),
         progress=False,
-        distill=distill,
+        distill=config.distill,
         teacher=workspace.model,
         learn_ranges=config.learn_ranges,
     )
@@ -252,7 +252,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
     wall = time.perf_counter() - started
     calibration = workspace.calibration_images()
     report = simulate(workspace, None if model is workspace.model else model).cost_model.evaluate(policy)
-    tuned = finetune_result(config, workspace, policy, model, calibration, config.distill)
+    tuned = finetune_result(config, workspace, policy, model, calibration)
     before, after = tuned.accuracy_before, tuned.accuracy_after
     if config.finetune_epochs == 0:
         after = dict(before)
