@@ -4,9 +4,10 @@ Every result of each compare folder (``compare.csv`` and one run folder per meth
 with the compare's own recipe (epochs, learning rate, seed, the method's own weights for OLMP and ADMM, one thread, as
 ``ajpq compare --backend processes`` runs it on 2 cores) with one setting switched the other way: ``distill``
 (soft targets from the FP32 model) or ``learn_ranges`` (activation ranges trained with the weights, as in
-``ajpq finetune --learn-ranges``); ``none`` re-runs the recipe unchanged, to see the re-run's own noise. The searches
-are not re-run. Both test accuracies are reported side by side, and with several folders (one per seed) the median
-per method and budget. JSON on stdout, markdown tables on stderr.
+``ajpq finetune --learn-ranges``; a compare's ``auto`` is resolved per policy first, then turned); ``none`` re-runs
+the recipe unchanged, to see the re-run's own noise. The searches are not re-run. Both test accuracies are reported
+side by side, and with several folders (one per seed) the median per method and budget. JSON on stdout, markdown
+tables on stderr.
 
     python experiments/recovery_check.py --compare runs/bench_quality/lenet5/1_32_1_64_1_100__seed0
     python experiments/recovery_check.py --switch learn_ranges --compare runs/bench_quality/lenet5/BOPs1_256__seed*
@@ -30,13 +31,14 @@ import yaml
 
 from ajpq.compare import CompareConfig, finetune_result, run_folder_name, run_result
 from ajpq.errors import AJPQError
+from ajpq.finetune import learns_ranges
 from ajpq.workspace import open_workspace
 
 SWITCHES = ("distill", "learn_ranges", "none")
 
 
 def recipe_name(config: CompareConfig) -> str:
-    """The recovery settings of ``config`` in words, e.g. ``distilled, learned ranges``."""
+    """The recovery settings of ``config`` (``learn_ranges`` resolved) in words, e.g. ``distilled, learned ranges``."""
     return ", ".join(
         ["distilled" if config.distill else "labels only"] + (["learned ranges"] if config.learn_ranges else [])
     )
@@ -67,11 +69,19 @@ def read_compare(folder: Path) -> tuple[CompareConfig, list[dict[str, str]]]:
     return config, rows
 
 
-def retune(config: CompareConfig, workspace: Any, run: Path) -> dict[str, float]:
-    """Test and validation accuracy after ``config``'s fine-tuning of ``run``'s best policy."""
+def retune(config: CompareConfig, workspace: Any, run: Path, switch: str) -> dict[str, Any]:
+    """Accuracy after the compare's fine-tuning of ``run``'s best policy with ``switch`` turned, and both recipes
+    (``learn_ranges: auto`` resolved for this policy first, so that turning it means the other choice)."""
     policy, model = run_result(workspace, run)
-    tuned = finetune_result(config, workspace, policy, model, workspace.calibration_images())
-    return {"val": tuned.accuracy_after["val"], "test": tuned.accuracy_after["test"]}
+    own = dataclasses.replace(config, learn_ranges=learns_ranges(config.learn_ranges, policy))
+    other = switched(own, switch)
+    tuned = finetune_result(other, workspace, policy, model, workspace.calibration_images())
+    return {
+        "compare_recipe": recipe_name(own),
+        "other_recipe": recipe_name(other),
+        "val": tuned.accuracy_after["val"],
+        "test": tuned.accuracy_after["test"],
+    }
 
 
 def check_folder(
@@ -79,7 +89,6 @@ def check_folder(
 ) -> list[dict[str, Any]]:
     """One compare folder's rows, each re-tuned with ``switch`` turned."""
     config, rows = read_compare(folder)
-    other = switched(config, switch)
     workspace = open_workspace(config.workspace, progress=False)
     results = []
     for row in rows:
@@ -87,14 +96,14 @@ def check_folder(
         if (methods and method not in methods) or (budgets and budget not in budgets):
             continue
         started = time.perf_counter()
-        tuned = retune(other, workspace, folder / run_folder_name(method, budget))
+        tuned = retune(config, workspace, folder / run_folder_name(method, budget), switch)
         results.append(
             {
                 "compare": str(folder),
                 "method": method,
                 "budget": budget,
-                "compare_recipe": recipe_name(config),
-                "other_recipe": recipe_name(other),
+                "compare_recipe": tuned["compare_recipe"],
+                "other_recipe": tuned["other_recipe"],
                 "test_compare": float(row["test_after"]),
                 "test_other": tuned["test"],
                 "val_compare": float(row["val_after"]),
@@ -104,7 +113,7 @@ def check_folder(
         )
         print(
             f"recovery_check: {folder.name} {method} {budget}: {float(row['test_after']):.4f} -> "
-            f"{tuned['test']:.4f} ({recipe_name(other)})",
+            f"{tuned['test']:.4f} ({tuned['other_recipe']})",
             file=sys.stderr,
         )
     return results
@@ -131,16 +140,15 @@ def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(results: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
     if not results:
         return "no rows matched\n"
-    first = results[0]
     lines = [
-        f"| compare | method | budget | test after, {first['compare_recipe']} (compare's recipe) | "
-        f"test after, {first['other_recipe']} | difference (points) |",
-        "|---|---|---|---:|---:|---:|",
+        "| compare | method | budget | compare's recipe | test after | other recipe | test after | change (points) |",
+        "|---|---|---|---|---:|---|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {Path(r['compare']).name} | {r['method']} | {r['budget']} | {r['test_compare']:.4f} | "
-            f"{r['test_other']:.4f} | {100 * (r['test_other'] - r['test_compare']):+.2f} |"
+            f"| {Path(r['compare']).name} | {r['method']} | {r['budget']} | {r['compare_recipe']} | "
+            f"{r['test_compare']:.4f} | {r['other_recipe']} | {r['test_other']:.4f} | "
+            f"{100 * (r['test_other'] - r['test_compare']):+.2f} |"
         )
     if len({r["compare"] for r in results}) > 1:
         lines += ["", "| method | budget | runs | median, compare's recipe | median, other | per run (points) |"]

@@ -17,7 +17,7 @@ from ajpq.compress import SimulatedModel
 from ajpq.data import load_dataset
 from ajpq.errors import ConfigError
 from ajpq.export import build_artifact, read_artifact
-from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config
+from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config, learns_ranges
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
 from ajpq.quant import quantize_activation_learned
@@ -329,8 +329,11 @@ def test_learned_ranges_are_trained_and_travel_to_the_artifact(bn_setup) -> None
     for name in policy.layers:
         policy.layers[name].activation_bits = 3
     calibrated = dict(SimulatedModel(model, analysis, calibration).ranges)
-    plain = finetune(model, analysis, policy, digits.train, calibration, finetune_config(max_steps=2), progress=False)
+    short = finetune_config(max_steps=2)
+    plain = finetune(model, analysis, policy, digits.train, calibration, short, progress=False, learn_ranges=False)
     assert plain.activation_ranges == {}
+    auto = finetune(model, analysis, policy, digits.train, calibration, short, progress=False)
+    assert set(auto.activation_ranges) == {layer.name for layer in analysis.layers}  # "auto": 3 bits are learned
     result, artifact = _finetune_and_export(bn_setup, policy, learn_ranges=True)
     ranges = result.activation_ranges
     assert set(ranges) == {layer.name for layer in analysis.layers}
@@ -341,6 +344,17 @@ def test_learned_ranges_are_trained_and_travel_to_the_artifact(bn_setup) -> None
     assert stored == ranges
     exported = evaluate_accuracy(artifact.slim, digits.val)
     assert result.history[-1]["val_accuracy"] == result.accuracy_after["val"] == exported
+
+
+def test_learn_ranges_auto_is_on_below_8_bit_activations(setup) -> None:
+    _, _, analysis, _ = setup
+    policy = half_policy(analysis)
+    assert [layer.activation_bits for layer in policy.layers.values()] == [8] * len(policy.layers)
+    assert not learns_ranges("auto", policy) and learns_ranges(True, policy)
+    policy.layers[analysis.layers[-1].name].activation_bits = 7
+    assert learns_ranges("auto", policy) and not learns_ranges(False, policy)
+    with pytest.raises(ValueError, match="learn_ranges must be True, False or 'auto', but got 'yes'"):
+        learns_ranges("yes", policy)  # type: ignore[arg-type]
 
 
 def test_cli_learned_ranges_go_from_finetune_to_export_model(setup, tmp_path: Path, capsys) -> None:
@@ -370,6 +384,14 @@ def test_cli_learned_ranges_go_from_finetune_to_export_model(setup, tmp_path: Pa
     assert {name: spec["max_abs"] for name, spec in header.items()} == {
         name: entry["max_abs"] for name, entry in learned.items()
     }
+
+    for flag, learned_expected in (([], True), (["--no-learn-ranges"], False)):  # the default is auto: 4 bits learn
+        path = tmp_path / f"tuned{len(flag)}.pt"
+        assert main([*argv[:-1], str(path), "--epochs", "1", "--max-steps", "5", *flag]) == 0
+        checkpoint = load_checkpoint(path)
+        assert ("activation_ranges" in checkpoint) is learned_expected
+        assert checkpoint["finetune"]["learn_ranges"] is learned_expected
+    capsys.readouterr()
 
     other = half_policy(analysis)  # 8-bit activations: the ranges learned for 4 bits do not apply
     other_path = tmp_path / "other.json"
