@@ -35,7 +35,7 @@ from ajpq.budget import Budget, parse_ratio
 from ajpq.config import load_config_file
 from ajpq.errors import AJPQError, ConfigError
 from ajpq.export import build_artifact, latency_report, load_compressed
-from ajpq.finetune import FinetuneResult, LearnRanges, finetune, finetune_config
+from ajpq.finetune import FinetuneResult, finetune, finetune_config
 from ajpq.io import atomic_write_bytes, atomic_write_text
 from ajpq.logs import log
 from ajpq.methods import MethodOptions, method_class
@@ -91,9 +91,9 @@ class CompareConfig:
     """Fine-tuning learning rate (OPQ's recipe)."""
     distill: bool = True
     """Fine-tune every result by distilling from the FP32 reference (soft targets mixed with the labels)."""
-    learn_ranges: LearnRanges = "auto"
-    """Fine-tune with learned activation ranges (``ajpq finetune --learn-ranges``), exported with them: true, false,
-    or auto (the default: each result whose policy has activations below 8 bits)."""
+    learn_ranges: bool = True
+    """Fine-tune every result with learned activation ranges (``ajpq finetune``'s default), exported with them; false:
+    ranges calibrated after every epoch (``--no-learn-ranges``)."""
     search: dict[str, Any] = field(default_factory=dict)
     """Extra ``ajpq search`` options for ajpq and random (keys of its configuration; e.g. the proxy, and
     ``search_activation_bits``, which both then search), so the two search the same space with the same score."""
@@ -135,10 +135,9 @@ class CompareConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "episodes" else 0):
                 raise ConfigError(f"{name} must be a non-negative integer, but got {value!r}")
-        if not isinstance(self.distill, bool):
-            raise ConfigError(f"distill must be true or false, but got {self.distill!r}")
-        if not isinstance(self.learn_ranges, bool) and self.learn_ranges != "auto":
-            raise ConfigError(f"learn_ranges must be true, false or auto, but got {self.learn_ranges!r}")
+        for name in ("distill", "learn_ranges"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, but got {getattr(self, name)!r}")
         if not isinstance(self.finetune_lr, int | float) or not self.finetune_lr > 0:
             raise ConfigError(f"finetune_lr must be > 0, but got {self.finetune_lr!r}")
         unknown = sorted(set(self.method_options) - set(ALL_METHODS) - {"ajpq"})
@@ -208,8 +207,8 @@ def finetune_result(
     config: CompareConfig, workspace: Any, policy: Policy, model: nn.Module, calibration: Tensor
 ) -> FinetuneResult:
     """compare's recovery of one result: ``config.finetune_epochs`` of ``ajpq.finetune`` (seeded with
-    ``config.seed``), distilled from the FP32 reference when ``config.distill``, with learned activation ranges as
-    ``config.learn_ranges`` says, scored on validation and test."""
+    ``config.seed``), distilled from the FP32 reference when ``config.distill``, with learned activation ranges when
+    ``config.learn_ranges``, scored on validation and test."""
     return finetune(
         model,
         workspace.analysis,

@@ -9,8 +9,8 @@ and the exported artifact compute (up to float rounding), and the accuracy fine-
 (Quantizing the unfolded weight is not the same: the fp16 rounding of the scales, and subnormal scales of channels
 with a small ``k``, make the codes differ.) Every layer's input is fake-quantized (STE) at the policy's activation
 bits with ranges calibrated like the simulated model's (on the BN-folded FP32 weights), recalibrated after every
-epoch; with ``learn_ranges`` (by default when some activations have fewer than 8 bits) the ranges are trained instead
-(LSQ step sizes, starting at the calibrated ones) and travel with the weights to the export. A layer with
+epoch; with ``learn_ranges`` (the default) the ranges are trained instead (LSQ step sizes, starting at the calibrated
+ones) and travel with the weights to the export. A layer with
 ``weight_sparsity`` keeps the magnitude mask the simulation and the cost model compute from the starting weights.
 Removed channels, the weights that read removed inputs, and the bias/BatchNorm affine of removed channels are zeroed
 before training and after every optimizer step, so they never come back and fold to exact zeros.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,24 +120,6 @@ class _LearnedRange(nn.Module):
 
 RANGES_ATTRIBUTE = "ajpq_learned_ranges"
 """Where a :class:`QATModel` with learned ranges keeps them in its module (so the optimizer trains them)."""
-
-LearnRanges = bool | Literal["auto"]
-"""Whether fine-tuning learns the activation ranges: ``True``, ``False``, or ``"auto"`` (see :func:`learns_ranges`)."""
-
-LEARN_RANGES_BELOW = 8
-"""``"auto"`` learns the activation ranges of a policy with any activation below this many bits. Measured on LeNet-5
-(README, "Learned activation ranges"): with 2-7 bit activations learned ranges lifted collapsed policies by up to 35
-points and never cost more than the fine-tuning seed's spread; with 8-bit activations they changed nothing beyond it."""
-
-
-def learns_ranges(setting: LearnRanges, policy: Policy) -> bool:
-    """Resolve ``setting`` for ``policy``: ``"auto"`` is on when any layer's activations have fewer than
-    :data:`LEARN_RANGES_BELOW` bits, where the calibrated max range wastes the few levels there are."""
-    if setting == "auto":
-        return any(layer.activation_bits < LEARN_RANGES_BELOW for layer in policy.layers.values())
-    if not isinstance(setting, bool):
-        raise ValueError(f"learn_ranges must be True, False or 'auto', but got {setting!r}")
-    return setting
 
 
 class QATModel:
@@ -310,7 +292,7 @@ def finetune(
     on_epoch: Callable[[int, float, float | None], None] | None = None,
     distill: bool = True,
     teacher: nn.Module | None = None,
-    learn_ranges: LearnRanges = "auto",
+    learn_ranges: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``model`` with the policy's quantization in the forward pass; ``model`` itself is not changed.
 
@@ -335,13 +317,13 @@ def finetune(
         teacher: The FP32 teacher (default ``model`` itself; ``compare`` passes the reference model, so methods
             that retrain their weights get the same teacher as the others).
         learn_ranges: Train the activation ranges with the weights (LSQ step sizes) instead of recalibrating
-            them; the result's ``activation_ranges`` then belong to its model. ``"auto"`` (default): when some
-            activations have fewer than 8 bits (:func:`learns_ranges`).
+            them (default; README, "Learned activation ranges": they recover collapsed policies at any bit
+            width and tie elsewhere); the result's ``activation_ranges`` then belong to its model.
     """
     config = config or finetune_config()
     report = report or {}
     before = compressed_accuracy(model, analysis, policy, calibration, report, device)
-    qat = QATModel(model, analysis, policy, calibration, device, learns_ranges(learn_ranges, policy))
+    qat = QATModel(model, analysis, policy, calibration, device, learn_ranges)
     soft = copy.deepcopy(teacher if teacher is not None else model).to(device).eval() if distill else None
     history = train_model(
         qat.module,

@@ -3,11 +3,11 @@
 Every result of each compare folder (``compare.csv`` and one run folder per method and budget) is fine-tuned again
 with the compare's own recipe (epochs, learning rate, seed, the method's own weights for OLMP and ADMM, one thread, as
 ``ajpq compare --backend processes`` runs it on 2 cores) with one setting switched the other way: ``distill``
-(soft targets from the FP32 model) or ``learn_ranges`` (activation ranges trained with the weights, as in
-``ajpq finetune --learn-ranges``; a compare's ``auto`` is resolved per policy first, then turned); ``none`` re-runs
-the recipe unchanged, to see the re-run's own noise. The searches are not re-run. Both test accuracies are reported
-side by side, and with several folders (one per seed) the median per method and budget. JSON on stdout, markdown
-tables on stderr.
+(soft targets from the FP32 model) or ``learn_ranges`` (activation ranges trained with the weights, ``ajpq
+finetune``'s default, or calibrated after every epoch; a compare folder records which it used); ``none`` re-runs the
+recipe unchanged, to see the re-run's own noise. The searches are not re-run. Both test accuracies are reported side
+by side, and with several folders (one per seed) the median per method and budget. JSON on stdout, markdown tables
+on stderr.
 
     python experiments/recovery_check.py --compare runs/bench_quality/lenet5/1_32_1_64_1_100__seed0
     python experiments/recovery_check.py --switch learn_ranges --compare runs/bench_quality/lenet5/BOPs1_256__seed*
@@ -31,14 +31,13 @@ import yaml
 
 from ajpq.compare import CompareConfig, finetune_result, run_folder_name, run_result
 from ajpq.errors import AJPQError
-from ajpq.finetune import learns_ranges
 from ajpq.workspace import open_workspace
 
 SWITCHES = ("distill", "learn_ranges", "none")
 
 
 def recipe_name(config: CompareConfig) -> str:
-    """The recovery settings of ``config`` (``learn_ranges`` resolved) in words, e.g. ``distilled, learned ranges``."""
+    """The recovery settings of ``config`` in words, e.g. ``distilled, learned ranges``."""
     return ", ".join(
         ["distilled" if config.distill else "labels only"] + (["learned ranges"] if config.learn_ranges else [])
     )
@@ -63,18 +62,17 @@ def read_compare(folder: Path) -> tuple[CompareConfig, list[dict[str, str]]]:
     values = yaml.safe_load(config_path.read_text())
     if not isinstance(values, dict) or not isinstance(values.get("default"), dict):
         raise AJPQError(f"{config_path} has no `default:` block; is it a compare folder's config?")
-    config = CompareConfig.from_dict(values["default"])
+    # compare writes every setting; a folder without learn_ranges predates it and calibrated its ranges
+    config = CompareConfig.from_dict({"learn_ranges": False, **values["default"]})
     with table_path.open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("test_after")]
     return config, rows
 
 
 def retune(config: CompareConfig, workspace: Any, run: Path, switch: str) -> dict[str, Any]:
-    """Accuracy after the compare's fine-tuning of ``run``'s best policy with ``switch`` turned, and both recipes
-    (``learn_ranges: auto`` resolved for this policy first, so that turning it means the other choice)."""
+    """Accuracy after the compare's fine-tuning of ``run``'s best policy with ``switch`` turned, and both recipes."""
     policy, model = run_result(workspace, run)
-    own = dataclasses.replace(config, learn_ranges=learns_ranges(config.learn_ranges, policy))
-    other = switched(own, switch)
+    own, other = config, switched(config, switch)
     tuned = finetune_result(other, workspace, policy, model, workspace.calibration_images())
     return {
         "compare_recipe": recipe_name(own),

@@ -49,7 +49,7 @@ def test_compare_config_is_checked(tmp_path):
     with pytest.raises(BudgetError, match=r"^joint_budgets bops must be in \(0, 1\], but got 3"):
         CompareConfig(joint_budgets=[["1/100", 3]])
     assert CompareConfig(budgets=[], joint_budgets=[["1/100", "1/300"]]).joint_budgets == [[0.01, 1 / 300]]
-    with pytest.raises(ConfigError, match=r"^learn_ranges must be true, false or auto, but got 'yes'$"):
+    with pytest.raises(ConfigError, match=r"^learn_ranges must be true or false, but got 'yes'$"):
         CompareConfig(learn_ranges="yes")
     bad = tmp_path / "bad.yaml"
     bad.write_text("default:\n  method: [opq]\n")

@@ -17,7 +17,7 @@ from ajpq.compress import SimulatedModel
 from ajpq.data import load_dataset
 from ajpq.errors import ConfigError
 from ajpq.export import build_artifact, read_artifact
-from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config, learns_ranges
+from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
 from ajpq.quant import quantize_activation_learned
@@ -114,8 +114,9 @@ def test_finetune_recovers_accuracy(setup) -> None:
     )
     assert result.accuracy_after["val"] > result.accuracy_before["val"]
     assert len(result.history) == 2 and "val_accuracy" in result.history[0]
-    simulated = SimulatedModel(result.model, analysis, calibration).apply(policy)
-    assert evaluate_accuracy(simulated, digits.val) == pytest.approx(result.accuracy_after["val"])
+    assert set(result.activation_ranges) == {layer.name for layer in analysis.layers}  # learned by default
+    simulated = SimulatedModel(result.model, analysis, calibration, activation_ranges=result.activation_ranges)
+    assert evaluate_accuracy(simulated.apply(policy), digits.val) == pytest.approx(result.accuracy_after["val"])
 
 
 def test_cli_finetune_then_export(setup, tmp_path: Path, capsys) -> None:
@@ -332,8 +333,8 @@ def test_learned_ranges_are_trained_and_travel_to_the_artifact(bn_setup) -> None
     short = finetune_config(max_steps=2)
     plain = finetune(model, analysis, policy, digits.train, calibration, short, progress=False, learn_ranges=False)
     assert plain.activation_ranges == {}
-    auto = finetune(model, analysis, policy, digits.train, calibration, short, progress=False)
-    assert set(auto.activation_ranges) == {layer.name for layer in analysis.layers}  # "auto": 3 bits are learned
+    default = finetune(model, analysis, half_policy(analysis), digits.train, calibration, short, progress=False)
+    assert set(default.activation_ranges) == {layer.name for layer in analysis.layers}  # learned, 8 bits too
     result, artifact = _finetune_and_export(bn_setup, policy, learn_ranges=True)
     ranges = result.activation_ranges
     assert set(ranges) == {layer.name for layer in analysis.layers}
@@ -344,17 +345,6 @@ def test_learned_ranges_are_trained_and_travel_to_the_artifact(bn_setup) -> None
     assert stored == ranges
     exported = evaluate_accuracy(artifact.slim, digits.val)
     assert result.history[-1]["val_accuracy"] == result.accuracy_after["val"] == exported
-
-
-def test_learn_ranges_auto_is_on_below_8_bit_activations(setup) -> None:
-    _, _, analysis, _ = setup
-    policy = half_policy(analysis)
-    assert [layer.activation_bits for layer in policy.layers.values()] == [8] * len(policy.layers)
-    assert not learns_ranges("auto", policy) and learns_ranges(True, policy)
-    policy.layers[analysis.layers[-1].name].activation_bits = 7
-    assert learns_ranges("auto", policy) and not learns_ranges(False, policy)
-    with pytest.raises(ValueError, match="learn_ranges must be True, False or 'auto', but got 'yes'"):
-        learns_ranges("yes", policy)  # type: ignore[arg-type]
 
 
 def test_cli_learned_ranges_go_from_finetune_to_export_model(setup, tmp_path: Path, capsys) -> None:
@@ -385,7 +375,7 @@ def test_cli_learned_ranges_go_from_finetune_to_export_model(setup, tmp_path: Pa
         name: entry["max_abs"] for name, entry in learned.items()
     }
 
-    for flag, learned_expected in (([], True), (["--no-learn-ranges"], False)):  # the default is auto: 4 bits learn
+    for flag, learned_expected in (([], True), (["--no-learn-ranges"], False)):  # learned by default
         path = tmp_path / f"tuned{len(flag)}.pt"
         assert main([*argv[:-1], str(path), "--epochs", "1", "--max-steps", "5", *flag]) == 0
         checkpoint = load_checkpoint(path)

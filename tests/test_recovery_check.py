@@ -23,12 +23,12 @@ def load_script() -> ModuleType:
     return module
 
 
-def run_compare(tmp_path: Path, name: str, learn_ranges: str) -> Path:
+def run_compare(tmp_path: Path, name: str, extra: str) -> Path:
     out = tmp_path / name
     config = tmp_path / f"{name}.yaml"
     config.write_text(
-        "default:\n  methods: [uniform, random]\n  budgets: ['1/16']\n  episodes: 3\n  finetune_epochs: 1\n"
-        f"  search: {{search_activation_bits: true}}\n  learn_ranges: {learn_ranges}\n  out_dir: {out}\n"
+        "default:\n  methods: [uniform]\n  budgets: ['1/16']\n  bops_budgets: ['1/64']\n  finetune_epochs: 1\n"
+        f"  search: {{search_activation_bits: true}}\n{extra}  out_dir: {out}\n"
     )
     assert ajpq_main(["compare", "--config", str(config), "--device", "cpu"]) == 0
     return out
@@ -36,41 +36,42 @@ def run_compare(tmp_path: Path, name: str, learn_ranges: str) -> Path:
 
 def test_switched_retune_equals_a_compare_run_with_the_setting(tmp_path, capsys):
     script = load_script()
-    folders = {setting: run_compare(tmp_path, setting, setting) for setting in ("auto", "true", "false")}
-    after = {
-        setting: {r["method"]: float(r["test_after"]) for r in csv.DictReader((folder / "compare.csv").open())}
-        for setting, folder in folders.items()
+    folders = {
+        "learned": run_compare(tmp_path, "learned", ""),
+        "plain": run_compare(tmp_path, "plain", "  learn_ranges: false\n"),
     }
-    fewest = {}
-    for method in ("uniform", "random"):  # random searched the activation bits, too
-        policy = json.loads((folders["auto"] / f"{method}__1_16" / "best_policy.json").read_text())
-        fewest[method] = min(layer["activation_bits"] for layer in policy["layers"])
-    assert fewest["uniform"] == 8 and fewest["random"] < 8
-    # auto: uniform's 8-bit activations keep calibrated ranges, random's policy learns them
-    assert after["auto"] == {"uniform": after["false"]["uniform"], "random": after["true"]["random"]}
-    assert after["true"]["random"] != after["false"]["random"]
+    after = {
+        name: {r["budget"]: float(r["test_after"]) for r in csv.DictReader((folder / "compare.csv").open())}
+        for name, folder in folders.items()
+    }
+    assert all(after["learned"][budget] != after["plain"][budget] for budget in ("1/16", "BOPs 1/64"))
     threads = str(torch.get_num_threads())  # the compares ran in this process, with its threads
     capsys.readouterr()
 
-    assert script.main(["--compare", str(folders["auto"]), "--switch", "learn_ranges", "--threads", threads]) == 0
-    captured = capsys.readouterr()
-    rows = {r["method"]: r for r in json.loads(captured.out)["rows"]}
-    assert {method: (r["compare_recipe"], r["other_recipe"]) for method, r in rows.items()} == {
-        "uniform": ("distilled", "distilled, learned ranges"),
-        "random": ("distilled, learned ranges", "distilled"),
-    }
-    for method, row in rows.items():  # turned per policy: each row equals the compare run with the other choice
-        assert row["test_compare"] == after["auto"][method]
-        assert row["test_other"] == after["true" if method == "uniform" else "false"][method]
-    assert "| auto | random | 1/16 | distilled, learned ranges |" in captured.err
+    for name, other in (("plain", "learned"), ("learned", "plain")):
+        assert script.main(["--compare", str(folders[name]), "--switch", "learn_ranges", "--threads", threads]) == 0
+        captured = capsys.readouterr()
+        rows = {r["budget"]: r for r in json.loads(captured.out)["rows"]}
+        assert set(rows) == {"1/16", "BOPs 1/64"}
+        for budget, row in rows.items():  # each equals the compare run with the other setting
+            assert (row["test_compare"], row["test_other"]) == (after[name][budget], after[other][budget])
+            recipes = ("distilled", "distilled, learned ranges")
+            assert (row["compare_recipe"], row["other_recipe"]) == (recipes if name == "plain" else recipes[::-1])
+    assert "| learned | uniform | BOPs 1/64 | distilled, learned ranges |" in captured.err
 
-    # `none` re-runs compare's own recipe: the same accuracies, and two folders give a median table
-    argv = ["--compare", str(folders["true"]), str(folders["false"]), "--switch", "none", "--threads", threads]
-    assert script.main(argv) == 0
+    # a folder from before the setting existed (no learn_ranges in its config) calibrated its ranges
+    config = folders["plain"] / "compare_config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(True) if "learn_ranges" not in line))
+    assert script.main(["--compare", str(folders["plain"]), "--switch", "none", "--threads", threads]) == 0
     captured = capsys.readouterr()
-    report = json.loads(captured.out)
-    assert all(r["test_other"] == r["test_compare"] for r in report["rows"])
-    assert [(m["method"], m["runs"]) for m in report["medians"]] == [("uniform", 2), ("random", 2)]
+    rows = json.loads(captured.out)["rows"]
+    assert {r["compare_recipe"] for r in rows} == {"distilled"}
+    assert all(r["test_other"] == r["test_compare"] for r in rows)  # `none` re-runs compare's own recipe
+
+    argv = ["--compare", str(folders["learned"]), str(folders["plain"]), "--switch", "none", "--threads", threads]
+    assert script.main(argv) == 0  # two folders: a median per method and budget
+    captured = capsys.readouterr()
+    assert [(m["budget"], m["runs"]) for m in json.loads(captured.out)["medians"]] == [("1/16", 2), ("BOPs 1/64", 2)]
     assert "| uniform | 1/16 | 2 |" in captured.err
 
 

@@ -9,7 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ajpq.checkpoint import checkpoint_meta, ranges_meta, save_checkpoint
 from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
-from ajpq.finetune import finetune, finetune_config, learns_ranges
+from ajpq.finetune import finetune, finetune_config
 from ajpq.logs import log
 from ajpq.policy import load_policy
 from ajpq.train import seed_everything
@@ -47,10 +47,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     tune.add_argument(
         "--learn-ranges",
         action=argparse.BooleanOptionalAction,
-        default="auto",
-        help="train each layer's activation range with the weights (LSQ step sizes) instead of recalibrating it "
-        "after every epoch; the ranges are saved with the weights and `ajpq export-model` uses them (default: "
-        "when some activations of the policy have fewer than 8 bits; --no-learn-ranges never)",
+        default=True,
+        help="train each layer's activation range with the weights (LSQ step sizes; the default) instead of "
+        "recalibrating it after every epoch (--no-learn-ranges); the ranges are saved with the weights and "
+        "`ajpq export-model` uses them",
     )
     tune.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
     tune.add_argument("--out", required=True, help="checkpoint to write (e.g. finetuned.pt)")
@@ -76,7 +76,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy, workspace.analysis)
     tb_dir = Path(args.tb_dir) if args.tb_dir else out.with_name(f"{out.stem}_tb")
     generator = seed_everything(args.seed)
-    learned = learns_ranges(args.learn_ranges, policy)
+    learned = bool(args.learn_ranges)
     teaching = (
         "labels only"
         if args.no_distill
@@ -85,7 +85,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     log(
         f"fine-tuning {args.model} on {workspace.splits.name} with {args.policy} for {config.epochs} epochs "
         f"(lr {config.lr}, momentum {config.momentum}, weight decay {config.weight_decay}, {teaching}"
-        f"{', learned activation ranges' if learned else ''}) on "
+        f"{', learned activation ranges' if learned else ', calibrated activation ranges'}) on "
         f"{workspace.device}; TensorBoard in {tb_dir}"
     )
     writer = SummaryWriter(log_dir=str(tb_dir))
