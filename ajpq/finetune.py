@@ -10,10 +10,10 @@ and the exported artifact compute (up to float rounding), and the accuracy fine-
 with a small ``k``, make the codes differ.) Every layer's input is fake-quantized (STE) at the policy's activation
 bits with ranges calibrated like the simulated model's (on the BN-folded FP32 weights), recalibrated after every
 epoch; with ``learn_ranges`` (the default) the ranges are trained instead (LSQ step sizes, starting at the calibrated
-ones) and travel with the weights to the export. A layer with
-``weight_sparsity`` keeps the magnitude mask the simulation and the cost model compute from the starting weights.
-Removed channels, the weights that read removed inputs, and the bias/BatchNorm affine of removed channels are zeroed
-before training and after every optimizer step, so they never come back and fold to exact zeros.
+ones) and travel with the weights to the export. A layer with ``weight_sparsity`` keeps the magnitude mask the
+simulation and the cost model compute from the starting weights. Removed channels, the weights that read removed
+inputs, and the bias/BatchNorm affine of removed channels are zeroed before training and after every optimizer step,
+so they never come back and fold to exact zeros.
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def finetune(
         description="finetune",
         on_epoch=on_epoch,
         after_step=qat.enforce,
-        end_epoch=qat.recalibrate,
+        end_epoch=None if learn_ranges else qat.recalibrate,  # learned ranges ignore the calibrated ones
         teacher=soft,
     )
     result = qat.fp32_model().eval()

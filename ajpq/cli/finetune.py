@@ -76,7 +76,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy, workspace.analysis)
     tb_dir = Path(args.tb_dir) if args.tb_dir else out.with_name(f"{out.stem}_tb")
     generator = seed_everything(args.seed)
-    learned = bool(args.learn_ranges)
     teaching = (
         "labels only"
         if args.no_distill
@@ -85,7 +84,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     log(
         f"fine-tuning {args.model} on {workspace.splits.name} with {args.policy} for {config.epochs} epochs "
         f"(lr {config.lr}, momentum {config.momentum}, weight decay {config.weight_decay}, {teaching}"
-        f"{', learned activation ranges' if learned else ', calibrated activation ranges'}) on "
+        f"{', learned' if args.learn_ranges else ', calibrated'} activation ranges) on "
         f"{workspace.device}; TensorBoard in {tb_dir}"
     )
     writer = SummaryWriter(log_dir=str(tb_dir))
@@ -110,7 +109,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             generator=generator,
             on_epoch=on_epoch,
             distill=not args.no_distill,
-            learn_ranges=learned,
+            learn_ranges=args.learn_ranges,
         )
     finally:
         writer.close()
@@ -133,7 +132,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             if args.no_distill
             else {"temperature": config.distill_temperature, "alpha": config.distill_alpha},
             "history": result.history,
-            "learn_ranges": learned,
+            "learn_ranges": args.learn_ranges,
         },
         compressed_accuracy={"before": result.accuracy_before, "after": result.accuracy_after},
     )
