@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-
-
-def load_bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from experiments_scripts import load_experiment
 
 
 @pytest.mark.parametrize(("seeds_given", "expected"), [(False, [0]), (True, [0, 1])])
@@ -25,7 +15,7 @@ def test_resnet20_seed_limit_yields_to_listed_seeds(
 ) -> None:
     """ResNet-20's one-seed limit holds for the default seeds; `--seed-list 0 1` runs both (it used to skip seed 1
     silently); seeds after the first run ajpq and random only."""
-    bench = load_bench()
+    bench = load_experiment("bench_quality")
     launched: list[tuple[int, list[str]]] = []
 
     def fake_compare(config: Any, backend: Any = None) -> dict[str, Any]:

@@ -4,23 +4,13 @@ compare run with that setting gives."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import torch
+from experiments_scripts import load_experiment
 
 from ajpq.cli import main as ajpq_main
-
-
-def load_script() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "experiments" / "recovery_check.py"
-    spec = importlib.util.spec_from_file_location("recovery_check", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_compare(tmp_path: Path, name: str, extra: str) -> Path:
@@ -35,7 +25,7 @@ def run_compare(tmp_path: Path, name: str, extra: str) -> Path:
 
 
 def test_switched_retune_equals_a_compare_run_with_the_setting(tmp_path, capsys):
-    script = load_script()
+    script = load_experiment("recovery_check")
     folders = {
         "learned": run_compare(tmp_path, "learned", ""),
         "plain": run_compare(tmp_path, "plain", "  learn_ranges: false\n"),
@@ -76,7 +66,7 @@ def test_switched_retune_equals_a_compare_run_with_the_setting(tmp_path, capsys)
 
 
 def test_a_folder_that_is_not_a_finished_compare_is_one_line(tmp_path, capsys):
-    script = load_script()
+    script = load_experiment("recovery_check")
     assert script.main(["--compare", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path} is not a finished ajpq compare folder: compare_config.yaml is missing"
