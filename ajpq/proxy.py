@@ -243,6 +243,7 @@ def qat_steps(workspace: Workspace, policy: Policy, calibration: torch.Tensor, o
             device=workspace.device,
             generator=torch.Generator().manual_seed(options.seed),
             progress=False,
+            learn_ranges=False,  # the candidate is scored with calibrated ranges; learned ones would be thrown away
         )
     return result.model
 
