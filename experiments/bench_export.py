@@ -55,9 +55,16 @@ def state_dict_bytes(model: torch.nn.Module) -> int:
     return len(buffer.getvalue())
 
 
-def case_report(name, model, analysis, policy, calibration, input_shape, tmp: Path, extra=None):
+def case_report(name, model, analysis, policy, calibration, input_shape, tmp: Path, extra=None, activation_ranges=None):
     artifact = build_artifact(
-        model, analysis, policy, calibration, model_name=name, input_shape=input_shape, num_classes=10
+        model,
+        analysis,
+        policy,
+        calibration,
+        model_name=name,
+        input_shape=input_shape,
+        num_classes=10,
+        activation_ranges=activation_ranges,  # fine-tuning's learned ranges, so the artifact is the model it scored
     )
     path = tmp / f"{name}.ajpq"
     artifact.write(path)
@@ -119,6 +126,7 @@ def lenet5_case(args, tmp: Path) -> dict:
             "finetune_epochs": args.finetune_epochs,
             "train_seconds": train_seconds,
         },
+        activation_ranges=tuned.activation_ranges,
     )
     slim = load_compressed(tmp / "lenet5.ajpq")
     report["artifact_test_accuracy"] = evaluate_accuracy(slim, splits.test)
