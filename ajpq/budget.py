@@ -184,15 +184,20 @@ def project_to_budget(
     returned with its report. A caller that needs a fitting policy whatever the mode projects onto
     ``budget.hard()``.
 
-    1. Bits are lowered one at a time in sweeps over all channels, least important first (by rank in their group's
-       importance order), down to 1 bit, stopping at the first decrement after which the policy fits. Pruning is
-       unchanged here, so size and BOPs are linear in the bits and the stopping point is found exactly. (A layer
-       with weight sparsity keeps its mask, and a decrement saves at least a bit per stored weight, which is what is
-       counted: the stop can come a few decrements late, never early.)
-    2. If all weights are at 1 bit and it still does not fit, the least important group channels of the prunable
-       groups are removed (in all member layers together, never beyond ``max_sparsity`` of a group, never the
-       classifier's outputs): the smallest number of removals that fits is found by bisection.
-    3. If it still does not fit, activation bits are lowered to ``min_activation_bits`` (when given), largest BOPs
+    1. If the policy would not fit even with every weight at 1 bit, channels must go anyway, and they go first: the
+       least important group channels of the prunable groups are removed (in all member layers together, never
+       beyond ``max_sparsity`` of a group, never the classifier's outputs) with the policy's bits kept; the smallest
+       number of removals that fits is found by bisection. (Lowering every bit to 1 before removing any channel
+       erased the controllers' bit choices in most RL episodes at tight size budgets; README, "What each phase of
+       the search contributed".)
+    2. Otherwise (or if removing every allowed channel is not enough) bits are lowered one at a time in sweeps over
+       all channels, least important first (by rank in their group's importance order), down to 1 bit, stopping at
+       the first decrement after which the policy fits. Pruning is unchanged here, so size and BOPs are linear in
+       the bits and the stopping point is found exactly. (A layer with weight sparsity keeps its mask, and a
+       decrement saves at least a bit per stored weight, which is what is counted: the stop can come a few
+       decrements late, never early.)
+    3. If all weights are at 1 bit and it still does not fit, channels are removed as in 1.
+    4. If it still does not fit, activation bits are lowered to ``min_activation_bits`` (when given), largest BOPs
        first.
 
     A policy that already fits is returned unchanged. If nothing fits, the smallest policy reached is returned
@@ -201,6 +206,13 @@ def project_to_budget(
     report = cost_model.evaluate(policy)
     if budget.mode != "hard" or budget.fits(report):
         return policy, report
+    one_bit = policy.copy()
+    for layer_policy in one_bit.layers.values():
+        np.minimum(layer_policy.weight_bits, 1, out=layer_policy.weight_bits)
+    if not budget.fits(cost_model.evaluate(one_bit)):
+        pruned = _remove_fewest(policy, analysis, cost_model, budget, max_sparsity)
+        if pruned is not None:
+            return pruned, cost_model.evaluate(pruned)
     result = policy.copy()
     names, ids, channels = _channel_table(analysis)
     bits = np.array([result.layers[names[i]].weight_bits[c] for i, c in zip(ids, channels, strict=True)])
@@ -243,30 +255,10 @@ def project_to_budget(
     if budget.fits(report):
         return result, report
 
-    candidates = _prune_candidates(analysis, result, max_sparsity)
-    if candidates:
-
-        def pruned(k: int) -> Policy:
-            trial = result.copy()
-            by_group: dict[int, list[int]] = {}  # one pass per group, not per channel (MobileNetV2 has thousands)
-            for gid, channel in candidates[:k]:
-                by_group.setdefault(gid, []).append(channel)
-            for gid, channels in by_group.items():
-                trial.prune_group(analysis, gid, channels)
-            return trial
-
-        low, high = 0, len(candidates)
-        if budget.fits(cost_model.evaluate(pruned(high))):
-            while high - low > 1:
-                mid = (low + high) // 2
-                if budget.fits(cost_model.evaluate(pruned(mid))):
-                    high = mid
-                else:
-                    low = mid
-        result = pruned(high)
-        report = cost_model.evaluate(result)
-        if budget.fits(report):
-            return result, report
+    result = _remove_fewest(result, analysis, cost_model, budget, max_sparsity, or_all=True) or result
+    report = cost_model.evaluate(result)
+    if budget.fits(report):
+        return result, report
 
     if min_activation_bits is not None:
         for cost in sorted(report.layers, key=lambda c: -c.bops):
@@ -276,6 +268,43 @@ def project_to_budget(
                 if budget.fits(report):
                     break
     return result, report
+
+
+def _remove_fewest(
+    policy: Policy,
+    analysis: ModelAnalysis,
+    cost_model: CostModel,
+    budget: Budget,
+    max_sparsity: float,
+    *,
+    or_all: bool = False,
+) -> Policy | None:
+    """``policy`` with the fewest of its least important removable group channels removed that make it fit (found by
+    bisection), its bits kept; when removing all of them does not fit either: all of them removed if ``or_all``,
+    else None."""
+    candidates = _prune_candidates(analysis, policy, max_sparsity)
+    if not candidates:
+        return None
+
+    def pruned(k: int) -> Policy:
+        trial = policy.copy()
+        by_group: dict[int, list[int]] = {}  # one pass per group, not per channel (MobileNetV2 has thousands)
+        for gid, channel in candidates[:k]:
+            by_group.setdefault(gid, []).append(channel)
+        for gid, channels in by_group.items():
+            trial.prune_group(analysis, gid, channels)
+        return trial
+
+    low, high = 0, len(candidates)
+    if not budget.fits(cost_model.evaluate(pruned(high))):
+        return pruned(high) if or_all else None
+    while high - low > 1:
+        mid = (low + high) // 2
+        if budget.fits(cost_model.evaluate(pruned(mid))):
+            high = mid
+        else:
+            low = mid
+    return pruned(high)
 
 
 def _prune_candidates(analysis: ModelAnalysis, policy: Policy, max_sparsity: float) -> list[tuple[int, int]]:

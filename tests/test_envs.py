@@ -106,6 +106,31 @@ def test_projection_lowers_least_important_bits_first_and_keeps_groups(res_probl
     validate_policy(tight, analysis)  # coupled groups pruned together, classifier kept
 
 
+def test_projection_removes_channels_first_when_one_bit_would_not_fit(res_problem: CompressionProblem) -> None:
+    """A policy over a budget that even 1-bit weights would not meet loses channels, not its bits: lowering every
+    bit to 1 first erased the controllers' bit choices in most RL episodes at tight size budgets."""
+    analysis = res_problem.analysis
+    cost = CostModel(analysis)
+    policy = Policy.uniform(analysis, 4)
+    one_bit = cost.evaluate(Policy.uniform(analysis, 1)).size_ratio
+    budget = Budget(size=one_bit * 0.9)
+    projected, report = project_to_budget(policy, analysis, cost, budget)
+    assert report.size_ratio <= budget.size
+    validate_policy(projected, analysis)
+    removed = 0
+    for layer in analysis.layers:
+        bits = projected.layers[layer.name].weight_bits
+        assert set(bits[bits > 0].tolist()) == {4}, layer.name  # the kept channels keep their bits
+        ordered = bits[analysis.channel_order(layer.name)]
+        assert (np.diff((ordered > 0).astype(int)) <= 0).all(), layer.name  # the least important ones went
+        removed += int((bits == 0).sum())
+    assert removed > 0
+    # a budget that 1-bit weights meet is still met by lowering bits, keeping every channel
+    lowered, report = project_to_budget(policy, analysis, cost, Budget(size=one_bit * 1.5))
+    assert report.size_ratio <= one_bit * 1.5
+    assert all((lowered.layers[layer.name].weight_bits > 0).all() for layer in analysis.layers)
+
+
 def test_a_soft_budget_is_penalized_not_projected(res_problem: CompressionProblem) -> None:
     analysis = res_problem.analysis
     cost = CostModel(analysis)
