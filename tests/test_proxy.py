@@ -185,37 +185,32 @@ def test_qat_steps_proxy_is_deterministic_and_leaves_the_workspace_unchanged(dig
     assert make_evaluator(workspace)(policy) == plain
 
 
-def test_qat_proxy_trains_with_the_calibrated_ranges_it_scores_with(digits_workspace: Workspace) -> None:
+def test_qat_proxy_trains_with_the_calibrated_ranges_it_scores_with(
+    digits_workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The candidate is scored with calibrated activation ranges, so its QAT steps must train with them too, whatever
     ``finetune``'s default (learned ranges since they recover collapsed policies): a proxy that trained learned ranges
     and then threw them away scored every candidate differently from the search the README measured."""
-    from ajpq.finetune import finetune, finetune_config
-    from ajpq.proxy import QAT_CPU_THREADS, qat_steps
-    from ajpq.train import cpu_threads
+    import ajpq.finetune
+    from ajpq.proxy import qat_steps
 
     workspace = digits_workspace
     policy = pruned_policy(workspace.analysis, bits=2, fraction=0.5)
     options = ProxyOptions(finetune_steps=6, seed=2)
     calibration = workspace.calibration_images()
     proxy = state(qat_steps(workspace, policy, calibration, options))
+    original = ajpq.finetune.finetune
 
-    def tuned(learn_ranges: bool) -> dict[str, torch.Tensor]:
-        torch.manual_seed(options.seed)
-        with cpu_threads(QAT_CPU_THREADS, workspace.device):
-            result = finetune(
-                workspace.model,
-                workspace.analysis,
-                policy,
-                workspace.splits.train,
-                calibration,
-                finetune_config(max_steps=options.finetune_steps),
-                generator=torch.Generator().manual_seed(options.seed),
-                progress=False,
-                learn_ranges=learn_ranges,
-            )
-        return state(result.model)
+    def forced(learn_ranges: bool) -> dict[str, torch.Tensor]:
+        """The same QAT steps with ``learn_ranges`` imposed on the proxy's own call of ``finetune``."""
+        monkeypatch.setattr(
+            ajpq.finetune,
+            "finetune",
+            lambda *args, **kwargs: original(*args, **{**kwargs, "learn_ranges": learn_ranges}),
+        )
+        return state(qat_steps(workspace, policy, calibration, options))
 
-    calibrated, learned = tuned(False), tuned(True)
+    calibrated, learned = forced(False), forced(True)
     assert all(torch.equal(proxy[k], calibrated[k]) for k in proxy)
     assert not all(torch.equal(proxy[k], learned[k]) for k in proxy)  # the setting matters here
 
