@@ -212,7 +212,7 @@ def project_to_budget(
     if not budget.fits(cost_model.evaluate(one_bit)):
         pruned = _remove_fewest(policy, analysis, cost_model, budget, max_sparsity)
         if pruned is not None:
-            return pruned, cost_model.evaluate(pruned)
+            return pruned
     result = policy.copy()
     names, ids, channels = _channel_table(analysis)
     bits = np.array([result.layers[names[i]].weight_bits[c] for i, c in zip(ids, channels, strict=True)])
@@ -255,8 +255,7 @@ def project_to_budget(
     if budget.fits(report):
         return result, report
 
-    result = _remove_fewest(result, analysis, cost_model, budget, max_sparsity, or_all=True) or result
-    report = cost_model.evaluate(result)
+    result, report = _remove_fewest(result, analysis, cost_model, budget, max_sparsity, or_all=True) or (result, report)
     if budget.fits(report):
         return result, report
 
@@ -278,29 +277,32 @@ def _remove_fewest(
     max_sparsity: float,
     *,
     or_all: bool = False,
-) -> Policy | None:
+) -> tuple[Policy, CostReport] | None:
     """``policy`` with the fewest of its least important removable group channels removed that make it fit (found by
-    bisection), its bits kept; when removing all of them does not fit either: all of them removed if ``or_all``,
-    else None."""
+    bisection), its bits kept, and its cost report; when removing all of them does not fit either: all of them
+    removed if ``or_all``, else None."""
     candidates = _prune_candidates(analysis, policy, max_sparsity)
     if not candidates:
         return None
+    tried: dict[int, tuple[Policy, CostReport]] = {}  # each removal count built and costed once
 
-    def pruned(k: int) -> Policy:
-        trial = policy.copy()
-        by_group: dict[int, list[int]] = {}  # one pass per group, not per channel (MobileNetV2 has thousands)
-        for gid, channel in candidates[:k]:
-            by_group.setdefault(gid, []).append(channel)
-        for gid, channels in by_group.items():
-            trial.prune_group(analysis, gid, channels)
-        return trial
+    def pruned(k: int) -> tuple[Policy, CostReport]:
+        if k not in tried:
+            trial = policy.copy()
+            by_group: dict[int, list[int]] = {}  # one pass per group, not per channel (MobileNetV2 has thousands)
+            for gid, channel in candidates[:k]:
+                by_group.setdefault(gid, []).append(channel)
+            for gid, channels in by_group.items():
+                trial.prune_group(analysis, gid, channels)
+            tried[k] = trial, cost_model.evaluate(trial)
+        return tried[k]
 
     low, high = 0, len(candidates)
-    if not budget.fits(cost_model.evaluate(pruned(high))):
+    if not budget.fits(pruned(high)[1]):
         return pruned(high) if or_all else None
     while high - low > 1:
         mid = (low + high) // 2
-        if budget.fits(cost_model.evaluate(pruned(mid))):
+        if budget.fits(pruned(mid)[1]):
             high = mid
         else:
             low = mid
