@@ -155,6 +155,17 @@ def fingerprint_of(model: nn.Module) -> str:
     return hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
 
 
+def weights_digest(model: nn.Module) -> str:
+    """Hex digest of the model's state (every parameter and buffer: name, dtype, shape and values): identifies the
+    FP32 reference a run was measured against, which the same seed need not reproduce on another torch build."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _layer_type(module: nn.Module) -> LayerType:
     if isinstance(module, nn.Linear):
         return "linear"

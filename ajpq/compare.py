@@ -30,6 +30,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ajpq.analysis import weights_digest
 from ajpq.backends import BackendOptions, default_threads
 from ajpq.budget import Budget, parse_ratio
 from ajpq.config import load_config_file
@@ -41,6 +42,7 @@ from ajpq.logs import log
 from ajpq.methods import MethodOptions, method_class
 from ajpq.methods.common import load_method_weights, simulate
 from ajpq.policy import Policy, load_policy
+from ajpq.runs import software_environment
 from ajpq.search import SearchConfig, run_search
 from ajpq.train import evaluate_accuracy, seed_everything
 from ajpq.workspace import SPEC_KEYS, WorkspaceSpec, open_workspace
@@ -391,16 +393,20 @@ def run_compare(config: CompareConfig, backend: Any = None) -> dict[str, Any]:
         "val": evaluate_accuracy(workspace.model, workspace.splits.val, workspace.device),
         "test": evaluate_accuracy(workspace.model, workspace.splits.test, workspace.device),
     }
+    # what the numbers were measured on: the same seed gives another reference on another torch build or device
+    reference = {"weights_digest": weights_digest(workspace.model), **software_environment(workspace.device)}
     rows = []
     jobs = [(method, budget) for budget in compare_budgets(config) for method in config.methods]
     for row in run_jobs(config, workspace, jobs, out, backend):
         rows.append(row)
-        write_outputs(out, rows, fp32, config)
-    paths = write_outputs(out, rows, fp32, config)
-    return {"rows": rows, "fp32": fp32, **{k: str(v) for k, v in paths.items()}}
+        write_outputs(out, rows, fp32, config, reference)
+    paths = write_outputs(out, rows, fp32, config, reference)
+    return {"rows": rows, "fp32": fp32, "reference": reference, **{k: str(v) for k, v in paths.items()}}
 
 
-def markdown_table(rows: list[dict[str, Any]], fp32: dict[str, float] | None = None) -> str:
+def markdown_table(
+    rows: list[dict[str, Any]], fp32: dict[str, float] | None = None, reference: dict[str, str] | None = None
+) -> str:
     header = (
         "| method | budget | size compression | BOPs compression | val before | test before | val after | "
         "test after | search wall time (s) | evaluations | artifact bytes | artifact test | CPU ms batch 1 (FP32) | "
@@ -420,6 +426,12 @@ def markdown_table(rows: list[dict[str, Any]], fp32: dict[str, float] | None = N
         )
     if fp32:
         lines.append(f"\nFP32 reference: val {fp32['val']:.4f}, test {fp32['test']:.4f}.")
+    if reference:
+        lines.append(
+            f"Reference weights digest {reference['weights_digest']}; measured with ajpq {reference['ajpq']}, torch "
+            f"{reference['torch']}, numpy {reference['numpy']}, stable-baselines3 {reference['stable_baselines3']} "
+            f"on {reference['device']}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -452,7 +464,11 @@ def pareto_png(rows: list[dict[str, Any]], fp32: dict[str, float] | None = None,
 
 
 def write_outputs(
-    out: Path, rows: list[dict[str, Any]], fp32: dict[str, float], config: CompareConfig
+    out: Path,
+    rows: list[dict[str, Any]],
+    fp32: dict[str, float],
+    config: CompareConfig,
+    reference: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=[*COLUMNS, "note"], lineterminator="\n")
@@ -462,6 +478,6 @@ def write_outputs(
     paths = {"csv": out / "compare.csv", "table": out / "compare.md", "plot": out / "compare_pareto.png"}
     atomic_write_text(paths["csv"], text.getvalue())
     title = f"{config.workspace.model} on {config.workspace.dataset}, {config.finetune_epochs} fine-tuning epochs"
-    atomic_write_text(paths["table"], f"# {title}\n\n" + markdown_table(rows, fp32))
+    atomic_write_text(paths["table"], f"# {title}\n\n" + markdown_table(rows, fp32, reference))
     atomic_write_bytes(paths["plot"], pareto_png(rows, fp32, title))
     return paths

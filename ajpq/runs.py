@@ -3,7 +3,8 @@
 Layout of ``runs/<model>__<dataset>__<seed>__<YYYYmmdd-HHMMSS>/``:
 
 * ``config.yaml``: the search configuration as a ``default:`` block (usable again with ``--config``);
-* ``run.json``: what the run was made on (model fingerprint, FP32 accuracy, AJPQ version, method);
+* ``run.json``: what the run was made on (model fingerprint, digest of the FP32 weights, FP32 accuracy, method, device
+  and the versions of AJPQ, Python, torch, numpy, Gymnasium and stable-baselines3);
 * ``episodes.jsonl``: one JSON line per evaluated episode (episode, reward, accuracy, size_ratio, bops_ratio,
   feasible, wall_time, ...), flushed line by line;
 * ``policies.jsonl``: the policy of each episode, compactly (one digit per channel), for ``ajpq export --episode``;
@@ -19,16 +20,20 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
+from ajpq._version import __version__
 from ajpq.errors import ArtifactError, ConfigError
 from ajpq.io import atomic_write_json, atomic_write_text
+from ajpq.logs import log
 from ajpq.policy import LayerPolicy, Policy, load_policy
 
 EPISODES_FILE = "episodes.jsonl"
@@ -81,6 +86,26 @@ def best_by_phase(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         ):
             best[phase] = {key: record[key] for key in ("episode", "reward", "accuracy")}
     return best
+
+
+def software_environment(device: torch.device | None = None) -> dict[str, str]:
+    """The versions (and the device) that decide a run's numbers: a seed repeats a run only on the same ones (torch
+    does not promise bit-identical results across versions, builds and devices, so even the cached FP32 reference
+    differs)."""
+    import gymnasium
+    import stable_baselines3
+
+    environment = {
+        "ajpq": __version__,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "gymnasium": gymnasium.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+    }
+    if device is not None:
+        environment["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return environment
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -255,6 +280,31 @@ class RunDir:
     def read_info(self) -> dict[str, Any]:
         path = self.path / RUN_INFO_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def check_resumable(self, weights_digest: str, device: torch.device | None = None) -> None:
+        """Refuse to continue the run on other FP32 weights (its episodes would mix two references); note other
+        software, on which the resumed episodes will not repeat an uninterrupted run's."""
+        info = self.read_info()
+        recorded = info.get("weights_digest")
+        if recorded is not None and recorded != weights_digest:
+            raise ConfigError(
+                f"run {self.path} was made on FP32 weights with digest {recorded}, but the weights now have digest "
+                f"{weights_digest}; resume with the weights the run was made on (its config.yaml names them), or "
+                "start a new run"
+            )
+        recorded_env = info.get("environment")
+        if isinstance(recorded_env, dict):
+            now = software_environment(device)
+            changed = [
+                f"{k} {recorded_env[k]} -> {now.get(k, 'absent')}"
+                for k in recorded_env
+                if recorded_env[k] != now.get(k)
+            ]
+            if changed:
+                log(
+                    f"note: run {self.path} was made with other software ({', '.join(changed)}); the resumed "
+                    "episodes will not repeat an uninterrupted run's exactly"
+                )
 
     # ---- episodes ----------------------------------------------------------------------------------------
     def append_episode(self, record: dict[str, Any], policy: Policy | None = None) -> None:

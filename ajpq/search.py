@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ajpq.agents import AGENT_KINDS
+from ajpq.analysis import weights_digest
 from ajpq.backends import BackendOptions, make_backend
 from ajpq.budget import Budget, check_feasible, parse_ratio
 from ajpq.callbacks import Recorder, RunInfo, default_callbacks
@@ -29,7 +30,7 @@ from ajpq.methods import METHODS, SearchContext, method_class
 from ajpq.methods.base import StopOnSignal, method_options
 from ajpq.proxy import ProxyOptions, make_evaluator
 from ajpq.quant import ACTIVATION_BITS_ALLOWED
-from ajpq.runs import RunDir, best_by_phase
+from ajpq.runs import RunDir, best_by_phase, software_environment
 from ajpq.sensitivity import load_or_measure
 from ajpq.train import seed_everything
 from ajpq.workspace import SPEC_KEYS, Workspace, WorkspaceSpec, open_workspace
@@ -288,6 +289,9 @@ def _run_search(
     seed_everything(config.seed)
     if workspace is None:
         workspace = open_workspace(config.workspace, progress=config.progress)
+    digest = weights_digest(workspace.model)
+    if resume is not None:
+        run_dir.check_resumable(digest, workspace.device)  # before any measuring, writing or truncating
     budget = config.budget
     if method_class(config.method).episodic:
         min_abits = 2 if config.search_activation_bits else config.activation_bits
@@ -341,9 +345,11 @@ def _run_search(
             {
                 "model": config.workspace.model,
                 "fingerprint": workspace.analysis.fingerprint,
+                "weights_digest": digest,
                 "dataset": workspace.splits.name,
                 "fp32_accuracy_val": fp32,
                 "method": config.method,
+                "environment": software_environment(workspace.device),
             }
         )
     run_dir.write_config(config.to_dict())

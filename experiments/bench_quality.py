@@ -149,6 +149,7 @@ def run_compare_suite(
     in its folder, so that an interrupted benchmark loses only the run it was in."""
     rows: list[dict[str, Any]] = []
     fp32: dict[str, float] = {}
+    reference: dict[str, str] = {}
     for index, spec in enumerate(runs):
         if part is not None and index != part:
             continue
@@ -162,11 +163,12 @@ def run_compare_suite(
             print(f"bench_quality: {name} seed {seed} budgets {budgets}", file=sys.stderr, flush=True)
             result = run_compare(config, backend)
             fp32 = result["fp32"]
+            reference = result.get("reference", {})
             seed_rows = [{**row, "seed": seed} for row in result["rows"]]
             atomic_write_json(Path(config.out_dir) / "rows.json", {"fp32": fp32, "rows": seed_rows})
             rows += seed_rows
     medians = median_rows(rows)
-    return {"fp32": fp32, "rows": rows, "medians": medians, "verdicts": verdicts(medians)}
+    return {"fp32": fp32, "reference": reference, "rows": rows, "medians": medians, "verdicts": verdicts(medians)}
 
 
 def run_digits_search(seeds: list[int], episodes: int, out: Path) -> dict[str, Any]:
@@ -217,6 +219,12 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         fp32 = suite["fp32"]
         lines += [f"## {name} (FP32 test {fp32.get('test', float('nan')):.4f}); medians over seeds", ""]
+        if suite.get("reference"):
+            ref = suite["reference"]
+            lines += [
+                f"Reference weights digest {ref['weights_digest']}, torch {ref['torch']}, on {ref['device']}.",
+                "",
+            ]
         extra = [k for k in ("file_bytes", "test_artifact") if any(k in r for r in suite["medians"])]
         lines.append(
             "| method | budget | seeds | size x | BOPs x | test before | test after | "

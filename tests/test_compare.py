@@ -119,7 +119,7 @@ def test_compare_with_worker_processes_writes_the_serial_rows(tmp_path):
 
 def test_an_ajpq_row_says_what_each_search_phase_found(tmp_path):
     """The row (and so ``bench_quality``'s JSON) carries the run's best episode per phase; the CSV keeps its
-    columns."""
+    columns; the table names the reference weights and software."""
     import json
 
     from ajpq.compare import COLUMNS, run_compare
@@ -129,7 +129,12 @@ def test_an_ajpq_row_says_what_each_search_phase_found(tmp_path):
     config = CompareConfig.from_dict(
         {"methods": ["ajpq"], "budgets": ["1/16"], "episodes": 6, "finetune_epochs": 0, "out_dir": str(out)}
     )
-    (row,) = run_compare(config)["rows"]
+    result = run_compare(config)
+    (row,) = result["rows"]
+    # the table names the reference it was measured against: the digest the search's run.json recorded
+    digest = RunDir(out / "ajpq__1_16").read_info()["weights_digest"]
+    assert result["reference"]["weights_digest"] == digest
+    assert f"Reference weights digest {digest}; measured with ajpq " in (out / "compare.md").read_text()
     records = RunDir(out / "ajpq__1_16").read_episodes()
     assert {r["phase"] for r in records} == set(row["best_by_phase"]) == {"warm_start", "rl", "refine"}
     for phase, found in row["best_by_phase"].items():

@@ -222,3 +222,48 @@ def test_a_seed_gives_the_same_search_on_one_thread_and_on_two(tmp_path) -> None
     finally:
         torch.set_num_threads(before)
     assert len(lines[1]) == 48 and lines[1] == lines[2]
+
+
+def test_run_json_names_the_reference_and_resume_refuses_other_weights(tmp_path: Path, capsys) -> None:
+    """A run records which FP32 weights and which software it was measured on; resuming it on other weights (the same
+    path, other values) is refused before anything is truncated, and other software is only noted."""
+    from ajpq.analysis import weights_digest
+    from ajpq.checkpoint import save_checkpoint
+    from ajpq.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", (1, 8, 8), 10)
+    weights = tmp_path / "ref.pt"
+    save_checkpoint(weights, model, {"model": "digits_cnn", "dataset": "digits"})
+    run = tmp_path / "run"
+    workspace = WorkspaceSpec(weights=str(weights), device="cpu")
+    run_search(SearchConfig(episodes=4, run_dir=str(run), workspace=workspace, **FAST))
+    info = json.loads((run / "run.json").read_text())
+    assert info["weights_digest"] == weights_digest(model)
+    assert info["environment"]["torch"] == torch.__version__ and info["environment"]["device"] == "cpu"
+    assert set(info["environment"]) >= {"ajpq", "python", "numpy", "gymnasium", "stable_baselines3"}
+
+    # the same values saved again give the same digest; one changed weight another
+    reloaded = build_model("digits_cnn", (1, 8, 8), 10)
+    reloaded.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
+    assert weights_digest(reloaded) == info["weights_digest"]
+    with torch.no_grad():
+        next(reloaded.parameters()).view(-1)[0] += 1e-3
+    assert weights_digest(reloaded) != info["weights_digest"]
+
+    save_checkpoint(weights, reloaded, {"model": "digits_cnn", "dataset": "digits"})
+    before = (run / "episodes.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["search", "--resume", str(run), "--episodes", "6", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"FP32 weights with digest {info['weights_digest']}" in err[0]
+    assert "resume with the weights the run was made on" in err[0]
+    assert (run / "episodes.jsonl").read_text() == before
+
+    # the original weights back, a recorded torch version this install lacks: resumed, with one note
+    save_checkpoint(weights, model, {"model": "digits_cnn", "dataset": "digits"})
+    (run / "run.json").write_text(json.dumps({**info, "environment": {**info["environment"], "torch": "0.1"}}))
+    assert main(["search", "--resume", str(run), "--episodes", "6", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"made with other software (torch 0.1 -> {torch.__version__})" in err
+    assert [r["episode"] for r in _lines(run)] == list(range(1, 7))

@@ -33,6 +33,6 @@ def run_compare_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    print(markdown_table(result["rows"], result["fp32"]), end="")
+    print(markdown_table(result["rows"], result["fp32"], result["reference"]), end="")
     print(f"wrote {result['csv']}, {result['table']} and {result['plot']}")
     return 0
