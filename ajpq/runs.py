@@ -289,8 +289,8 @@ class RunDir:
         if recorded is not None and recorded != weights_digest:
             raise ConfigError(
                 f"run {self.path} was made on FP32 weights with digest {recorded}, but the weights now have digest "
-                f"{weights_digest}; resume with the weights the run was made on (its config.yaml names them), or "
-                "start a new run"
+                f"{weights_digest}; resume with the weights the run was made on (the file its config.yaml names, or "
+                "the cached reference it used, unchanged), or start a new run"
             )
         recorded_env = info.get("environment")
         if isinstance(recorded_env, dict):
