@@ -154,10 +154,14 @@ class LocalBackend:
 # ---- worker processes ------------------------------------------------------------------------------------------
 _WORKER_EVALUATE: Evaluator | None = None
 _WORKER_ERROR: BaseException | None = None
+_WORKER_BARRIER: Any = None
+STARTUP_TIMEOUT_S = 600.0
+"""How long the workers of a pool may take, together, to start and build their scorers."""
 
 
-def _init_process(spec: WorkerSpec, threads: int) -> None:
-    global _WORKER_EVALUATE, _WORKER_ERROR
+def _init_process(spec: WorkerSpec, threads: int, barrier: Any) -> None:
+    global _WORKER_EVALUATE, _WORKER_ERROR, _WORKER_BARRIER
+    _WORKER_BARRIER = barrier
     torch.set_num_threads(threads)
     try:
         _WORKER_EVALUATE = spec.build()
@@ -173,6 +177,8 @@ def _evaluate_in_process(policy: Policy) -> Evaluation:
 
 
 def _worker_pid(_index: int = 0) -> int:
+    """This worker's pid, answered once all the pool's workers hold such a task: each answers exactly once."""
+    _WORKER_BARRIER.wait(timeout=STARTUP_TIMEOUT_S)
     return os.getpid()
 
 
@@ -188,35 +194,34 @@ class ProcessBackend:
         self.threads = threads or default_threads(workers)
         self.restarts = 0
         self._pool: Any = None
+        self._pids: list[int] = []
         self._start()
-        self.worker_pids()  # start the workers and build their scorers now, not inside the first batch
 
     def _start(self) -> None:
+        """A new pool whose workers have all started and built their scorers (not inside the first batch)."""
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        context = multiprocessing.get_context("spawn")
         self._pool = ProcessPoolExecutor(
             max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=_init_process,
-            initargs=(self.spec, self.threads),
+            initargs=(self.spec, self.threads, context.Barrier(self.workers)),
         )
+        self._pids = sorted(self._pool.map(_worker_pid, range(self.workers)))
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the live workers (started on first use)."""
-        if not self._pool._processes:
-            list(self._pool.map(_worker_pid, range(self.workers)))
-        return sorted(self._pool._processes)
+        """Process ids of the current pool's workers."""
+        return list(self._pids)
 
     def evaluate_many(self, policies: Sequence[Policy]) -> list[Evaluation]:
         from concurrent.futures.process import BrokenProcessPool
 
         results: dict[int, Evaluation] = {}
         restarts = 0
-        if self._pool is not None and any(not p.is_alive() for p in (self._pool._processes or {}).values()):
-            # a worker died between two batches: the pool notices only when a task reaches it, which may be never
-            # if the others finish the batch first; restart now, so a batch never runs one worker short
-            self._restart("an evaluation worker died; starting new workers")
+        # a worker that died between two batches breaks the pool at once (the pool watches each worker's exit), so
+        # the submit or the results below raise BrokenProcessPool and the pool is replaced
         while len(results) < len(policies):
             todo = [i for i in range(len(policies)) if i not in results]
             futures = {}
