@@ -201,6 +201,7 @@ class ProcessBackend:
         """A new pool whose workers have all started and built their scorers (not inside the first batch)."""
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
         context = multiprocessing.get_context("spawn")
         self._pool = ProcessPoolExecutor(
@@ -209,7 +210,10 @@ class ProcessBackend:
             initializer=_init_process,
             initargs=(self.spec, self.threads, context.Barrier(self.workers)),
         )
-        self._pids = sorted(self._pool.map(_worker_pid, range(self.workers)))
+        try:
+            self._pids = sorted(self._pool.map(_worker_pid, range(self.workers)))
+        except BrokenProcessPool:  # a worker died starting: the next batch's submit says so and restarts or gives up
+            self._pids = []
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current pool's workers."""
