@@ -126,3 +126,20 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
             module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
             module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
     return model.eval()
+
+
+class DiesInAWorker:
+    """Unpickles fine in the test process and ends any child process that unpickles it (a worker that dies while
+    its pool starts)."""
+
+    def __reduce__(self) -> tuple:
+        return (_die_in_a_child, ())
+
+
+def _die_in_a_child() -> DiesInAWorker:
+    import multiprocessing
+    import os
+
+    if multiprocessing.current_process().name != "MainProcess":  # a spawned child, named before it unpickles
+        os._exit(3)
+    return DiesInAWorker()

@@ -135,6 +135,29 @@ def test_processes_backend_matches_local_and_survives_a_killed_worker() -> None:
         backend.close()
 
 
+def test_workers_that_die_starting_end_in_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool whose workers die before they answer (here: while unpickling what they were sent) is restarted, and
+    after MAX_RESTARTS the batch gives up with one message instead of hanging or leaking the pool's exception."""
+    import dataclasses
+
+    from nets import DiesInAWorker
+
+    import ajpq.backends as backends
+
+    monkeypatch.setattr(backends, "MAX_RESTARTS", 1)
+    workspace = open_workspace(WorkspaceSpec(), progress=False)
+    spec = WorkerSpec.from_workspace(workspace, ProxyOptions())
+    spec = dataclasses.replace(spec, workspace=dataclasses.replace(spec.workspace, checkpoint={"x": DiesInAWorker()}))
+    backend = ProcessBackend(spec, workers=2, threads=1)
+    try:
+        assert backend.worker_pids() == []
+        with pytest.raises(RuntimeError, match="evaluation workers died 2 times in one batch; giving up"):
+            backend.evaluate_many(_policies(workspace)[:2])
+        assert backend.restarts == 1  # the pool it started with, then one new pool, then it gave up
+    finally:
+        backend.close()
+
+
 def test_search_with_two_workers_and_a_killed_worker_writes_the_local_episodes(
     tmp_path: Path, local_run: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
