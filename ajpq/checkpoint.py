@@ -2,8 +2,8 @@
 ``--weights`` reads.
 
 A checkpoint is a ``torch.save``d dict: ``format``/``version``, the metadata of :func:`checkpoint_meta` (model,
-dataset, split seed, input shape, classes, plus what each writer adds) and the ``state_dict``. A plain state dict is
-read too.
+dataset, split seed, validation size, input shape, classes, plus what each writer adds) and the ``state_dict``. A
+plain state dict is read too.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ CHECKPOINT_VERSION = 1
 def checkpoint_meta(model_name: str, splits: DataSplits, **extra: Any) -> dict[str, Any]:
     """The metadata every checkpoint records: the model and the data it was trained on, then ``extra``.
 
-    ``--weights`` reads the model, dataset and split seed back (see ``ajpq evaluate``), so a checkpoint is never
-    evaluated on validation images it was trained on without the user being told.
+    ``--weights`` reads the model, dataset, split seed and validation size back (see ``ajpq evaluate``), so a
+    checkpoint is never evaluated on validation images it was trained on.
     """
     return {
         "model": model_name,
         "dataset": splits.name,
         "split_seed": splits.split_seed,
+        "val_size": len(splits.val),
         "input_shape": list(splits.input_shape),
         "num_classes": splits.num_classes,
         **extra,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ajpq.analysis import CRITERIA, ModelAnalysis, analyze_model
-from ajpq.checkpoint import load_checkpoint, load_weights
+from ajpq.checkpoint import learned_ranges, load_checkpoint, load_weights
 from ajpq.compress import SimulatedModel
 from ajpq.config import check_int
 from ajpq.cost import CostModel, CostReport
@@ -22,7 +22,7 @@ from ajpq.data import DataSplits, Split, load_dataset
 from ajpq.errors import ConfigError
 from ajpq.logs import log
 from ajpq.models import DEFAULT_DATASET, DEFAULT_MODEL, build_model
-from ajpq.policy import Policy
+from ajpq.policy import Policy, policy_from_dict, validate_policy
 from ajpq.reference import cached_reference
 from ajpq.train import evaluate_accuracy, resolve_device
 
@@ -89,6 +89,8 @@ class Workspace:
     analysis: ModelAnalysis
     device: torch.device
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    """The ``--weights`` file the model's weights came from (None: the cached reference, or a model in memory)."""
     _simulated: SimulatedModel | None = field(default=None, repr=False)
 
     _cost_model: CostModel | None = field(default=None, repr=False)
@@ -122,9 +124,42 @@ class Workspace:
     def cost(self, policy: Policy) -> CostReport:
         return self.cost_model.evaluate(policy)
 
+    @property
+    def weights_source(self) -> str:
+        """How messages name the weights: the ``--weights`` file, or the cached reference."""
+        return self.weights or "the cached reference"
+
+    def embedded_policy(self) -> Policy | None:
+        """The policy a ``finetune`` checkpoint was fine-tuned with (validated for this model), or None."""
+        embedded = self.checkpoint.get("policy")
+        if embedded is None:
+            return None
+        return validate_policy(policy_from_dict(embedded, f"{self.weights_source} (embedded policy)"), self.analysis)
+
+    def activation_ranges(self, policy: Policy) -> dict[str, tuple[float, bool]]:
+        """The activation ranges fine-tuning learned for ``policy``'s activation bits (the checkpoint's
+        ``activation_ranges``), saying which layers they cover; layers learned for other bits are calibrated."""
+        ranges, other_bits = learned_ranges(self.checkpoint, policy, self.weights_source)
+        if ranges:
+            log(f"using the activation ranges {self.weights_source} learned for {len(ranges)} layers")
+        if other_bits:
+            log(
+                f"note: {self.weights_source} learned the ranges of {', '.join(other_bits)} for other activation "
+                "bits; calibrating those"
+            )
+        return ranges
+
+    def compressed(self, policy: Policy) -> nn.Module:
+        """The simulated compressed model of ``policy`` on these weights: what ``export-model`` writes, with the
+        activation ranges fine-tuning learned when the weights are a ``finetune`` checkpoint's."""
+        ranges = self.activation_ranges(policy)
+        if not ranges:
+            return self.simulated.apply(policy)
+        return SimulatedModel(self.model, self.analysis, self.calibration_images(), self.device, ranges).apply(policy)
+
     def accuracy(self, policy: Policy | None = None, split: str = "val") -> float:
-        """Accuracy of the FP32 model (no policy) or of the simulated compressed model."""
-        module = self.model.to(self.device) if policy is None else self.simulated.apply(policy)
+        """Accuracy of the FP32 model (no policy) or of the compressed model (:meth:`compressed`)."""
+        module = self.model.to(self.device) if policy is None else self.compressed(policy)
         return evaluate_accuracy(module, self.split(split), self.device)
 
 
@@ -143,4 +178,4 @@ def open_workspace(spec: WorkspaceSpec, *, need_weights: bool = True, progress: 
         model, checkpoint = cached_reference(model, spec.model, splits, resolved, progress=progress)
     model.to(resolved).eval()
     analysis = analyze_model(model, splits.input_shape, model_name=spec.model, criterion=spec.importance)
-    return Workspace(spec.model, splits, model, analysis, resolved, checkpoint)
+    return Workspace(spec.model, splits, model, analysis, resolved, checkpoint, spec.weights)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import types
 import typing
@@ -177,35 +178,69 @@ def given_spec_settings(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def adopt_checkpoint_settings(args: argparse.Namespace) -> None:
-    """Given ``--weights``, take model, dataset and split seed from the checkpoint unless told otherwise.
+ADOPTED: tuple[tuple[str, str], ...] = (
+    ("model", "--model"),
+    ("dataset", "--dataset"),
+    ("split_seed", "--split-seed"),
+    ("val_size", "--val-size"),
+)
+"""The settings a checkpoint records that a command given it adopts (the data it was trained on: another dataset,
+split seed or validation size would score it on other data, or on images it was trained on)."""
 
-    A flag left at its default takes the checkpoint's value; a flag given with another value is refused. A model name
-    the checkpoint records is adopted only if it is a zoo or torchvision name (a file never names code to import).
+
+def adopt_checkpoint(values: dict[str, Any], weights: str | Path) -> dict[str, Any]:
+    """``values`` (the settings given, not defaults) with the model and data settings the checkpoint records.
+
+    A setting not given takes the checkpoint's value; one given with another value is refused. A model name the
+    checkpoint records is adopted only if it is a zoo or torchvision name (a file never names code to import).
     """
-    if not getattr(args, "weights", None):
-        return
-    checkpoint = load_checkpoint(args.weights)
+    checkpoint = load_checkpoint(weights)
+    adopted = dict(values)
     contradictions = []
-    for key, flag in (("model", "--model"), ("dataset", "--dataset"), ("split_seed", "--split-seed")):
-        recorded, given = checkpoint.get(key), getattr(args, key)
-        if recorded is None or recorded == given:
+    for key, flag in ADOPTED:
+        recorded = checkpoint.get(key)
+        if recorded is None or values.get(key, getattr(SPEC_DEFAULTS, key)) == recorded:
             continue
-        if given != getattr(SPEC_DEFAULTS, key):
-            contradictions.append(f"{flag} {given} (the checkpoint records {recorded})")
+        if key in values:
+            contradictions.append(f"{flag} {values[key]} (the checkpoint records {recorded})")
         elif key == "model" and not is_builtin_model(str(recorded)):
             raise ModelError(
-                f"{args.weights} was trained on model {recorded!r}; pass --model {recorded} yourself (a model named "
+                f"{weights} was trained on model {recorded!r}; pass --model {recorded} yourself (a model named "
                 "in a file is never imported on its own)"
             )
         else:
-            setattr(args, key, recorded)
-            log(f"{flag} {recorded} (from {args.weights})")
+            adopted[key] = recorded
+            log(f"{flag} {recorded} (from {weights})")
     if contradictions:
         raise ModelError(
-            f"{args.weights} contradicts {', '.join(contradictions)}; drop those flags to use the checkpoint's, "
+            f"{weights} contradicts {', '.join(contradictions)}; drop those flags to use the checkpoint's, "
             "or give other weights"
         )
+    return adopted
+
+
+def adopt_checkpoint_settings(args: argparse.Namespace) -> None:
+    """Given ``--weights``, take the model and data settings the checkpoint records unless told otherwise
+    (:func:`adopt_checkpoint`)."""
+    if not getattr(args, "weights", None):
+        return
+    given = given_spec_settings(args)
+    for key, value in adopt_checkpoint(given, args.weights).items():
+        setattr(args, key, value)
+
+
+def workspace_flags(settings: Mapping[str, Any], **override: Any) -> str:
+    """The model/data flags that reopen the workspace ``settings`` describe (a run's ``config.yaml``), for the
+    commands a command suggests next: ``--model`` and ``--dataset`` always, the others when not at their default.
+    ``override`` replaces settings (``weights="finetuned.pt"``)."""
+    values = {**{key: settings.get(key) for key in SPEC_KEYS}, **override}
+    parts = []
+    for key in SPEC_KEYS:
+        value = values[key]
+        if value is None or (key not in ("model", "dataset") and value == getattr(SPEC_DEFAULTS, key)):
+            continue
+        parts.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    return " ".join(parts)
 
 
 def spec_from_args(args: argparse.Namespace) -> WorkspaceSpec:

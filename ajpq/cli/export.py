@@ -8,13 +8,12 @@ from typing import Any
 
 import torch
 
-from ajpq.checkpoint import learned_ranges
 from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
 from ajpq.errors import ConfigError, PolicyError
 from ajpq.evaluation import evaluate_artifact
 from ajpq.export import _require_onnx, build_artifact, export_onnx
 from ajpq.logs import log
-from ajpq.policy import Policy, load_policy, policy_from_dict, validate_policy
+from ajpq.policy import Policy, load_policy
 from ajpq.train import evaluate_accuracy
 from ajpq.workspace import SPEC_KEYS, Workspace, WorkspaceSpec
 
@@ -38,27 +37,24 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     export.set_defaults(handler=run_export_model)
 
 
-def _export_policy(args: argparse.Namespace, workspace: Workspace) -> Policy:
-    embedded = workspace.checkpoint.get("policy")
+def command_policy(args: argparse.Namespace, workspace: Workspace) -> Policy | None:
+    """``--policy``, or else the policy a ``finetune`` checkpoint embeds (what it was fine-tuned with), or None;
+    a ``--policy`` other than the embedded one gets a note."""
+    embedded = workspace.embedded_policy()
     if args.policy:
         policy = load_policy(args.policy, workspace.analysis)
         if embedded is not None:
-            tuned = validate_policy(policy_from_dict(embedded, f"{args.weights} (embedded policy)"), workspace.analysis)
             same = all(
-                (tuned.layers[n].weight_bits == p.weight_bits).all()
-                and tuned.layers[n].activation_bits == p.activation_bits
+                (embedded.layers[n].weight_bits == p.weight_bits).all()
+                and embedded.layers[n].activation_bits == p.activation_bits
                 for n, p in policy.layers.items()
             )
             if not same:
                 log(f"note: {args.policy} differs from the policy {args.weights} was fine-tuned with")
         return policy
-    if embedded is None:
-        raise PolicyError(
-            "no --policy given and the weights hold no fine-tuning policy; pass --policy P (or --weights of a "
-            "checkpoint written by `ajpq finetune`)"
-        )
-    log(f"using the policy embedded in {args.weights}")
-    return validate_policy(policy_from_dict(embedded, f"{args.weights} (embedded policy)"), workspace.analysis)
+    if embedded is not None:
+        log(f"using the policy embedded in {args.weights}")
+    return embedded
 
 
 def run_export_model(args: argparse.Namespace) -> int:
@@ -66,15 +62,13 @@ def run_export_model(args: argparse.Namespace) -> int:
     if args.onnx:
         _require_onnx()
     workspace = open_from_args(args)
-    policy = _export_policy(args, workspace)
-    ranges, other_bits = learned_ranges(workspace.checkpoint, policy, str(args.weights))
-    if ranges:
-        log(f"using the activation ranges {args.weights} learned for {len(ranges)} layers")
-    if other_bits:
-        log(
-            f"note: {args.weights} learned the ranges of {', '.join(other_bits)} for other activation bits; "
-            "calibrating those"
+    policy = command_policy(args, workspace)
+    if policy is None:
+        raise PolicyError(
+            "no --policy given and the weights hold no fine-tuning policy; pass --policy P (or --weights of a "
+            "checkpoint written by `ajpq finetune`)"
         )
+    ranges = workspace.activation_ranges(policy)
     artifact = build_artifact(
         workspace.model,
         workspace.analysis,

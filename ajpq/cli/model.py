@@ -6,12 +6,12 @@ import argparse
 
 from ajpq.checkpoint import save_checkpoint
 from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
-from ajpq.cli.export import run_evaluate_artifact
+from ajpq.cli.export import command_policy, run_evaluate_artifact
 from ajpq.cost import CostModel
 from ajpq.data import load_dataset
 from ajpq.evaluation import evaluation_report, inspect_report
 from ajpq.logs import log
-from ajpq.policy import Policy, load_policy
+from ajpq.policy import Policy
 from ajpq.reference import default_pretrain_config, pretrain
 from ajpq.train import TrainConfig, resolve_device
 
@@ -147,12 +147,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if getattr(args, "artifact", None):
         return run_evaluate_artifact(args)
     workspace = open_from_args(args)
-    policy = load_policy(args.policy, workspace.analysis) if args.policy else None
+    policy = command_policy(args, workspace)
     report = evaluation_report(workspace, policy, args.split)
     if args.json:
         print_json(report)
         return 0
-    what = f"policy {args.policy}" if policy is not None else "FP32 model"
+    what = "FP32 model"
+    if policy is not None:
+        what = f"policy {args.policy}" if args.policy else f"the policy embedded in {args.weights}"
     print(f"{what} on {workspace.splits.name}/{args.split}: accuracy {report['accuracy']:.4f}")
     print(
         f"size {report['size_bits']:,} bits ({_human_bits(report['size_bits'])}) = {report['size_ratio']:.4f} of "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,13 @@ from ajpq.cli.common import (
     NONE,
     add_backend_arguments,
     add_field_options,
+    adopt_checkpoint,
     fraction,
     given_spec_settings,
     optional_int,
     print_json,
     ratio_or_none,
+    workspace_flags,
 )
 from ajpq.config import load_config_file, resume_values
 from ajpq.errors import ConfigError
@@ -95,8 +98,11 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    """CLI flags over ``--config`` over the defaults."""
+    """CLI flags over ``--config`` over the defaults; given weights bring the model and data they were trained on
+    (:func:`~ajpq.cli.common.adopt_checkpoint`)."""
     values = given_settings(args)
+    if values.get("weights"):
+        values = adopt_checkpoint(values, values["weights"])
     if args.no_progress:
         values["progress"] = False
     return SearchConfig.from_dict(values)
@@ -147,8 +153,8 @@ def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
     best = result.best
     fp32 = result.fp32_accuracy
     against = f" against FP32 {fp32:.4f}" if fp32 is not None else ""
-    model, dataset = config.get("model", "MODEL"), config.get("dataset", "DATASET")
-    data = f"--model {model} --dataset {dataset}"
+    searched = workspace_flags({"model": "MODEL", "dataset": "DATASET", **config})
+    tuned = workspace_flags({"model": "MODEL", "dataset": "DATASET", **config}, weights="finetuned.pt")
     penalty = ", minus the soft-budget penalty" if config.get("budget_mode") == "soft" else ""
     return "\n".join(
         [
@@ -160,8 +166,8 @@ def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
             f"best policy: {best_policy}",
             "next:",
             f"  tensorboard --logdir {result.run_dir / 'tb'}",
-            f"  ajpq finetune {data} --policy {best_policy} --out finetuned.pt",
-            f"  ajpq export-model {data} --weights finetuned.pt --out model.ajpq",
+            f"  ajpq finetune {searched} --policy {shlex.quote(best_policy)} --out finetuned.pt",
+            f"  ajpq export-model {tuned} --out model.ajpq",
         ]
     )
 
