@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ajpq._version import __version__
 from ajpq.analysis import ModelAnalysis, analyze_model
+from ajpq.artifact import load_compressed
 from ajpq.compress import SimulatedModel, apply_policy
 from ajpq.cost import CostModel, CostReport
 from ajpq.errors import AJPQError
-from ajpq.export import load_compressed
 from ajpq.gym_registration import register_envs
 from ajpq.policy import Policy, load_policy
 

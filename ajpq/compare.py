@@ -1,9 +1,9 @@
 """``ajpq compare``: every method at every budget on one model, fine-tuned alike, in one table and one plot.
 
-For each size budget and each method, the method runs through :func:`ajpq.search.run_search` (each in its own run
+For each size budget and each method, the method runs through :func:`ajpq.runner.run_search` (each in its own run
 folder under ``out_dir``; ajpq and random with the config's ``search`` options, the others with their
 ``method_options``), its policy is fine-tuned for
-the same ``finetune_epochs`` with :func:`ajpq.finetune.finetune` (on the method's weights: the retrained ones for
+the same ``finetune_epochs`` with :func:`ajpq.qat.finetune` (on the method's weights: the retrained ones for
 OLMP and ADMM; distilled from the FP32 reference), exported (``model.ajpq`` in the method's run folder), and one row is
 written: method, budget, size and BOPs compression, validation and test accuracy before and after fine-tuning, search
 wall time and evaluations, and for the exported artifact its file bytes, its own test accuracy (measured on the slim
@@ -31,19 +31,20 @@ import yaml
 from torch import Tensor, nn
 
 from ajpq.analysis import weights_digest
+from ajpq.artifact import build_artifact, latency_report, load_compressed
 from ajpq.backends import BackendOptions, default_threads
 from ajpq.budget import Budget, parse_ratio
 from ajpq.config import load_config_file
 from ajpq.errors import AJPQError, ConfigError
-from ajpq.export import build_artifact, latency_report, load_compressed
-from ajpq.finetune import FinetuneResult, finetune, finetune_config
 from ajpq.io import atomic_write_bytes, atomic_write_text
 from ajpq.logs import log
 from ajpq.methods import MethodOptions, method_class
 from ajpq.methods.common import load_method_weights, simulate
 from ajpq.policy import Policy, load_policy
+from ajpq.qat import FinetuneResult, finetune, finetune_config
+from ajpq.runner import run_search
 from ajpq.runs import software_environment
-from ajpq.search import SearchConfig, run_search
+from ajpq.search_config import SearchConfig
 from ajpq.train import evaluate_accuracy, seed_everything
 from ajpq.workspace import SPEC_KEYS, WorkspaceSpec, open_workspace
 
@@ -208,7 +209,7 @@ def run_result(workspace: Any, run_dir: Path) -> tuple[Policy, nn.Module]:
 def finetune_result(
     config: CompareConfig, workspace: Any, policy: Policy, model: nn.Module, calibration: Tensor
 ) -> FinetuneResult:
-    """compare's recovery of one result: ``config.finetune_epochs`` of ``ajpq.finetune`` (seeded with
+    """compare's recovery of one result: ``config.finetune_epochs`` of ``ajpq.qat`` (seeded with
     ``config.seed``), distilled from the FP32 reference when ``config.distill``, with learned activation ranges when
     ``config.learn_ranges``, scored on validation and test."""
     return finetune(

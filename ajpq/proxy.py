@@ -6,7 +6,7 @@ the validation accuracy of its simulated compressed model (:class:`~ajpq.compres
 optional recovery steps that make the score rank candidates as fine-tuning will:
 
 - ``finetune_steps`` K > 0: K steps of the quantization-aware fine-tuning of ``ajpq finetune``
-  (:func:`ajpq.finetune.finetune`, the OPQ recipe with its cosine schedule over K steps) on the compressed model,
+  (:func:`ajpq.qat.finetune`, the OPQ recipe with its cosine schedule over K steps) on the compressed model,
   same seed and data order for every candidate; the candidate is then simulated from the fine-tuned weights.
 - ``bn_batches`` B > 0 (adaptive BatchNorm, EagleEye, ECCV 2020): the statistics of every folded BatchNorm are
   re-estimated on B training batches run through the *compressed* candidate (quantized weights and activations), then
@@ -228,7 +228,7 @@ def qat_steps(workspace: Workspace, policy: Policy, calibration: torch.Tensor, o
     restored afterwards) and run on :data:`QAT_CPU_THREADS` CPU threads, so every candidate sees the same batches and
     a score repeats in any backend; the workspace's model is not changed.
     """
-    from ajpq.finetune import finetune, finetune_config
+    from ajpq.qat import finetune, finetune_config
 
     devices = [workspace.device.index or 0] if workspace.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), cpu_threads(QAT_CPU_THREADS, workspace.device):

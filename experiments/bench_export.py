@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from ajpq.analysis import analyze_model
+from ajpq.artifact import build_artifact, latency_report, load_compressed, read_artifact
 from ajpq.data import load_dataset
-from ajpq.export import build_artifact, latency_report, load_compressed, read_artifact
-from ajpq.finetune import finetune, finetune_config
 from ajpq.io import atomic_write_json
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
+from ajpq.qat import finetune, finetune_config
 from ajpq.train import TrainConfig, evaluate_accuracy, seed_everything, train_model
 
 

@@ -31,7 +31,8 @@ from typing import Any
 from ajpq.backends import BackendOptions
 from ajpq.compare import CompareConfig, budget_label, compare_budgets, run_compare
 from ajpq.io import atomic_write_json, atomic_write_text
-from ajpq.search import SearchConfig, run_search
+from ajpq.runner import run_search
+from ajpq.search_config import SearchConfig
 
 TIE = 0.002
 """Accuracy differences up to 0.2 points count as ties."""

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from ajpq.runner import run_search
 from ajpq.runs import TIME_KEYS
-from ajpq.search import SearchConfig, run_search
+from ajpq.search_config import SearchConfig
 
 SETTINGS = {
     "digits_cnn": {"model": "digits_cnn", "dataset": "digits", "size_budget": 0.1},

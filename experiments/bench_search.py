@@ -15,7 +15,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from ajpq.search import SearchConfig, run_search
+from ajpq.runner import run_search
+from ajpq.search_config import SearchConfig
 
 SETTINGS = {
     "digits": {"model": "digits_cnn", "dataset": "digits", "size_budget": 0.1},

@@ -4,7 +4,7 @@ A random search (AJPQ's own action space, projected onto the budget, as ``--meth
 policies with the plain score; ``--policies`` of them are picked at evenly spaced quantiles of that score, so they
 span its range. Each picked policy is scored by every proxy (:class:`ajpq.proxy.ProxyOptions`: plain, BatchNorm
 re-estimation on B batches, K steps of quantization-aware fine-tuning, both) and then fine-tuned with
-:func:`ajpq.finetune.finetune` (its defaults: the OPQ recipe, ``--finetune-epochs`` 3) to get its test accuracy.
+:func:`ajpq.qat.finetune` (its defaults: the OPQ recipe, ``--finetune-epochs`` 3) to get its test accuracy.
 Reported per proxy: the Spearman rank correlation between score and test accuracy after fine-tuning, the test
 same among the better half of the policies (by
 accuracy after fine-tuning: the region where a search chooses), the test accuracy after fine-tuning of the policy
@@ -36,8 +36,8 @@ import torch
 from ajpq.budget import Budget
 from ajpq.data import TensorSplit
 from ajpq.envs import CompressionProblem, Episode
-from ajpq.finetune import finetune, finetune_config
 from ajpq.proxy import ProxyOptions, make_evaluator
+from ajpq.qat import finetune, finetune_config
 from ajpq.train import evaluate_accuracy, seed_everything
 from ajpq.workspace import Workspace, WorkspaceSpec, open_workspace
 

@@ -19,8 +19,9 @@ import torch
 from ajpq.backends import LocalBackend, ProcessBackend, WorkerSpec
 from ajpq.policy import Policy
 from ajpq.proxy import ProxyOptions, make_evaluator
+from ajpq.runner import run_search
 from ajpq.runs import TIME_KEYS
-from ajpq.search import SearchConfig, run_search
+from ajpq.search_config import SearchConfig
 from ajpq.workspace import WorkspaceSpec, open_workspace
 
 SEARCH = {

@@ -15,7 +15,7 @@ from ajpq.compare import CompareConfig, load_compare_config
 from ajpq.config import field_docs
 from ajpq.errors import ConfigError
 from ajpq.runs import RunDir
-from ajpq.search import CONFIG_KEYS, SearchConfig
+from ajpq.search_config import CONFIG_KEYS, SearchConfig
 from ajpq.workspace import WorkspaceSpec
 
 ROOT = Path(__file__).resolve().parents[1]

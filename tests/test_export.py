@@ -21,13 +21,7 @@ from nets import GroupedConvNet, LayerNormMLP, ShuffleNet
 
 from ajpq import load_compressed
 from ajpq.analysis import analyze_model
-from ajpq.checkpoint import save_checkpoint
-from ajpq.cli import main
-from ajpq.compress import SimulatedModel
-from ajpq.cost import sparse_storage_bits
-from ajpq.data import load_dataset
-from ajpq.errors import ArtifactError, ModelError
-from ajpq.export import (
+from ajpq.artifact import (
     MAGIC,
     build_artifact,
     decode_sparse,
@@ -38,9 +32,15 @@ from ajpq.export import (
     read_artifact,
     unpack_codes,
 )
-from ajpq.finetune import finetune, finetune_config
+from ajpq.checkpoint import save_checkpoint
+from ajpq.cli import main
+from ajpq.compress import SimulatedModel
+from ajpq.cost import sparse_storage_bits
+from ajpq.data import load_dataset
+from ajpq.errors import ArtifactError, ModelError
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
+from ajpq.qat import finetune, finetune_config
 from ajpq.train import TrainConfig, evaluate_accuracy, seed_everything, train_model
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
@@ -427,9 +427,9 @@ def test_onnx_matches_slim_model(digits, round_trip, tmp_path: Path) -> None:
 
 
 def test_cli_export_evaluate_round_trip(digits, trained, tmp_path: Path, capsys, monkeypatch) -> None:
-    import ajpq.export
+    import ajpq.artifact
 
-    monkeypatch.setattr(ajpq.export, "latency_report", functools.partial(ajpq.export.latency_report, repeats=3))
+    monkeypatch.setattr(ajpq.artifact, "latency_report", functools.partial(ajpq.artifact.latency_report, repeats=3))
     model, analysis, _ = trained
     weights = tmp_path / "ref.pt"
     save_checkpoint(weights, model, {"model": "digits_cnn", "dataset": "digits"})
@@ -485,7 +485,8 @@ def test_relative_index_by_hand() -> None:
 def test_sparse_policies_export_at_the_cost_models_size(method: str, tmp_path: Path) -> None:
     from ajpq.methods.common import load_method_weights
     from ajpq.policy import load_policy
-    from ajpq.search import SearchConfig, run_search
+    from ajpq.runner import run_search
+    from ajpq.search_config import SearchConfig
     from ajpq.workspace import WorkspaceSpec, open_workspace
 
     workspace = open_workspace(WorkspaceSpec(device="cpu"), progress=False)
@@ -526,8 +527,8 @@ def test_a_diverged_model_is_refused_with_one_line() -> None:
     import torch
 
     from ajpq.analysis import analyze_model
+    from ajpq.artifact import build_artifact
     from ajpq.errors import ArtifactError
-    from ajpq.export import build_artifact
     from ajpq.models import build_model
     from ajpq.policy import Policy
 

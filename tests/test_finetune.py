@@ -11,15 +11,15 @@ import torch
 from nets import BatchNormNet
 
 from ajpq.analysis import analyze_model
+from ajpq.artifact import build_artifact, read_artifact
 from ajpq.checkpoint import load_checkpoint, save_checkpoint
 from ajpq.cli import main
 from ajpq.compress import SimulatedModel
 from ajpq.data import load_dataset
 from ajpq.errors import ConfigError
-from ajpq.export import build_artifact, read_artifact
-from ajpq.finetune import OPQ_RECIPE, QATModel, finetune, finetune_config
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
+from ajpq.qat import OPQ_RECIPE, QATModel, finetune, finetune_config
 from ajpq.quant import quantize_activation_learned
 from ajpq.train import TrainConfig, distillation_loss, evaluate_accuracy, lr_factor, seed_everything, train_model
 

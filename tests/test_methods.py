@@ -16,8 +16,9 @@ from ajpq.methods.olmp import ncs_minimize
 from ajpq.methods.opq import opq_policy
 from ajpq.models import build_model
 from ajpq.policy import load_policy
+from ajpq.runner import SearchResult, run_search
 from ajpq.runs import RunDir
-from ajpq.search import SearchConfig, SearchResult, run_search
+from ajpq.search_config import SearchConfig
 from ajpq.workspace import WorkspaceSpec, open_workspace
 
 BUDGET = 1 / 16

@@ -191,7 +191,7 @@ def test_qat_proxy_trains_with_the_calibrated_ranges_it_scores_with(
     """The candidate is scored with calibrated activation ranges, so its QAT steps must train with them too, whatever
     ``finetune``'s default (learned ranges since they recover collapsed policies): a proxy that trained learned ranges
     and then threw them away scored every candidate differently from the search the README measured."""
-    import ajpq.finetune
+    import ajpq.qat
     from ajpq.proxy import qat_steps
 
     workspace = digits_workspace
@@ -199,12 +199,12 @@ def test_qat_proxy_trains_with_the_calibrated_ranges_it_scores_with(
     options = ProxyOptions(finetune_steps=6, seed=2)
     calibration = workspace.calibration_images()
     proxy = state(qat_steps(workspace, policy, calibration, options))
-    original = ajpq.finetune.finetune
+    original = ajpq.qat.finetune
 
     def forced(learn_ranges: bool) -> dict[str, torch.Tensor]:
         """The same QAT steps with ``learn_ranges`` imposed on the proxy's own call of ``finetune``."""
         monkeypatch.setattr(
-            ajpq.finetune,
+            ajpq.qat,
             "finetune",
             lambda *args, **kwargs: original(*args, **{**kwargs, "learn_ranges": learn_ranges}),
         )
@@ -220,17 +220,17 @@ def test_qat_proxy_trains_on_one_thread_whatever_the_callers_count(
 ) -> None:
     """Gradient sums depend on the thread count, enough to move a LeNet-5 score by an image: the QAT steps run on
     QAT_CPU_THREADS threads in every backend, and the caller's count comes back afterwards."""
-    import ajpq.finetune
+    import ajpq.qat
     from ajpq.proxy import QAT_CPU_THREADS
 
     seen: list[int] = []
-    original = ajpq.finetune.finetune
+    original = ajpq.qat.finetune
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         seen.append(torch.get_num_threads())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ajpq.finetune, "finetune", recording)
+    monkeypatch.setattr(ajpq.qat, "finetune", recording)
     policy = pruned_policy(digits_workspace.analysis, bits=2, fraction=0.5)
     evaluate = make_evaluator(digits_workspace, ProxyOptions(finetune_steps=4))
     before = torch.get_num_threads()

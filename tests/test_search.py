@@ -16,8 +16,9 @@ import torch
 from ajpq.cli import main
 from ajpq.cost import CostModel
 from ajpq.policy import load_policy
+from ajpq.runner import run_search
 from ajpq.runs import TIME_KEYS, RunDir
-from ajpq.search import SearchConfig, run_search
+from ajpq.search_config import SearchConfig
 from ajpq.workspace import WorkspaceSpec, open_workspace
 
 FAST = {"warmup_episodes": 2, "episodes_per_update": 2, "checkpoint_every": 4, "progress": False}

@@ -17,9 +17,9 @@ import torch
 
 from ajpq import load_compressed
 from ajpq.analysis import analyze_model
+from ajpq.artifact import _PREAMBLE, ARTIFACT_VERSION, MAGIC, PREAMBLE_BYTES, build_artifact
 from ajpq.cli import main
 from ajpq.errors import ArtifactError
-from ajpq.export import _PREAMBLE, ARTIFACT_VERSION, MAGIC, PREAMBLE_BYTES, build_artifact
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
 
@@ -153,7 +153,8 @@ def _records(run: Path) -> list[dict[str, Any]]:
 @pytest.mark.expensive
 @pytest.mark.parametrize("agent", ["ppo", "ddpg"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, agent: str) -> None:
-    from ajpq.search import SearchConfig, run_search
+    from ajpq.runner import run_search
+    from ajpq.search_config import SearchConfig
 
     # RL episodes only: a run's warm start and refinement are planned for the episode count it starts with, so a
     # finished shorter run continued to 8 episodes is not a run of 8 (test_search's kill test covers all phases)
@@ -184,7 +185,8 @@ class _Evil:
 def test_crafted_checkpoint_files_do_not_run_on_resume(tmp_path: Path, capsys) -> None:
     import pickle
 
-    from ajpq.search import SearchConfig, run_search
+    from ajpq.runner import run_search
+    from ajpq.search_config import SearchConfig
 
     run = run_search(
         SearchConfig(episodes=2, layer_agent="ddpg", channel_agent="ppo", run_dir=str(tmp_path / "run"), **FAST)
@@ -489,9 +491,9 @@ def test_lenet5_on_the_default_dataset_names_the_datasets_that_fit(capsys) -> No
 def test_cli_rebuilds_a_users_model_only_from_model_flag(artifact_data, evil_dir: Path, capsys, monkeypatch) -> None:
     import functools
 
-    import ajpq.export
+    import ajpq.artifact
 
-    monkeypatch.setattr(ajpq.export, "latency_report", functools.partial(ajpq.export.latency_report, repeats=2))
+    monkeypatch.setattr(ajpq.artifact, "latency_report", functools.partial(ajpq.artifact.latency_report, repeats=2))
     (evil_dir / "ajpq_test_mynet.py").write_text(
         "from ajpq.models import DigitsCNN\n\n\ndef build(num_classes, input_shape):\n"
         "    return DigitsCNN(*input_shape, num_classes)\n"

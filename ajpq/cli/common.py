@@ -28,7 +28,7 @@ from ajpq.config import field_docs
 from ajpq.errors import ConfigError, ModelError
 from ajpq.logs import log
 from ajpq.models import is_builtin_model, model_names_help
-from ajpq.search import SearchConfig
+from ajpq.search_config import SearchConfig
 from ajpq.workspace import SPEC_KEYS, Workspace, WorkspaceSpec, open_workspace
 
 NONE = "none"

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from ajpq.artifact import _require_onnx, build_artifact, export_onnx
 from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
 from ajpq.errors import ConfigError, PolicyError
 from ajpq.evaluation import evaluate_artifact
-from ajpq.export import _require_onnx, build_artifact, export_onnx
 from ajpq.logs import log
 from ajpq.policy import Policy, load_policy
 from ajpq.train import evaluate_accuracy

@@ -9,9 +9,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ajpq.checkpoint import checkpoint_meta, ranges_meta, save_checkpoint
 from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
-from ajpq.finetune import finetune, finetune_config
 from ajpq.logs import log
 from ajpq.policy import load_policy
+from ajpq.qat import finetune, finetune_config
 from ajpq.train import seed_everything
 
 

@@ -1,7 +1,7 @@
 """``ajpq search`` (with ``--config`` YAML and ``--resume``) and ``ajpq export`` (a run's policy as a file).
 
-The search's options are generated from :class:`~ajpq.search.SearchConfig` (help from each field's docstring); they
-default to None here, so that a setting left out comes from ``--config``, then from the dataclass.
+The search's options are generated from :class:`~ajpq.search_config.SearchConfig` (help from each field's
+docstring); they default to None here, so that a setting left out comes from ``--config``, then from the dataclass.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from ajpq.cli.common import (
 )
 from ajpq.config import load_config_file, resume_values
 from ajpq.errors import ConfigError
+from ajpq.methods import METHODS
+from ajpq.runner import run_search
 from ajpq.runs import RunDir
-from ajpq.search import CONFIG_KEYS, METHODS, SearchConfig, run_search
+from ajpq.search_config import CONFIG_KEYS, SearchConfig
 from ajpq.workspace import WorkspaceSpec
 
 NOT_OPTIONS = ("workspace", "progress", "backend", "workers", "ray_address", "method_options")

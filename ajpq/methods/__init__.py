@@ -1,7 +1,7 @@
 """Compression methods: AJPQ's RL search and the baselines it is measured against, one registry for all.
 
 Every method is a class registered with :func:`~ajpq.methods.base.register_method` (see :mod:`ajpq.methods.base`)
-and runs inside :func:`ajpq.search.run_search` (``ajpq search --method NAME``; ``ajpq compare`` runs each through
+and runs inside :func:`ajpq.runner.run_search` (``ajpq search --method NAME``; ``ajpq compare`` runs each through
 it too): ``ajpq`` (:mod:`ajpq.methods.rl`), ``random``, ``uniform``, ``opq``, ``olmp``, ``admm``.
 """
 

@@ -13,7 +13,7 @@ its ``--method`` name::
 
         def run(self, context: SearchContext, options: UniformOptions) -> None: ...
 
-Every method runs inside :func:`ajpq.search.run_search`, which opens the workspace, checks the budget, builds the
+Every method runs inside :func:`ajpq.runner.run_search`, which opens the workspace, checks the budget, builds the
 :class:`~ajpq.envs.CompressionProblem`, makes the run folder and hands the method a :class:`SearchContext`. The method
 evaluates candidates with :meth:`SearchContext.evaluate` (or records its own with ``context.recorder.record``), and a
 method whose answer is not one of its candidates ends with :meth:`SearchContext.finish`. A resumable method saves its
@@ -41,12 +41,12 @@ from ajpq.errors import BudgetError, ConfigError
 from ajpq.logs import log
 from ajpq.policy import Policy, validate_policy
 from ajpq.runs import RunDir
+from ajpq.search_config import SearchConfig
 from ajpq.workspace import Workspace
 
 if TYPE_CHECKING:
     from ajpq.compress import SimulatedModel
     from ajpq.envs.core import CompressionProblem, EpisodeResult
-    from ajpq.search import SearchConfig
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,14 @@ channel-importance order (:mod:`ajpq.envs`); both are stable-baselines3 PPO or D
 (:mod:`ajpq.agents`). Episodes are rolled out in batches, one vectorized agent call per step for the whole batch
 (:func:`rollout_batch`), evaluated together through the search's backend, and learned from in episode order.
 Its settings (agents, warm start, sensitivity, refinement, ...) are fields of
-:class:`~ajpq.search.SearchConfig` itself, the product's main configuration, so :class:`AJPQOptions` is empty.
+:class:`~ajpq.search_config.SearchConfig` itself, the product's main configuration, so :class:`AJPQOptions` is empty.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -23,11 +23,8 @@ from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method, set_rng_state
 from ajpq.methods.opq import workspace_opq_policy
 from ajpq.refine import refine
+from ajpq.search_config import SearchConfig
 from ajpq.train import cpu_threads
-
-if TYPE_CHECKING:
-    from ajpq.search import SearchConfig
-
 
 AGENT_CPU_THREADS = 1
 """CPU threads of the agents: construction (orthogonal initialisation is a QR decomposition), forward passes and
