@@ -1,28 +1,39 @@
-"""AJPQ: automated joint pruning and quantization, with pruning as 0-bit channel quantization."""
+"""AJPQ: automated joint pruning and quantization, with pruning as 0-bit channel quantization.
+
+The Python API (:mod:`ajpq.api`): ``ajpq.search(model, train, val, ...)``, ``ajpq.finetune(model, policy, train,
+val)``, ``ajpq.export(model, policy, path)``, ``ajpq.load_compressed(path)``.
+"""
 
 from __future__ import annotations
 
 from ajpq._version import __version__
 from ajpq.analysis import ModelAnalysis, analyze_model
+from ajpq.api import Compression, export, finetune, search
 from ajpq.artifact import load_compressed
 from ajpq.compress import SimulatedModel, apply_policy
 from ajpq.cost import CostModel, CostReport
 from ajpq.errors import AJPQError
 from ajpq.gym_registration import register_envs
 from ajpq.policy import Policy, load_policy
+from ajpq.runner import SearchResult
 
 register_envs()  # gymnasium.make("ajpq/LayerCompress-v0") works after `import ajpq` alone
 
 __all__ = [
     "AJPQError",
+    "Compression",
     "CostModel",
     "CostReport",
     "ModelAnalysis",
     "Policy",
+    "SearchResult",
     "SimulatedModel",
     "__version__",
     "analyze_model",
     "apply_policy",
+    "export",
+    "finetune",
     "load_compressed",
     "load_policy",
+    "search",
 ]

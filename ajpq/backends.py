@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -108,7 +109,15 @@ class WorkerSpec:
         splits = replace(workspace.splits, train=train, val=slim(workspace.splits.val))
         splits = replace(splits, test=splits.val)
         model = copy.deepcopy(workspace.model).to("cpu")
-        shipped = Workspace(workspace.model_name, splits, model, workspace.analysis, torch.device("cpu"))
+        shipped = Workspace(
+            workspace.model_name,
+            splits,
+            model,
+            workspace.analysis,
+            torch.device("cpu"),
+            metric=workspace.metric,
+            _calibration=workspace.calibration_images().cpu(),
+        )
         return cls(shipped, options, str(workspace.device))
 
     def build(self) -> Evaluator:
@@ -118,8 +127,37 @@ class WorkerSpec:
             device = torch.device("cpu")
         ws = self.workspace
         ws.model.to(device).eval()
-        workspace = Workspace(ws.model_name, ws.splits, ws.model, ws.analysis, device, ws.checkpoint)
-        return make_evaluator(workspace, self.options)
+        return make_evaluator(replace(ws, device=device), self.options)
+
+
+def check_shippable(spec: WorkerSpec) -> None:
+    """Refuse, in one line, a user's ``evaluate`` function or dataset that spawned worker processes cannot import:
+    a lambda, a local function, or code defined in a notebook or an interactive session (Ray pickles those by
+    value; ``processes`` imports them by name)."""
+    import pickle
+
+    ws = spec.workspace
+    items = [("evaluate", ws.metric)]
+    items += [(f"the {name} data", getattr(getattr(ws.splits, name), "dataset", None)) for name in ("train", "val")]
+    main = sys.modules.get("__main__")
+    interactive = main is None or not getattr(main, "__file__", None)
+    for what, item in items:
+        if item is None:
+            continue
+        kind = item if callable(item) and not hasattr(item, "__len__") else type(item)
+        module = getattr(kind, "__module__", "")
+        local = "<locals>" in getattr(kind, "__qualname__", "") or "<lambda>" in getattr(kind, "__qualname__", "")
+        try:
+            pickle.dumps(item)
+            unpicklable = False
+        except Exception:
+            unpicklable = True
+        if local or unpicklable or (module == "__main__" and interactive):
+            raise ConfigError(
+                f"{what} ({getattr(kind, '__qualname__', kind)}) cannot be sent to worker processes: they import it "
+                "by name, and it is a lambda, a local function or code defined interactively; define it in a module "
+                "(a .py file), or use backend 'local' or 'ray'"
+            )
 
 
 def _only_calibration(options: ProxyOptions) -> bool:
@@ -189,6 +227,7 @@ class ProcessBackend:
     name = "processes"
 
     def __init__(self, spec: WorkerSpec, workers: int, threads: int | None = None) -> None:
+        check_shippable(spec)
         self.spec = spec
         self.workers = workers
         self.threads = threads or default_threads(workers)

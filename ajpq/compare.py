@@ -251,7 +251,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
         search_values["method_options"] = {**shared, **config.method_options.get(method, {})}
     result = run_search(SearchConfig.from_dict(search_values), workspace=workspace)
     if result.best is None:
-        raise ConfigError(f"{method} found no policy within {budget_label(budget)} in {result.episodes} episodes")
+        raise ConfigError(f"{method} found no policy within {budget_label(budget)} in {result.episode_count} episodes")
     policy, model = run_result(workspace, result.run_dir)
     wall = time.perf_counter() - started
     calibration = workspace.calibration_images()

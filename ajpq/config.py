@@ -99,6 +99,11 @@ def resume_values(stored: Mapping[str, Any], given: Mapping[str, Any], run: str 
             "--ray-address may change); start a new run for other settings"
         )
     model = values.get("model")
+    if isinstance(model, str) and model.startswith("python:") and given.get("model") != model:
+        raise ConfigError(
+            f"--resume {run}: the run was started from Python on a model object ({model[7:]}); resume it from Python "
+            "with the same model and data: ajpq.search(model, train, val, ..., resume=run_dir)"
+        )
     if isinstance(model, str) and not is_builtin_model(model) and given.get("model") != model:
         raise ConfigError(
             f"--resume {run}: the run was made with model {model!r}, code named in a run folder is never "

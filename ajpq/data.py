@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import hashlib
+import itertools
 import os
 import pickle
 import struct
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ajpq.errors import ConfigError, DataError
+from ajpq.errors import AJPQError, ConfigError, DataError
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 
@@ -165,6 +167,63 @@ def make_crop_flip(pad: int, fill: Sequence[float]) -> Callable[[Tensor, torch.G
     return augment
 
 
+class DatasetSplit:
+    """A split streamed from a map-style ``torch.utils.data.Dataset`` through a ``DataLoader`` (never held in
+    memory): a user's own data, or an image folder.
+
+    Items are ``(input, target)`` pairs; ``collate_fn`` and ``num_workers`` are those of the ``DataLoader`` the data
+    came in, if any. The dataset applies its own transforms, so ``augment`` selects ``augmented`` (when given) and is
+    otherwise ignored.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        augmented: Any = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.dataset = dataset
+        self.augmented = augmented
+        self.collate_fn = collate_fn
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        augment: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` batches on ``device``; the order is drawn from ``generator`` when shuffling."""
+        _check_batch_size(batch_size)
+        dataset = self.augmented if augment and self.augmented is not None else self.dataset
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=torch.device(device).type == "cuda",
+            persistent_workers=False,
+        )
+        for batch in loader:
+            if not isinstance(batch, list | tuple) or len(batch) < 2:
+                raise DataError(
+                    f"a batch of {type(self.dataset).__name__} must be (inputs, targets), but got "
+                    f"{type(batch).__name__}"
+                )
+            xb, yb = batch[0], batch[1]
+            yield xb.to(device, non_blocking=True), torch.as_tensor(yb).to(device, non_blocking=True)
+
+
 class _SampleList(torch.utils.data.Dataset):
     """Images listed as ``(path, class)`` pairs, decoded with one transform (train or eval)."""
 
@@ -182,54 +241,59 @@ class _SampleList(torch.utils.data.Dataset):
         return self.transform(default_loader(path)), target
 
 
-class FolderSplit:
+IMAGENET_SIZE = 224
+"""An image folder's default input side (ImageNet's crop)."""
+SMALL_IMAGE = 64
+"""Image folders at this side or below are resized to the side exactly (no 256/224 margin, no random-resized crop:
+a 28x28 image cropped to 87% loses its strokes) and augmented with a padded random crop and a flip."""
+
+
+def folder_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std an image folder is normalized with: ImageNet's, or their luminance mean for grey images."""
+    mean, std = _MEAN_STD["imagefolder"]
+    if channels == 1:
+        return (0.449,), (0.226,)
+    return mean, std
+
+
+class FolderSplit(DatasetSplit):
     """A split of an ImageNet-style folder, decoded on the fly by ``DataLoader`` workers (not in memory)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], *, image_size: int = 224, resize: int = 256) -> None:
-        """Keep the sample list and build the standard ImageNet train and eval transforms.
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], *, image_size: int = IMAGENET_SIZE, channels: int = 3
+    ) -> None:
+        """Keep the sample list and build the train and eval transforms.
 
         Args:
             samples: ``(path, class index)`` pairs, as in ``torchvision.datasets.ImageFolder.samples``.
-            image_size: Side of the square crop fed to the model.
-            resize: Shorter side before the evaluation center crop.
+            image_size: Side of the square input fed to the model.
+            channels: 3 (RGB) or 1 (grey: images are converted to luminance).
         """
         from torchvision import transforms
 
         self.samples = list(samples)
-        mean, std = _MEAN_STD["imagefolder"]
+        mean, std = folder_normalization(channels)
+        colour = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(_rgb)]
         norm = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-        self.train_transform = transforms.Compose(
-            [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *norm]
+        if image_size <= SMALL_IMAGE:
+            fit = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+            train = [*fit, transforms.RandomCrop(image_size, padding=max(1, image_size // 8))]
+            evaluate = fit
+        else:
+            train = [transforms.RandomResizedCrop(image_size)]
+            evaluate = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
+        train_transform = transforms.Compose([*colour, *train, transforms.RandomHorizontalFlip(), *norm])
+        eval_transform = transforms.Compose([*colour, *evaluate, *norm])
+        super().__init__(
+            _SampleList(self.samples, eval_transform),
+            augmented=_SampleList(self.samples, train_transform),
+            num_workers=min(4, os.cpu_count() or 1),
         )
-        self.eval_transform = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), *norm])
-        self.num_workers = min(4, os.cpu_count() or 1)
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        generator: torch.Generator | None = None,
-        augment: bool = False,
-        device: torch.device | str = "cpu",
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x, y)`` batches on ``device``; the order is drawn from ``generator`` when shuffling."""
-        _check_batch_size(batch_size)
-        dataset = _SampleList(self.samples, self.train_transform if augment else self.eval_transform)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=torch.device(device).type == "cuda",
-            persistent_workers=False,
-        )
-        for xb, yb in loader:
-            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+def _rgb(image: Any) -> Any:
+    """Any PIL image (grey, palette, RGBA) as RGB, as ``default_loader`` gives it."""
+    return image.convert("RGB")
 
 
 @dataclass
@@ -604,7 +668,9 @@ def _load_digits(split_seed: int, val_size: int | None) -> DataSplits:
 # ------------------------------------------------------------------------------------------- imagefolder
 
 
-def _load_imagefolder(data_dir: Path | None, split_seed: int, val_size: int | None) -> DataSplits:
+def _load_imagefolder(
+    data_dir: Path | None, split_seed: int, val_size: int | None, image_size: int | None, channels: int
+) -> DataSplits:
     layout = "<data_dir>/train/<class>/*.jpg and <data_dir>/val/<class>/*.jpg (ImageNet layout)"
     if data_dir is None:
         raise DataError(f"imagefolder needs --data-dir pointing at a folder laid out as {layout}")
@@ -626,15 +692,204 @@ def _load_imagefolder(data_dir: Path | None, split_seed: int, val_size: int | No
     n_val = min(10000, max(len(train_set.classes), len(labels) // 10)) if val_size is None else val_size
     tr, va = _stratified_val(labels, n_val, split_seed, "imagefolder")
     samples = train_set.samples
+    size = IMAGENET_SIZE if image_size is None else image_size
+    if channels not in (1, 3):
+        raise ConfigError(f"an image folder gives 1 (grey) or 3 (RGB) channels, but {channels} were asked for")
+
+    def split(selected: Sequence[tuple[str, int]]) -> FolderSplit:
+        return FolderSplit(selected, image_size=size, channels=channels)
+
     return DataSplits(
         name="imagefolder",
-        train=FolderSplit([samples[i] for i in tr]),
-        val=FolderSplit([samples[i] for i in va]),
-        test=FolderSplit(val_set.samples),
-        input_shape=(3, 224, 224),
+        train=split([samples[i] for i in tr]),
+        val=split([samples[i] for i in va]),
+        test=split(val_set.samples),
+        input_shape=(channels, size, size),
         num_classes=len(train_set.classes),
         split_seed=split_seed,
     )
+
+
+# ------------------------------------------------------------------------------------------- a user's data
+
+IN_MEMORY_BYTES = 1 << 30
+"""A validation split of a user's ``Dataset`` up to this size (estimated from its first sample) is read into memory
+once: a search evaluates every candidate on it, and a ``DataLoader`` pass per candidate would cost more than the
+evaluation. Larger ones, and every training and test split, are streamed."""
+
+
+def _check_sample(x: Any, what: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise DataError(f"{what}: inputs must be tensors (apply a ToTensor transform), but got {type(x).__name__}")
+    if x.ndim != 3:
+        raise DataError(
+            f"{what}: one input must be an image tensor (C, H, W), but has shape {tuple(x.shape)}; AJPQ compresses "
+            "Conv2d/Linear models of images"
+        )
+    return x
+
+
+def as_split(data: Any, what: str) -> Split:
+    """A :class:`Split` of ``data``: a ``Split``, a ``Dataset`` of ``(input, target)`` pairs, a ``DataLoader``
+    (its dataset, collate function and workers; AJPQ picks its own batch sizes), or a pair of tensors ``(x, y)``.
+
+    Raises:
+        DataError: anything else, an empty dataset, or inputs that are not ``(C, H, W)`` tensors.
+    """
+    if isinstance(data, TensorSplit | DatasetSplit):
+        return data
+    if isinstance(data, list | tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+        _check_sample(x[0] if len(x) else x, what)
+        return TensorSplit(x.float(), y)
+    collate, workers = None, 0
+    if isinstance(data, torch.utils.data.DataLoader):
+        collate, workers, data = data.collate_fn, data.num_workers, data.dataset
+    if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__getitem__"):
+        raise DataError(
+            f"{what} must be a torch Dataset with __getitem__ and __len__, a DataLoader over one, or (x, y) tensors, "
+            f"but got {type(data).__name__}"
+        )
+    try:
+        size = len(data)
+    except TypeError:
+        raise DataError(f"{what} ({type(data).__name__}) has no len(); give a map-style Dataset") from None
+    if size == 0:
+        raise DataError(f"{what} is empty")
+    sample = data[0]
+    if not isinstance(sample, list | tuple) or len(sample) < 2:
+        raise DataError(f"{what}: items must be (input, target) pairs, but item 0 is a {type(sample).__name__}")
+    _check_sample(sample[0], what)
+    return DatasetSplit(data, collate_fn=collate, num_workers=workers)
+
+
+def in_memory(split: Split, what: str, limit: int = IN_MEMORY_BYTES, progress: bool = True) -> Split:
+    """``split`` as a :class:`TensorSplit` when it is a user's dataset that fits in ``limit`` bytes (one pass), else
+    unchanged."""
+    if not isinstance(split, DatasetSplit):
+        return split
+    first = next(split.batches(1))[0]
+    estimate = first.element_size() * first.numel() * len(split)
+    if estimate > limit:
+        return split
+    from tqdm.auto import tqdm
+
+    xs, ys = [], []
+    disable = not progress or os.environ.get("AJPQ_NO_PROGRESS") == "1"
+    with tqdm(total=len(split), desc=f"reading {what}", unit="img", disable=disable, leave=False) as bar:
+        for x, y in split.batches(256):
+            xs.append(x)
+            ys.append(y)
+            bar.update(len(y))
+    return TensorSplit(torch.cat(xs).float(), torch.cat(ys))
+
+
+def _targets(dataset: Any) -> np.ndarray | None:
+    """Class labels of a dataset without decoding it (``targets``/``labels`` as torchvision's datasets have), or
+    None."""
+    for name in ("targets", "labels"):
+        values = getattr(dataset, name, None)
+        if values is not None:
+            try:
+                array = np.asarray(values)
+            except Exception:
+                return None
+            if array.ndim == 1 and len(array) == len(dataset) and np.issubdtype(array.dtype, np.integer):
+                return array.astype(np.int64)
+    return None
+
+
+def carve_validation(train: Any, val_size: int | None, split_seed: int, what: str) -> tuple[Any, Any]:
+    """``(train, val)`` subsets of a dataset: a seeded validation split, stratified when the dataset's labels are
+    known without decoding (``targets``); default size a tenth of it, at most 5,000."""
+    n = len(train)
+    size = min(5000, max(1, n // 10)) if val_size is None else val_size
+    labels = _targets(train)
+    if labels is not None:
+        tr, va = _stratified_val(labels, size, split_seed, what)
+    else:
+        if not isinstance(size, int) or not 1 <= size < n:
+            raise ConfigError(f"val_size for {what} must be an integer in [1, {n - 1}], but got {size!r}")
+        order = np.random.default_rng(split_seed).permutation(n)
+        tr, va = np.sort(order[size:]), np.sort(order[:size])
+    subset = torch.utils.data.Subset
+    return subset(train, tr.tolist()), subset(train, va.tolist())
+
+
+def num_classes_of(splits: Sequence[Split]) -> int:
+    """The class count of labelled splits (largest label + 1; in-memory splits read all labels, streamed ones
+    their first batches), or 1 for targets that are not class labels."""
+    top = -1
+    for split in splits:
+        ys = [split.y] if isinstance(split, TensorSplit) else [y for _, y in itertools.islice(split.batches(256), 4)]
+        for y in ys:
+            if y.dtype.is_floating_point or y.ndim != 1:
+                return 1
+            top = max(top, int(y.max()) if y.numel() else -1)
+    return top + 1
+
+
+def splits_from_data(
+    name: str, train: Any, val: Any, test: Any = None, *, split_seed: int = 0, progress: bool = True
+) -> DataSplits:
+    """:class:`DataSplits` of a user's data (see :func:`as_split`); the validation split is read into memory when
+    it fits (:data:`IN_MEMORY_BYTES`), and the test split defaults to the validation one."""
+    train_split = as_split(train, "train")
+    val_split = in_memory(as_split(val, "val"), "the validation data", progress=progress)
+    test_split = val_split if test is None else as_split(test, "test")
+    shape = tuple(int(s) for s in next(train_split.batches(1))[0].shape[1:])
+    val_shape = tuple(int(s) for s in next(val_split.batches(1))[0].shape[1:])
+    if val_shape != shape:
+        raise DataError(f"the validation inputs have shape {val_shape}, but the training inputs {shape}")
+    return DataSplits(
+        name=name,
+        train=train_split,
+        val=val_split,
+        test=test_split,
+        input_shape=(shape[0], shape[1], shape[2]),
+        num_classes=num_classes_of([train_split, val_split]),
+        split_seed=split_seed,
+    )
+
+
+def _load_factory(
+    spec: str, data_dir: Path | None, split_seed: int, val_size: int | None, progress: bool = True
+) -> DataSplits:
+    """``--dataset package.module:make``: ``make()`` (given ``data_dir`` if it takes it) returns ``(train, test)``
+    Datasets, whose validation split is carved from ``train`` by ``split_seed`` and ``val_size``, or ``(train, val,
+    test)``."""
+    from ajpq.factories import accepted_kwargs, import_factory
+
+    factory = import_factory(spec, "dataset", DataError)
+    try:
+        made = factory(**accepted_kwargs(factory, {"data_dir": None if data_dir is None else str(data_dir)}))
+    except AJPQError:
+        raise
+    except Exception as exc:  # a failing user factory must not crash with a bare traceback
+        raise DataError(f"dataset factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(made, list | tuple) or len(made) not in (2, 3):
+        raise DataError(
+            f"dataset factory {spec!r} must return (train, test) or (train, val, test) datasets, but returned "
+            f"{type(made).__name__}"
+        )
+    if len(made) == 3:
+        train, val, test = made
+    else:
+        train, test = made
+        as_split(train, f"{spec} train")  # checked before it is cut
+        train, val = carve_validation(train, val_size, split_seed, spec)
+    return splits_from_data(spec, train, val, test, split_seed=split_seed, progress=progress)
+
+
+def split_digest(split: Split) -> str:
+    """A short sha256 of a split's samples (all of an in-memory split; the size and first 512 samples of a streamed
+    one), so that a run resumed on other validation data is noticed."""
+    digest = hashlib.sha256(f"{len(split)}".encode())
+    batches = [(split.x, split.y)] if isinstance(split, TensorSplit) else itertools.islice(split.batches(512), 1)
+    for x, y in batches:
+        digest.update(x.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -647,29 +902,37 @@ def load_dataset(
     split_seed: int = 0,
     val_size: int | None = None,
     download: bool = True,
+    image_size: int | None = None,
+    channels: int = 3,
+    progress: bool = True,
 ) -> DataSplits:
     """Load a dataset by name and cut it into seeded train / validation / test splits.
 
     Args:
-        name: One of ``DATASETS``.
+        name: One of ``DATASETS``, or ``package.module:factory`` (see :func:`_load_factory`).
         data_dir: Folder holding the data files (idx files, CIFAR batches, or an ImageNet-style tree);
             defaults to ``$AJPQ_DATA_DIR`` or ``~/.cache/ajpq/data``. Ignored for ``digits``.
         split_seed: Seed of the validation split (and of the test split for ``digits``).
         val_size: Number of validation samples, overriding the per-dataset default.
         download: Whether to let torchvision download missing MNIST/Fashion-MNIST/CIFAR files.
+        image_size: ``imagefolder``: side of the square input (default 224).
+        channels: ``imagefolder``: 3 (RGB) or 1 (grey).
+        progress: Show a progress bar while a user's validation data is read into memory.
 
     Raises:
         DataError: Unknown name, missing or malformed files.
         ConfigError: ``val_size`` out of range.
     """
+    path = None if data_dir is None else Path(data_dir).expanduser()
+    if ":" in name:
+        return _load_factory(name, path, split_seed, val_size, progress)
     key = _ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}{_suggest(key, DATASETS)}")
-    path = None if data_dir is None else Path(data_dir).expanduser()
     if key == "digits":
         return _load_digits(split_seed, val_size)
     if key in ("mnist", "fashion-mnist"):
         return _load_mnist_like(key, path, split_seed, val_size, download)
     if key in ("cifar10", "cifar100"):
         return _load_cifar(key, path, split_seed, val_size, download)
-    return _load_imagefolder(path, split_seed, val_size)
+    return _load_imagefolder(path, split_seed, val_size, image_size, channels)

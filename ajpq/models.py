@@ -7,13 +7,11 @@ policies are keyed by qualified module names and must keep matching the model th
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
-from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from ajpq.errors import ModelError
+from ajpq.factories import accepted_kwargs, import_factory
 
 ZOO: tuple[str, ...] = ("digits_cnn", "lenet5", "lenet300", "resnet20", "resnet56")
 DEFAULT_MODEL = "digits_cnn"
@@ -184,18 +182,9 @@ def _replace_first_conv(model: nn.Module, in_channels: int, name: str) -> None:
 
 
 def _from_factory(spec: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ModelError(f"model factory must be written 'package.module:factory', but got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any error while importing user code is a bad model spec
-        raise ModelError(f"cannot import module {module_name!r} for model {spec!r}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelError(f"module {module_name!r} has no callable {attr!r} (model {spec!r})")
+    factory = import_factory(spec, "model", ModelError)
     offered = {"num_classes": num_classes, "in_channels": input_shape[0], "input_shape": input_shape}
-    kwargs = _accepted_kwargs(factory, offered)
+    kwargs = accepted_kwargs(factory, offered)
     try:
         model = factory(**kwargs)
     except Exception as exc:  # a failing user factory must not crash with a bare traceback
@@ -203,17 +192,6 @@ def _from_factory(spec: str, input_shape: tuple[int, int, int], num_classes: int
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory {spec!r} must return a torch.nn.Module, but returned {type(model)}")
     return model
-
-
-def _accepted_kwargs(fn: Callable[..., object], offered: dict[str, object]) -> dict[str, object]:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(offered)
-    ok = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {k: v for k, v in offered.items() if k in params and params[k].kind in ok}
 
 
 def is_builtin_model(name: str) -> bool:

@@ -35,7 +35,7 @@ from ajpq.config import check_int
 from ajpq.data import Split
 from ajpq.errors import ConfigError
 from ajpq.policy import Policy
-from ajpq.train import cpu_threads, evaluate_accuracy
+from ajpq.train import cpu_threads
 from ajpq.workspace import Workspace
 
 Evaluator = Callable[[Policy], float]
@@ -178,14 +178,13 @@ def _affine(
 def make_evaluator(workspace: Workspace, options: ProxyOptions | None = None) -> Evaluator:
     """The scorer of candidate policies on ``workspace``'s validation split under ``options``."""
     options = options or ProxyOptions()
-    val = workspace.splits.val
     device = workspace.device
     analysis = workspace.analysis
     has_batchnorm = any(layer.bn_name for layer in analysis.layers)
     if not options.finetune_steps and not (options.bn_batches and has_batchnorm):
 
         def evaluate(policy: Policy) -> float:
-            return evaluate_accuracy(workspace.simulated.apply(policy), val, device)
+            return workspace.val_score(workspace.simulated.apply(policy))
 
         return evaluate
     calibration = workspace.calibration_images()
@@ -208,7 +207,7 @@ def make_evaluator(workspace: Workspace, options: ProxyOptions | None = None) ->
         module = simulated.apply(policy)
         if batches:
             module = reestimate_batchnorm(simulated, source, analysis, batches)
-        return evaluate_accuracy(module, val, device)
+        return workspace.val_score(module)
 
     return evaluate_with_recovery
 

@@ -293,6 +293,7 @@ def finetune(
     distill: bool = True,
     teacher: nn.Module | None = None,
     learn_ranges: bool = True,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` with the policy's quantization in the forward pass; ``model`` itself is not changed.
 
@@ -319,12 +320,16 @@ def finetune(
         learn_ranges: Train the activation ranges with the weights (LSQ step sizes) instead of recalibrating
             them (default; README, "Learned activation ranges": they recover collapsed policies at any bit
             width and tie elsewhere); the result's ``activation_ranges`` then belong to its model.
+        loss: ``loss(outputs, targets)`` replacing the distillation and cross-entropy losses (a model that is not a
+            classifier); no teacher is used then.
     """
     config = config or finetune_config()
     report = report or {}
     before = compressed_accuracy(model, analysis, policy, calibration, report, device)
     qat = QATModel(model, analysis, policy, calibration, device, learn_ranges)
-    soft = copy.deepcopy(teacher if teacher is not None else model).to(device).eval() if distill else None
+    soft = None
+    if distill and loss is None:
+        soft = copy.deepcopy(teacher if teacher is not None else model).to(device).eval()
     history = train_model(
         qat.module,
         train,
@@ -338,6 +343,7 @@ def finetune(
         after_step=qat.enforce,
         end_epoch=None if learn_ranges else qat.recalibrate,  # learned ranges ignore the calibrated ones
         teacher=soft,
+        loss=loss,
     )
     result = qat.fp32_model().eval()
     ranges = qat.activation_ranges()

@@ -11,7 +11,7 @@ this loop.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +19,32 @@ from ajpq.analysis import weights_digest
 from ajpq.backends import make_backend
 from ajpq.budget import check_feasible
 from ajpq.callbacks import Recorder, RunInfo, default_callbacks
+from ajpq.checkpoint import checkpoint_meta, save_checkpoint
+from ajpq.data import split_digest
 from ajpq.envs import problem_from_workspace
 from ajpq.errors import StorageError
 from ajpq.io import cache_dir
 from ajpq.logs import log
 from ajpq.methods import METHODS, SearchContext, method_class
 from ajpq.methods.base import StopOnSignal
+from ajpq.policy import Policy, load_policy
 from ajpq.proxy import ProxyOptions, make_evaluator
 from ajpq.runs import RunDir, best_by_phase, software_environment
 from ajpq.search_config import SearchConfig
 from ajpq.sensitivity import load_or_measure
 from ajpq.train import seed_everything
-from ajpq.workspace import Workspace, open_workspace
+from ajpq.workspace import IN_MEMORY, Workspace, open_workspace
 
 
 @dataclass
 class SearchResult:
-    """Summary of a finished search."""
+    """Summary of a finished search: its run folder, its best episode, and the run's policies and episodes."""
 
     run_dir: Path
-    episodes: int
+    episode_count: int
+    """Episodes the run has recorded (a resumed run's earlier ones included)."""
     best: dict[str, Any] | None
+    """The best feasible episode's metrics (reward, accuracy, size_ratio, ...), or None."""
     episodes_per_s: float
     eval_time_fraction: float
     """Mean episode wall time / mean evaluation time (the overhead ratio)."""
@@ -52,10 +57,22 @@ class SearchResult:
     best_by_phase: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Best feasible episode of each search phase over the whole run (:func:`ajpq.runs.best_by_phase`)."""
 
+    @property
+    def best_policy(self) -> Policy | None:
+        """The best feasible policy (``best_policy.json``, with its metrics), or None when no episode fitted."""
+        path = self.run_dir / "best_policy.json"
+        return load_policy(path) if self.best is not None and path.is_file() else None
+
+    @property
+    def episodes(self) -> list[dict[str, Any]]:
+        """Every recorded episode as a dict (the lines of ``episodes.jsonl``: episode, phase, reward, accuracy,
+        size_ratio, bops_ratio, feasible, ...)."""
+        return RunDir(self.run_dir).read_episodes()
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
-            "episodes": self.episodes,
+            "episodes": self.episode_count,
             "best": self.best,
             "best_policy": str(self.run_dir / "best_policy.json") if self.best else None,
             "episodes_per_s": self.episodes_per_s,
@@ -95,6 +112,14 @@ def run_search(
             run_dir.close()
 
 
+def _keep_reference(config: SearchConfig, workspace: Workspace, run_dir: RunDir) -> SearchConfig:
+    """A model given as an object has no file its weights come from: keep them in the run folder
+    (``reference.pt``, an AJPQ checkpoint), so that ``config.yaml`` names the weights that were searched."""
+    path = run_dir.path / "reference.pt"
+    save_checkpoint(path, workspace.model, checkpoint_meta(config.workspace.model, workspace.splits))
+    return replace(config, workspace=replace(config.workspace, weights=str(path)))
+
+
 def _run_search(
     config: SearchConfig,
     resume: str | Path | None,
@@ -124,9 +149,12 @@ def _run_search(
     seed_everything(config.seed)
     if workspace is None:
         workspace = open_workspace(config.workspace, progress=config.progress)
+    seed_everything(config.seed)  # again: however the workspace was opened (data read, a reference trained), the
+    # search starts from the same random state, so a CLI run and a Python run on the same objects agree
     digest = weights_digest(workspace.model)
+    val_digest = split_digest(workspace.splits.val)
     if resume is not None:
-        run_dir.check_resumable(digest, workspace.device)  # before any measuring, writing or truncating
+        run_dir.check_resumable(digest, workspace.device, val_digest)  # before any measuring, writing or truncating
     budget = config.budget
     if method_class(config.method).episodic:
         min_abits = 2 if config.search_activation_bits else config.activation_bits
@@ -150,6 +178,7 @@ def _run_search(
             workspace.splits.val,
             config.activation_bits,
             cache_dir() / "sensitivity",
+            progress=config.progress,
         )
         log(f"layer sensitivity {'read from the cache' if cached else 'measured and cached'}")
     problem = problem_from_workspace(
@@ -182,11 +211,14 @@ def _run_search(
                 "fingerprint": workspace.analysis.fingerprint,
                 "weights_digest": digest,
                 "dataset": workspace.splits.name,
+                "val_digest": val_digest,
                 "fp32_accuracy_val": fp32,
                 "method": config.method,
                 "environment": software_environment(workspace.device),
             }
         )
+        if config.workspace.model.startswith(IN_MEMORY) and config.workspace.weights is None:
+            config = _keep_reference(config, workspace, run_dir)
     run_dir.write_config(config.to_dict())
     info = RunInfo(
         method=config.method,
@@ -226,7 +258,7 @@ def _run_search(
     run_dir.close()
     return SearchResult(
         run_dir=run_dir.path,
-        episodes=recorder.episode,
+        episode_count=recorder.episode,
         best=recorder.best,
         episodes_per_s=recorder.count / elapsed if elapsed > 0 else 0.0,
         eval_time_fraction=recorder.overhead_ratio,

@@ -207,8 +207,8 @@ class RunDir:
         """Make a new run folder under ``root`` (or exactly at ``path``), refusing to reuse a non-empty one."""
         if path is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            safe = model.replace(":", "_").replace("/", "_")
-            base = Path(root) / f"{safe}__{dataset}__{seed}__{stamp}"
+            safe, data = (name.replace(":", "_").replace("/", "_") for name in (model, dataset))
+            base = Path(root) / f"{safe}__{data}__{seed}__{stamp}"
             candidate, suffix = base, 1
             while candidate.exists():
                 suffix += 1
@@ -281,10 +281,19 @@ class RunDir:
         path = self.path / RUN_INFO_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
-    def check_resumable(self, weights_digest: str, device: torch.device | None = None) -> None:
-        """Refuse to continue the run on other FP32 weights (its episodes would mix two references); note other
-        software, on which the resumed episodes will not repeat an uninterrupted run's."""
+    def check_resumable(
+        self, weights_digest: str, device: torch.device | None = None, val_digest: str | None = None
+    ) -> None:
+        """Refuse to continue the run on other FP32 weights or other validation data (its episodes would mix two
+        references or two scores); note other software, on which the resumed episodes will not repeat an
+        uninterrupted run's."""
         info = self.read_info()
+        recorded_val = info.get("val_digest")
+        if recorded_val is not None and val_digest is not None and recorded_val != val_digest:
+            raise ConfigError(
+                f"run {self.path} was scored on validation data with digest {recorded_val}, but the validation data "
+                f"now has digest {val_digest}; resume with the data the run was made on, or start a new run"
+            )
         recorded = info.get("weights_digest")
         if recorded is not None and recorded != weights_digest:
             raise ConfigError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ajpq.analysis import ModelAnalysis
 from ajpq.compress import SimulatedModel
@@ -192,9 +194,24 @@ def _activations(analysis: ModelAnalysis, base: Policy, group_id: int, bits: int
 
 
 @torch.inference_mode()
+def _is_classifier(outputs: torch.Tensor) -> bool:
+    """Whether outputs are class scores (one row of several per image), compared by KL divergence; other outputs
+    (a regression, dense maps) are compared by their squared error relative to the reference's variance."""
+    return outputs.dim() == 2 and outputs.shape[1] > 1
+
+
+def _reference(outputs: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(outputs.double(), dim=1) if _is_classifier(outputs) else outputs.double()
+
+
+@torch.inference_mode()
 def _mean_kl(module: torch.nn.Module, images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over images of KL(reference || module) of the softmax predictions."""
-    log_q = F.log_softmax(module(images).double(), dim=1)
+    """Mean over images of KL(reference || module) of the softmax predictions (relative squared error for outputs
+    that are not class scores)."""
+    outputs = module(images).double()
+    if not _is_classifier(outputs):
+        return float((outputs - reference).square().mean() / reference.var().clamp_min(1e-12))
+    log_q = F.log_softmax(outputs, dim=1)
     return float(F.kl_div(log_q, reference, reduction="batchmean", log_target=True))
 
 
@@ -206,14 +223,16 @@ def measure_sensitivity(
     activation_bits: int = 8,
     *,
     images: int = SENSITIVITY_IMAGES,
+    progress: bool = True,
 ) -> SensitivityTable:
-    """Measure the table (see the module docstring); ``simulated`` is the model's :class:`SimulatedModel`."""
+    """Measure the table (see the module docstring); ``simulated`` is the model's :class:`SimulatedModel`; a
+    progress bar on stderr counts the evaluations (8 per layer step)."""
     device = simulated.device
     x = next(val.batches(images, device=device))[0]
     with torch.inference_mode():
         was_training = model.training
         model.eval()
-        reference = F.log_softmax(model(x).double(), dim=1)
+        reference = _reference(model(x))
         model.train(was_training)
     base = Policy.uniform(analysis, 8, activation_bits)
     base_kl = _mean_kl(simulated.apply(base), x, reference)
@@ -222,7 +241,12 @@ def measure_sensitivity(
     quant = np.zeros((len(groups), len(QUANT_BITS)))
     act = np.zeros((len(groups), len(ACT_BITS)))
 
+    total = sum(len(QUANT_BITS) + len(ACT_BITS) + len(PRUNE_FRACTIONS) * analysis.groups[g].prunable for g in groups)
+    disable = not progress or os.environ.get("AJPQ_NO_PROGRESS") == "1"
+    bar = tqdm(total=total, desc="layer sensitivity", unit="eval", disable=disable, leave=False)
+
     def damage(policy: Policy) -> float:
+        bar.update(1)
         return _mean_kl(simulated.apply(policy), x, reference) - base_kl
 
     for u, gid in enumerate(groups):
@@ -233,6 +257,7 @@ def measure_sensitivity(
             quant[u, j] = damage(_quantized(analysis, base, gid, bits))
         for k, bits in enumerate(ACT_BITS):
             act[u, k] = damage(_activations(analysis, base, gid, bits))
+    bar.close()
     simulated.apply(base)
     return SensitivityTable(tuple(groups), prune, quant, act, base_kl)
 
@@ -259,6 +284,7 @@ def load_or_measure(
     cache: Path | None,
     *,
     images: int = SENSITIVITY_IMAGES,
+    progress: bool = True,
 ) -> tuple[SensitivityTable, bool]:
     """The cached table for these weights and data, or a new measurement (cached when ``cache`` is a folder).
 
@@ -274,7 +300,7 @@ def load_or_measure(
                 table = None
             if table is not None and list(table.groups) == step_groups(analysis):
                 return table, True
-    table = measure_sensitivity(model, simulated, analysis, val, activation_bits, images=images)
+    table = measure_sensitivity(model, simulated, analysis, val, activation_bits, images=images, progress=progress)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

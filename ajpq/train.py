@@ -169,12 +169,14 @@ def train_model(
     after_step: Callable[[], None] | None = None,
     end_epoch: Callable[[], None] | None = None,
     teacher: nn.Module | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns per-epoch ``{"epoch", "loss", "val_accuracy"}``.
 
     ``before_step``/``after_step`` let callers keep constraints (masks, quantization) around each update;
     ``end_epoch`` runs after each epoch's last step, before validation (e.g. recalibration). With a ``teacher``
-    (kept in eval mode, not trained) the loss is :func:`distillation_loss` at the config's temperature and alpha.
+    (kept in eval mode, not trained) the loss is :func:`distillation_loss` at the config's temperature and alpha;
+    a ``loss(outputs, targets)`` of the caller's replaces both (a model that is not a classifier).
     """
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,20 +217,22 @@ def train_model(
                 before_step()
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
-            if teacher is None:
-                loss = loss_fn(logits, y)
+            if loss is not None:
+                value = loss(logits, y)
+            elif teacher is None:
+                value = loss_fn(logits, y)
             else:
                 with torch.no_grad():
                     soft_targets = teacher(x)
-                loss = distillation_loss(logits, soft_targets, y, config.distill_temperature, config.distill_alpha)
-            loss.backward()
+                value = distillation_loss(logits, soft_targets, y, config.distill_temperature, config.distill_alpha)
+            value.backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             if after_step is not None:
                 after_step()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += float(value.detach()) * len(y)
             seen += len(y)
             step += 1
             bar.update(1)

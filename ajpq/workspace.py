@@ -7,6 +7,8 @@ lives in :mod:`ajpq.checkpoint`, the FP32 reference and its cache in :mod:`ajpq.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -28,6 +30,9 @@ from ajpq.train import evaluate_accuracy, resolve_device
 
 CALIBRATION_SIZE = 256
 """Training images the activation ranges are calibrated on."""
+IN_MEMORY = "python:"
+"""How a run names a model or data given as Python objects (``ajpq.search(model, train, val)``):
+``python:<module>.<class>``; such a run is resumed from Python, with the same objects."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class WorkspaceSpec:
     model: str = DEFAULT_MODEL
     """Model to compress (zoo name, torchvision name or ``pkg.mod:factory``)."""
     dataset: str = DEFAULT_DATASET
-    """Dataset (digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder)."""
+    """Dataset (digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder), or your own package.module:factory
+    returning (train, test) or (train, val, test) torch Datasets of (image, target) pairs."""
     data_dir: str | None = None
     """Folder with the dataset files (idx .gz, CIFAR batches, or an ImageNet-style train/ val/ tree); default
     $AJPQ_DATA_DIR or ~/.cache/ajpq/data."""
@@ -51,6 +57,8 @@ class WorkspaceSpec:
     """cpu, cuda or auto (cuda when present)."""
     importance: str = "l1"
     """Channel-importance criterion: norm of each output channel's weights."""
+    image_size: int | None = None
+    """imagefolder: side of the square input (default 224; grey or colour follows the model's first convolution)."""
 
     def __post_init__(self) -> None:
         for name in ("model", "dataset", "device", "importance"):
@@ -62,6 +70,8 @@ class WorkspaceSpec:
         check_int("split_seed", self.split_seed, 0)
         if self.val_size is not None:
             check_int("val_size", self.val_size, 1)
+        if self.image_size is not None:
+            check_int("image_size", self.image_size, 1)
         if self.importance not in CRITERIA:
             raise ConfigError(f"importance must be one of {', '.join(CRITERIA)}, but got {self.importance!r}")
 
@@ -91,6 +101,9 @@ class Workspace:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     """The ``--weights`` file the model's weights came from (None: the cached reference, or a model in memory)."""
+    metric: Callable[[nn.Module], float] | None = field(default=None, repr=False)
+    """A user's own score of a model (higher is better) replacing validation accuracy in the search's reward."""
+    _calibration: torch.Tensor | None = field(default=None, repr=False)
     _simulated: SimulatedModel | None = field(default=None, repr=False)
 
     _cost_model: CostModel | None = field(default=None, repr=False)
@@ -118,8 +131,31 @@ class Workspace:
 
     def calibration_images(self) -> torch.Tensor:
         """The images every simulated or exported model calibrates its activation ranges on: the first
-        ``CALIBRATION_SIZE`` training images, unshuffled, so that calibration is the same in every command."""
-        return next(self.splits.train.batches(CALIBRATION_SIZE))[0]
+        ``CALIBRATION_SIZE`` training images, unshuffled, so that calibration is the same in every command (read
+        once, under a fixed seed: a user's dataset may apply random transforms)."""
+        if self._calibration is None:
+            self._calibration = calibration_images(self.splits.train)
+        return self._calibration
+
+    def val_score(self, module: nn.Module, limit: int | None = None) -> float:
+        """What a search scores a model by: the user's ``metric``, or accuracy on the validation split (its first
+        ``limit`` images when given)."""
+        if self.metric is None:
+            return evaluate_accuracy(module, self.splits.val, self.device, limit=limit)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.inference_mode():
+                value = self.metric(module)
+        finally:
+            module.train(was_training)
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"evaluate must return a number (higher is better), but returned {value!r}") from None
+        if not math.isfinite(score):
+            raise ConfigError(f"evaluate returned {score}; it must return a finite number (higher is better)")
+        return score
 
     def cost(self, policy: Policy) -> CostReport:
         return self.cost_model.evaluate(policy)
@@ -163,10 +199,37 @@ class Workspace:
         return evaluate_accuracy(module, self.split(split), self.device)
 
 
+def calibration_images(train: Split) -> torch.Tensor:
+    """The first :data:`CALIBRATION_SIZE` images of a training split, unshuffled, read under a fixed seed (a user's
+    dataset may apply random transforms), so that every command calibrates on the same images."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return next(train.batches(CALIBRATION_SIZE))[0]
+
+
+def _image_channels(spec: WorkspaceSpec) -> int:
+    """imagefolder: 1 (grey) when the user's model's first convolution reads one channel, else 3 (zoo and
+    torchvision models adapt to the data)."""
+    if spec.dataset.strip().lower() != "imagefolder" or ":" not in spec.model:
+        return 3
+    size = spec.image_size or 224
+    probe = build_model(spec.model, (3, size, size), 2)
+    first = next((m for m in probe.modules() if isinstance(m, nn.Conv2d)), None)
+    return 1 if first is not None and first.in_channels == 1 else 3
+
+
 def open_workspace(spec: WorkspaceSpec, *, need_weights: bool = True, progress: bool = True) -> Workspace:
     """Load data, build the model, load (or train and cache) its FP32 weights, and analyse it."""
     resolved = resolve_device(spec.device)
-    splits = load_dataset(spec.dataset, data_dir=spec.data_dir, split_seed=spec.split_seed, val_size=spec.val_size)
+    splits = load_dataset(
+        spec.dataset,
+        data_dir=spec.data_dir,
+        split_seed=spec.split_seed,
+        val_size=spec.val_size,
+        image_size=spec.image_size,
+        channels=_image_channels(spec),
+        progress=progress,
+    )
     model = build_model(spec.model, splits.input_shape, splits.num_classes)
     checkpoint: dict[str, Any] = {}
     if spec.weights is not None:

@@ -43,12 +43,11 @@ def problem_from_workspace(
     accuracy is measured (the reward is the change against it), ``evaluate`` scores a policy (default: the simulated
     model's validation accuracy); ``kwargs`` are the problem's settings (budget, max_sparsity, ...)."""
     from ajpq.proxy import make_evaluator
-    from ajpq.train import evaluate_accuracy
     from ajpq.workspace import WorkspaceSpec, open_workspace
 
     if workspace is None:
         workspace = open_workspace(WorkspaceSpec(device="cpu"), progress=False)
-    fp32 = evaluate_accuracy(workspace.model, workspace.splits.val, workspace.device)
+    fp32 = workspace.val_score(workspace.model)
     kwargs.setdefault("pricing", workspace.cost_model)  # built with the weights: it can price weight sparsity
     return CompressionProblem(workspace.analysis, evaluate or make_evaluator(workspace), fp32, **kwargs)
 

@@ -103,7 +103,7 @@ def backends(
                 {
                     "setting": setting,
                     "backend": name,
-                    "episodes": result.episodes,
+                    "episodes": result.episode_count,
                     "episodes_per_s": round(result.episodes_per_s, 3),
                     "overhead_ratio": round(result.eval_time_fraction, 3),
                     "rl_overhead_ratio": round(_rl_overhead(result.run_dir), 3),

@@ -124,7 +124,7 @@ def test_a_weight_sparsity_search_starts_from_opq_and_finds_sparse_policies_with
 def test_every_agent_combination_runs(tmp_path: Path, layer: str, channel: str) -> None:
     config = SearchConfig(episodes=4, layer_agent=layer, channel_agent=channel, run_dir=str(tmp_path / "run"), **FAST)
     result = run_search(config)
-    assert result.episodes == 4 and result.best is not None
+    assert result.episode_count == 4 and result.best is not None
 
 
 def test_same_seed_same_episodes(tmp_path: Path) -> None:

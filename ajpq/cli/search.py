@@ -131,13 +131,13 @@ def run_search_command(args: argparse.Namespace) -> int:
         return 0
     if result.finished:
         print(
-            f"run {result.run_dir} already finished its {result.episodes} episodes; nothing changed "
+            f"run {result.run_dir} already finished its {result.episode_count} episodes; nothing changed "
             f"(give a higher --episodes to continue it)"
         )
         return 0
     best = result.best
     if best is None:
-        print(f"no feasible policy in {result.episodes} episodes; run folder {result.run_dir}")
+        print(f"no feasible policy in {result.episode_count} episodes; run folder {result.run_dir}")
         return 0
     print(summary_text(result, summary["best_policy"], config_of(result.run_dir)))
     return 0
@@ -160,7 +160,7 @@ def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
     penalty = ", minus the soft-budget penalty" if config.get("budget_mode") == "soft" else ""
     return "\n".join(
         [
-            f"best reward {best['reward']:+.4f} at episode {best['episode']} of {result.episodes}: val accuracy "
+            f"best reward {best['reward']:+.4f} at episode {best['episode']} of {result.episode_count}: val accuracy "
             f"{best['accuracy']:.4f}{against} (reward = val accuracy change against FP32{penalty}); size ratio "
             f"{best['size_ratio']:.4f} = {best['compression_rate']:.1f}x smaller, BOPs ratio "
             f"{best['bops_ratio']:.4f}; {result.episodes_per_s:.1f} episodes/s",

@@ -43,7 +43,6 @@ from ajpq.methods.common import (
     sparse_policy,
 )
 from ajpq.quant import quantize_weight
-from ajpq.train import evaluate_accuracy
 from ajpq.workspace import Workspace
 
 
@@ -134,7 +133,6 @@ def _run(context: SearchContext, opts: ADMMOptions) -> None:
     final = target_sparsity(workspace, workspace.simulated, budget, bits, abits, max_sparsity)
     model = copy.deepcopy(workspace.model)
     weights = {name: layer_module(model, name).weight for name in names}
-    val = workspace.splits.val
 
     def admm(project: Any, epochs: float, after_step: Any = None) -> None:
         z = {name: project(name, w.detach()) for name, w in weights.items()}
@@ -177,7 +175,7 @@ def _run(context: SearchContext, opts: ADMMOptions) -> None:
         )
         simulated = simulate(workspace, model)
         policy = sparse_policy(workspace, names, target, bits, abits)
-        accuracy = evaluate_accuracy(simulated.apply(policy), val, workspace.device)
+        accuracy = workspace.val_score(simulated.apply(policy))
         context.record(policy, accuracy, simulated, stage=f"prune{step}")
 
     def project_quant(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -197,7 +195,7 @@ def _run(context: SearchContext, opts: ADMMOptions) -> None:
         apply_masks(model, layer_masks(model, workspace, dict(zip(names, sparsity, strict=True))))
         simulated = simulate(workspace, model)
         policy = sparse_policy(workspace, names, sparsity, bits, abits)
-    accuracy = evaluate_accuracy(simulated.apply(policy), val, workspace.device)
+    accuracy = workspace.val_score(simulated.apply(policy))
     context.record(policy, accuracy, simulated, stage="quantized")
     weights_path = save_weights(context.run_dir, workspace, model, "admm")
     context.finish(policy, simulated, weights_path=weights_path, val_accuracy=accuracy)

@@ -196,7 +196,6 @@ class SearchContext:
     ) -> Policy:
         """A method's answer: validated, checked against the budget, evaluated (unless ``val_accuracy`` is given),
         stamped and written as ``best_policy.json``. ``weights_path``: the retrained weights it applies to."""
-        from ajpq.train import evaluate_accuracy
 
         method = self.config.method
         policy = validate_policy(policy, self.workspace.analysis, f"{method} policy")
@@ -209,7 +208,7 @@ class SearchContext:
                 "max_sparsity"
             )
         if val_accuracy is None:
-            val_accuracy = evaluate_accuracy(simulated.apply(policy), self.workspace.splits.val, self.workspace.device)
+            val_accuracy = self.workspace.val_score(simulated.apply(policy))
         if weights_path is not None:
             meta["weights"] = str(weights_path)
         reward = self.problem.score(policy, report, False, val_accuracy, 0.0).reward

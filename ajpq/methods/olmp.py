@@ -46,7 +46,6 @@ from ajpq.methods.common import (
     simulate,
     sparse_policy,
 )
-from ajpq.train import evaluate_accuracy
 
 
 @dataclass(frozen=True)
@@ -155,8 +154,7 @@ def _run(context: SearchContext, opts: OLMPOptions) -> None:
     size_budget = budget.size or 1.0
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    val = workspace.splits.val
-    reference = evaluate_accuracy(workspace.model, val, workspace.device, limit=limit)
+    reference = workspace.val_score(workspace.model, limit=limit)
     names = workspace.analysis.layer_names
     bits = fitting_bits(workspace, workspace.simulated, budget, opts.weight_bits, max_sparsity, abits, "olmp")
     model = copy.deepcopy(workspace.model)
@@ -168,7 +166,7 @@ def _run(context: SearchContext, opts: OLMPOptions) -> None:
         def objective(sparsity: np.ndarray, simulated: Any = simulated, round_index: int = round_index) -> float:
             policy = sparse_policy(workspace, names, sparsity, bits, abits)
             report = simulated.cost_model.evaluate(policy)
-            accuracy = evaluate_accuracy(simulated.apply(policy), val, workspace.device, limit=limit)
+            accuracy = workspace.val_score(simulated.apply(policy), limit=limit)
             context.record(policy, accuracy, simulated, round=round_index + 1)
             loss = reference - accuracy
             bops_term = report.bops_ratio / budget.bops if budget.bops else 0.0

@@ -18,7 +18,6 @@ from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method
 from ajpq.methods.common import prune_groups
 from ajpq.policy import Policy
-from ajpq.train import evaluate_accuracy
 from ajpq.workspace import Workspace
 
 
@@ -82,6 +81,6 @@ class Uniform:
                 f"uniform cannot meet the budget ({budget.describe()}) at sparsity {sparsity:g}: 1-bit weights have "
                 f"size ratio {report.size_ratio:.4g}; use sparsity: auto or a larger sparsity"
             )
-        accuracy = evaluate_accuracy(simulated.apply(policy), workspace.splits.val, workspace.device)
+        accuracy = workspace.val_score(simulated.apply(policy))
         context.record(policy, accuracy, simulated, weight_bits=bits, channel_sparsity=sparsity)
         context.finish(policy, simulated, val_accuracy=accuracy, weight_bits=bits, channel_sparsity=sparsity)
