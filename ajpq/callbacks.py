@@ -246,8 +246,8 @@ class Recorder:
             "eval_time": round(result.eval_time, 6),
         }
         self.callback.on_episode(record, result, wall)
-        if result.feasible and result.reward > self.best_reward:
-            self.best_reward = result.reward
+        if result.feasible and record["reward"] > self.best_reward:  # as recorded: a resumed run compares the same
+            self.best_reward = record["reward"]
             self.best = {**{k: record[k] for k in BEST_KEYS}, "compression_rate": result.report.compression_rate}
             self.callback.on_best(self.stamp(result.policy.copy(), dict(self.best)), self.episode)
         return record
