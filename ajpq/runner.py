@@ -170,7 +170,7 @@ def _run_search(
     )
     evaluate = make_evaluator(workspace, proxy)
     sensitivity = None
-    if config.method == "ajpq" and config.sensitivity:
+    if getattr(method_class(config.method), "uses_sensitivity", False) and config.sensitivity:
         sensitivity, cached = load_or_measure(
             workspace.model,
             workspace.simulated,

@@ -346,6 +346,12 @@ class RunDir:
             else f"run {self.path} has recorded no episode yet"
         )
 
+    def read_policies(self, model_name: str | None, fingerprint: str | None) -> dict[int, Policy]:
+        """Every recorded episode's policy, by episode number (one read of ``policies.jsonl``)."""
+        return {
+            int(row["episode"]): decode_policy(row, model_name, fingerprint) for row in _read_jsonl(self.policies_path)
+        }
+
     def export_policy(self, episode: int | None = None) -> Policy:
         """The run's best feasible policy, or episode ``episode``'s with its metrics and meta (``ajpq export``)."""
         if episode is None:

@@ -248,6 +248,10 @@ class CompressionProblem:
             reward -= self.soft_penalty * self.budget.excess(report)
         return EpisodeResult(reward, accuracy, report, feasible, projected, final, eval_time)
 
+    def remember(self, key: bytes, accuracy: float) -> None:
+        """Put an already evaluated policy (its :func:`policy_key`) in the cache (a resumed search's past)."""
+        self._cache[key] = accuracy
+
     def finish(self, policy: Policy) -> EpisodeResult:
         """Project (hard mode), evaluate and reward a complete policy."""
         return self.finish_many([policy])[0]

@@ -81,6 +81,9 @@ class Method(Protocol):
     episodic: ClassVar[bool]
     """Whether its candidates are episodes of the problem's own space (channel pruning within ``max_sparsity``):
     the search then refuses a budget the smallest such policy cannot meet before it starts."""
+    uses_sensitivity: ClassVar[bool]
+    """Whether the search measures the layer sensitivity for it (``ajpq`` and ``local``: the warm start's allocation
+    and the agents' observations need it); methods without the attribute do not."""
 
     def run(self, context: SearchContext, options: Any) -> None: ...
 
@@ -155,6 +158,12 @@ class SearchContext:
     recorder: Recorder
     resume_state: dict[str, Any] | None = None
     stop: StopOnSignal = field(default_factory=StopOnSignal)
+    replay: int = 0
+    """Episodes already recorded that the method is computing again after a resume (a deterministic phase re-run
+    from its start, served by the problem's cache): :meth:`evaluate` returns them without recording them twice."""
+    seen: dict[bytes, int] = field(default_factory=dict)
+    """Keys (:func:`~ajpq.envs.core.policy_key`) of every policy recorded so far, each with the first episode that
+    recorded it: a local search proposes none of them again, so no evaluation goes to a policy already known."""
 
     def evaluate(
         self,
@@ -168,14 +177,53 @@ class SearchContext:
         ``before_record(i, result, extra)`` runs before policy ``i`` is recorded (agents learn there; it may add keys
         to ``extra``, the extra fields of its ``episodes.jsonl`` line).
         """
+        from ajpq.envs.core import policy_key
+
         results = self.problem.finish_many(policies)
-        wall = (time.perf_counter() - self.recorder.last_time) / max(1, len(results))
-        for i, result in enumerate(results):
+        replayed = min(self.replay, len(results))
+        self.replay -= replayed
+        wall = (time.perf_counter() - self.recorder.last_time) / max(1, len(results) - replayed)
+        for i, result in enumerate(results[replayed:], start=replayed):
             extra = dict(extras[i]) if extras else {}
             if before_record is not None:
                 before_record(i, result, extra)
             self.recorder.record(result, extra, wall=wall)
+            self.seen.setdefault(policy_key(result.policy), self.recorder.episode)
         return list(results)
+
+    def evaluate_checkpointed(
+        self,
+        policies: list[Policy],
+        extras: list[dict[str, Any]],
+        save: Callable[[Path], dict[str, Any]],
+    ) -> list[EpisodeResult]:
+        """:meth:`evaluate` in pieces that end at the checkpoint boundaries, with a checkpoint at each one that is
+        due: however large a batch a phase evaluates, a kill loses at most ``checkpoint_every`` episodes."""
+        results: list[EpisodeResult] = []
+        every = self.config.checkpoint_every
+        while len(results) < len(policies):
+            start, episode = len(results), self.recorder.episode
+            replaying = self.replay > 0
+            size = self.replay if replaying else (episode // every + 1) * every - episode
+            end = min(len(policies), start + size)
+            results += self.evaluate(policies[start:end], extras[start:end])
+            if not replaying and self.checkpoint_due():
+                self.checkpoint(save)
+        return results
+
+    def prime(self, upto: int) -> None:
+        """After a resume: the problem's cache and :attr:`seen` from the first ``upto`` recorded episodes, so the
+        resumed search evaluates and proposes what an uninterrupted one would."""
+        from ajpq.envs.core import policy_key
+
+        info = self.run_dir.read_info()
+        policies = self.run_dir.read_policies(self.config.workspace.model, info.get("fingerprint"))
+        for record in self.run_dir.read_episodes()[:upto]:
+            policy = policies.get(int(record["episode"]))
+            if policy is not None:
+                key = policy_key(policy)
+                self.problem.remember(key, float(record["accuracy"]))
+                self.seen.setdefault(key, int(record["episode"]))
 
     def record(self, policy: Policy, accuracy: float, simulated: SimulatedModel, **extra: Any) -> None:
         """Record a candidate a method evaluated itself (on weights of its own: OLMP, ADMM), with the problem's

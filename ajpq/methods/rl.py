@@ -10,6 +10,7 @@ Its settings (agents, warm start, sensitivity, refinement, ...) are fields of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from ajpq.envs import ChannelCompressEnv, Episode, EpisodeResult, LayerCompressE
 from ajpq.errors import BudgetError
 from ajpq.methods.base import MethodOptions, SearchContext, register_method, set_rng_state
 from ajpq.methods.opq import workspace_opq_policy
+from ajpq.policy import Policy
 from ajpq.refine import refine
 from ajpq.search_config import SearchConfig
 from ajpq.train import cpu_threads
@@ -44,15 +46,111 @@ def refine_count(config: SearchConfig) -> int:
     return min(count, config.episodes)
 
 
-def _best_result(context: SearchContext) -> Any:
-    """The best recorded episode as an :class:`~ajpq.envs.EpisodeResult` (rebuilt from the run folder)."""
-    best = context.recorder.best
-    if best is None:
-        return None
+def recorded_result(context: SearchContext, episode: int) -> EpisodeResult:
+    """Recorded episode ``episode`` as an :class:`~ajpq.envs.EpisodeResult` (rebuilt from the run folder)."""
+    record = next(r for r in context.run_dir.read_episodes() if int(r["episode"]) == episode)
     info = context.run_dir.read_info()
-    policy = context.run_dir.read_policy(best["episode"], context.config.workspace.model, info.get("fingerprint"))
+    policy = context.run_dir.read_policy(episode, context.config.workspace.model, info.get("fingerprint"))
     report = context.problem.cost_model.evaluate(policy)
-    return EpisodeResult(float(best["reward"]), float(best["accuracy"]), report, True, False, policy, 0.0)
+    return EpisodeResult(float(record["reward"]), float(record["accuracy"]), report, True, False, policy, 0.0)
+
+
+def warm_start_targets(context: SearchContext) -> list[Policy]:
+    """The warm start's policies: the sensitivity allocation at several strengths and the uniform policies that
+    fit (and OPQ's allocation when weight sparsity is searched), at most half the episodes."""
+    config, problem = context.config, context.problem
+    also = []
+    if config.search_weight_sparsity:  # the analytic weight-sparse allocation, as OPQ computes it
+        try:
+            also.append(
+                workspace_opq_policy(
+                    context.workspace,
+                    problem.budget.hard(),
+                    max_pruning=config.max_weight_sparsity,
+                    activation_bits=config.activation_bits,
+                )[0]
+            )
+        except BudgetError:
+            pass  # it needs channel pruning to fit: the other starts have it
+    return warm_start_policies(
+        problem.analysis,
+        problem.cost_model,
+        problem.sensitivity,
+        problem.budget,
+        max_sparsity=config.max_sparsity,
+        activation_bits=config.activation_bits,
+        search_activation_bits=config.search_activation_bits,
+        also=also,
+    )[: max(1, config.episodes // 2)]
+
+
+class Phases:
+    """The phases of a search that share one episode count, each resumable from any checkpoint.
+
+    ``state`` (saved in every checkpoint) names the phase running and, for the refinement, the episode it started
+    after and the episode it climbs from. A resume re-runs a deterministic phase (the warm start, a refinement) from
+    its start with :attr:`SearchContext.replay` set, so the episodes recorded before the checkpoint are recomputed
+    from the cache, not evaluated or recorded again: at most ``checkpoint_every`` episodes are ever redone.
+    """
+
+    def __init__(self, context: SearchContext, save_method: Callable[[Path], dict[str, Any]] | None = None):
+        self.context = context
+        self.save_method = save_method
+        resume = context.resume_state
+        self.state: dict[str, Any] = {"name": "warm_start"}
+        self.resumed_in: str | None = None
+        if resume is not None:
+            self.state = dict(resume.get("method_state", {}).get("phase", {"name": "rl"}))
+            self.resumed_in = str(self.state["name"])
+            context.prime(int(resume["episode"]))
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        state = self.save_method(folder) if self.save_method is not None else {}
+        return {**state, "phase": dict(self.state)}
+
+    def replaying(self, name: str) -> bool:
+        """Whether this run resumes inside phase ``name``: then it is re-run from its start, its recorded episodes
+        replayed (sets :attr:`SearchContext.replay`)."""
+        if self.resumed_in != name:
+            return False
+        self.resumed_in = None
+        resume = self.context.resume_state
+        assert resume is not None
+        self.context.replay = int(resume["episode"]) - int(self.state.get("start", 0))
+        return True
+
+    def warm_start(self, policies: list[Policy]) -> list[EpisodeResult]:
+        """Evaluate the warm start's policies (``phase: warm_start``)."""
+        self.replaying("warm_start")
+        self.state = {"name": "warm_start"}
+        extras = [{"warmup": False, "phase": "warm_start"}] * len(policies)
+        return self.context.evaluate_checkpointed(policies, extras, self.save)
+
+    def refine(self, evaluations: int) -> int:
+        """Hill-climb from the best episode for up to ``evaluations`` episodes (``phase: refine``; none of the
+        search's known policies is proposed again). Returns the episodes it recorded (fewer when no new
+        neighbour is left)."""
+        context = self.context
+        recorder = context.recorder
+        if not self.replaying("refine"):
+            if recorder.best is None:
+                return 0
+            self.state = {
+                "name": "refine",
+                "start": recorder.episode,
+                "from": int(recorder.best["episode"]),
+                "evaluations": evaluations,
+            }
+        start, begin = recorded_result(context, int(self.state["from"])), int(self.state["start"])
+        rng = np.random.default_rng([context.config.seed, begin])
+
+        def evaluate(policies: Any) -> list[EpisodeResult]:
+            extras = [{"warmup": False, "phase": "refine"}] * len(policies)
+            return context.evaluate_checkpointed(list(policies), extras, self.save)
+
+        known = {key for key, episode in context.seen.items() if episode <= begin}
+        refine(context.problem, start, evaluate, int(self.state["evaluations"]), rng, seen=known)
+        return recorder.episode - begin
 
 
 @register_method
@@ -68,9 +166,21 @@ class AJPQ:
     Options = AJPQOptions
     resumable = True
     episodic = True
+    uses_sensitivity = True
 
     def run(self, context: SearchContext, options: AJPQOptions) -> None:
         run_ajpq(context)
+
+
+def demonstrated(problem: Any, targets: list[Policy], channel_discrete: bool) -> list[tuple[Any, Policy]]:
+    """Each warm-start target walked through an episode: the agents' demonstration and the policy it reaches
+    (what the warm start evaluates, in ajpq and local alike)."""
+    result = []
+    for target in targets:
+        episode = Episode(problem)
+        steps = episode.demonstrate(target, channel_discrete)
+        result.append((steps, episode.policy.copy()))
+    return result
 
 
 def run_ajpq(context: SearchContext) -> None:
@@ -93,53 +203,6 @@ def run_ajpq(context: SearchContext) -> None:
             rng,
             **agent_options[config.channel_agent],
         )
-    state = context.resume_state
-    if state is not None:
-        slot = context.run_dir.checkpoint_dir / state["slot"]
-        layer_agent.load(slot)
-        channel_agent.load(slot)
-        method_state = state.get("method_state", {})
-        layer_agent.set_state(method_state.get("layer_agent", {}))
-        channel_agent.set_state(method_state.get("channel_agent", {}))
-        rng.bit_generator.state = method_state["rng"]
-        set_rng_state(state["rng"])
-    elif config.warm_start:
-        also = []
-        if config.search_weight_sparsity:  # the analytic weight-sparse allocation, as OPQ computes it
-            try:
-                also.append(
-                    workspace_opq_policy(
-                        context.workspace,
-                        problem.budget.hard(),
-                        max_pruning=config.max_weight_sparsity,
-                        activation_bits=config.activation_bits,
-                    )[0]
-                )
-            except BudgetError:
-                pass  # it needs channel pruning to fit: the other starts have it
-        policies = warm_start_policies(
-            problem.analysis,
-            problem.cost_model,
-            problem.sensitivity,
-            problem.budget,
-            max_sparsity=config.max_sparsity,
-            activation_bits=config.activation_bits,
-            search_activation_bits=config.search_activation_bits,
-            also=also,
-        )[: max(1, config.episodes // 2)]
-        demos, demonstrated = [], []
-        for target in policies:
-            demos.append(layer_env.episode.demonstrate(target, channel_discrete))
-            demonstrated.append(layer_env.episode.policy.copy())
-        results = context.evaluate(demonstrated, [{"warmup": False, "phase": "warm_start"}] * len(demonstrated))
-        with cpu_threads(AGENT_CPU_THREADS):
-            for (layer_steps, channel_steps), result in zip(demos, results, strict=True):
-                layer_agent.remember(layer_steps, result.reward)
-                channel_agent.remember(channel_steps, result.reward)
-            best = int(np.argmax([result.reward for result in results]))
-            layer_demo, channel_demo = demos[best]
-            layer_agent.imitate(layer_demo)
-            channel_agent.imitate(channel_demo)
 
     def save(folder: Path) -> dict[str, Any]:
         layer_agent.save(folder)
@@ -150,6 +213,30 @@ def run_ajpq(context: SearchContext) -> None:
             "rng": rng.bit_generator.state,
         }
 
+    phases = Phases(context, save)
+    resumed = phases.resumed_in
+    state = context.resume_state
+    if state is not None:
+        if resumed != "warm_start":  # the agents learnt from what was recorded: take them from the checkpoint
+            slot = context.run_dir.checkpoint_dir / state["slot"]
+            layer_agent.load(slot)
+            channel_agent.load(slot)
+            method_state = state.get("method_state", {})
+            layer_agent.set_state(method_state.get("layer_agent", {}))
+            channel_agent.set_state(method_state.get("channel_agent", {}))
+            rng.bit_generator.state = method_state["rng"]
+        set_rng_state(state["rng"])
+    if config.warm_start and resumed in (None, "warm_start"):
+        demos = demonstrated(problem, warm_start_targets(context), channel_discrete)
+        results = phases.warm_start([policy for _, policy in demos])
+        with cpu_threads(AGENT_CPU_THREADS):
+            for ((layer_steps, channel_steps), _), result in zip(demos, results, strict=True):
+                layer_agent.remember(layer_steps, result.reward)
+                channel_agent.remember(channel_steps, result.reward)
+            best = int(np.argmax([result.reward for result in results]))
+            layer_demo, channel_demo = demos[best][0]
+            layer_agent.imitate(layer_demo)
+            channel_agent.imitate(channel_demo)
     agents = {"layer_agent": layer_agent, "channel_agent": channel_agent}
     warmup_episodes = 0 if config.warm_start else config.warmup_episodes
 
@@ -159,7 +246,8 @@ def run_ajpq(context: SearchContext) -> None:
                 stats = agent.end_episode(float(result.reward), bool(extra["warmup"]), slot)
             context.run_dir.add_scalars({f"{name}/{k}": v for k, v in stats.items()}, recorder.episode + 1)
 
-    def rl_episodes(until: int) -> None:
+    def rl_episodes(until: int, phase: str) -> None:
+        phases.state = {"name": phase}
         while recorder.episode < until:
             start = recorder.episode
             next_checkpoint = (start // config.checkpoint_every + 1) * config.checkpoint_every
@@ -169,23 +257,13 @@ def run_ajpq(context: SearchContext) -> None:
             extras = [{"warmup": w, "phase": "rl"} for w in warmup]
             context.evaluate(policies, extras, before_record=learn)
             if context.checkpoint_due():
-                context.checkpoint(save)
+                context.checkpoint(phases.save)
 
-    rl_episodes(config.episodes - refine_count(config))
-    start = _best_result(context)
-    if recorder.episode < config.episodes and start is not None:
-        refine_rng = np.random.default_rng([config.seed, recorder.episode])
-
-        def evaluate(policies: Any) -> list[Any]:
-            if context.stop.requested:  # no checkpoint inside the refinement: a resume redoes it from the last one
-                raise KeyboardInterrupt
-            extras = [{"warmup": False, "phase": "refine"}] * len(policies)
-            return context.evaluate(list(policies), extras)
-
-        refine(problem, start, evaluate, config.episodes - recorder.episode, refine_rng)
-        if recorder.episode == config.episodes:
-            context.checkpoint(save)
-    rl_episodes(config.episodes)  # whatever the refinement left (it stops early when no new neighbour is left)
+    if resumed in (None, "warm_start", "rl"):
+        rl_episodes(config.episodes - refine_count(config), "rl")
+    if resumed != "tail" and (recorder.episode < config.episodes or resumed == "refine"):
+        phases.refine(config.episodes - recorder.episode)
+    rl_episodes(config.episodes, "tail")  # what the refinement left (it stops early when no new neighbour is left)
 
 
 def rollout_batch(
