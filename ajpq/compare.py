@@ -1,7 +1,7 @@
 """``ajpq compare``: every method at every budget on one model, fine-tuned alike, in one table and one plot.
 
 For each size budget and each method, the method runs through :func:`ajpq.runner.run_search` (each in its own run
-folder under ``out_dir``; ajpq and random with the config's ``search`` options, the others with their
+folder under ``out_dir``; ajpq, local and random with the config's ``search`` options, the others with their
 ``method_options``), its policy is fine-tuned for
 the same ``finetune_epochs`` with :func:`ajpq.qat.finetune` (on the method's weights: the retrained ones for
 OLMP and ADMM; distilled from the FP32 reference), exported (``model.ajpq`` in the method's run folder), and one row is
@@ -48,7 +48,10 @@ from ajpq.search_config import SearchConfig
 from ajpq.train import evaluate_accuracy, seed_everything
 from ajpq.workspace import SPEC_KEYS, WorkspaceSpec, open_workspace
 
-ALL_METHODS: tuple[str, ...] = ("ajpq", "random", "uniform", "opq", "olmp", "admm")
+ALL_METHODS: tuple[str, ...] = ("ajpq", "local", "random", "uniform", "opq", "olmp", "admm")
+SEARCH_METHODS: tuple[str, ...] = ("ajpq", "local", "random")
+"""The methods that search ajpq's own space with the search's configuration: the same episodes, proxy and budget
+(``local`` is ajpq without its agents, ``random`` without any learning), so their rows differ only in the search."""
 COLUMNS: tuple[str, ...] = (
     "method",
     "budget",
@@ -76,7 +79,7 @@ class CompareConfig:
     workspace: WorkspaceSpec = field(default_factory=WorkspaceSpec)
     """The model and data (flat keys model, dataset, data_dir, weights, ... as in ``ajpq search``)."""
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
-    """Methods to run, from ajpq, random, uniform, opq, olmp, admm."""
+    """Methods to run, from ajpq, local, random, uniform, opq, olmp, admm."""
     budgets: list[Any] = field(default_factory=lambda: ["1/16", "1/32", "1/64"])
     """Size budgets as ratios of FP32 (numbers or "1/16" strings)."""
     bops_budgets: list[Any] = field(default_factory=list)
@@ -87,7 +90,7 @@ class CompareConfig:
     seed: int = 0
     """Seed of every method and of fine-tuning."""
     episodes: int = 100
-    """Evaluated episodes of ajpq and random (the same for both)."""
+    """Evaluated episodes of ajpq, local and random (the same for all three)."""
     finetune_epochs: int = 3
     """Fine-tuning epochs given to every result (0: no fine-tuning; 'after' equals 'before')."""
     finetune_lr: float = 0.005
@@ -98,8 +101,8 @@ class CompareConfig:
     """Fine-tune every result with learned activation ranges (``ajpq finetune``'s default), exported with them; false:
     ranges calibrated after every epoch (``--no-learn-ranges``)."""
     search: dict[str, Any] = field(default_factory=dict)
-    """Extra ``ajpq search`` options for ajpq and random (keys of its configuration; e.g. the proxy, and
-    ``search_activation_bits``, which both then search), so the two search the same space with the same score."""
+    """Extra ``ajpq search`` options for ajpq, local and random (keys of its configuration; e.g. the proxy, and
+    ``search_activation_bits``, which all then search), so they search the same space with the same score."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Options per method name (see each method's DEFAULTS in the README)."""
     out_dir: str = "runs/compare"
@@ -243,7 +246,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
         "run_dir": str(run_path),
         "progress": False,
     }
-    if method in ("ajpq", "random"):  # the same space, proxy and episodes for both
+    if method in SEARCH_METHODS:  # the same space, proxy and episodes for all three
         search_values.update(config.search)
     else:  # the method's own defaults for the settings it shares with the search (OLMP's max_sparsity 0.99)
         options_type = method_class(method).Options
@@ -276,6 +279,7 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
         "evaluations": result.evaluations,
         **exported,
         **({"best_by_phase": result.best_by_phase} if result.best_by_phase else {}),
+        "run_dir": str(run_path),
     }
     log(
         f"compare: {method} at {row['budget']}: {row['size_compression']:.1f}x, test accuracy "

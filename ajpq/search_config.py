@@ -29,7 +29,7 @@ class SearchConfig:
     workspace: WorkspaceSpec = field(default_factory=WorkspaceSpec)
     """The model and data (flat keys model, dataset, data_dir, weights, ... in YAML and ``config.yaml``)."""
     method: str = "ajpq"
-    """Search method (a name registered in :mod:`ajpq.methods`: ajpq, random, uniform, opq, olmp, admm)."""
+    """Search method (a name registered in :mod:`ajpq.methods`: ajpq, local, random, uniform, opq, olmp, admm)."""
     size_budget: float | None = 0.1
     """Largest size as a ratio of FP32, in (0, 1] (None: no size budget)."""
     bops_budget: float | None = None
@@ -75,6 +75,9 @@ class SearchConfig:
     replace the random warm-up episodes)."""
     refine_episodes: int | None = None
     """ajpq: episodes of local search around the best policy at the end (default: a fifth of ``episodes``)."""
+    skip_known: bool = True
+    """ajpq: an RL episode whose projected policy the search already recorded is learnt from at its known reward
+    and rolled again (up to 8 times), instead of spending one of the ``episodes`` on a policy already evaluated."""
     checkpoint_every: int = 20
     """Save a resumable checkpoint every this many episodes (a multiple of ``episodes_per_update``)."""
     run_root: str = "runs"
@@ -150,7 +153,14 @@ class SearchConfig:
                 f"method_options must be a mapping of option names to values, but got {self.method_options!r}"
             )
         self.options  # noqa: B018 (checks method_options: the method's option names and values)
-        for name in ("search_activation_bits", "search_weight_sparsity", "progress", "sensitivity", "warm_start"):
+        for name in (
+            "search_activation_bits",
+            "search_weight_sparsity",
+            "progress",
+            "sensitivity",
+            "warm_start",
+            "skip_known",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, but got {getattr(self, name)!r}")
 

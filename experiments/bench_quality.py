@@ -7,15 +7,17 @@
 Suites (full mode):
 * ``lenet5``: LeNet-5 on Fashion-MNIST, size budgets 1/32, 1/64, 1/100 (``--part 0``), a BOPs budget 1/256 (part 1)
   and size 1/100 with BOPs 1/300 together (part 2), activation bits and weight sparsity searched in parts 1 and 2;
-  ajpq and random on every seed (equal evaluation counts, the same scorer), the one-shot and retraining methods
+  ajpq, local (ajpq without its agents) and random on every seed (equal evaluation counts, the same scorer), the
+  one-shot and retraining methods
   (uniform, opq, olmp, admm) on the first seed; every result fine-tuned the same (3 epochs).
 * ``resnet20``: ResNet-20 on Fashion-MNIST (BatchNorm, residual coupling), size budgets 1/16 and 1/32, one seed.
-* ``digits``: digits_cnn on digits, size budgets 0.1 and 0.05, ajpq against random search (best validation accuracy
-  of the search itself, no fine-tuning), every seed.
+* ``digits``: digits_cnn on digits, size budgets 0.1 and 0.05, ajpq against local and random search (best
+  validation accuracy of the search itself, no fine-tuning), every seed.
 
-Writes ``bench_quality.json`` (every row, the medians, the wins and losses of ajpq) and ``bench_quality.md`` in
-``--out``, and prints the JSON on stdout. A loss is a median test accuracy after fine-tuning more than
-:data:`TIE` below another method's at the same budget.
+Writes ``bench_quality.json`` (every row, the medians, the wins and losses of ajpq, the best score of each phase per
+seed), ``bench_quality.md`` and one learning-curve figure per suite (``curves_SUITE.png``: best-so-far and windowed
+mean score against evaluations for ajpq, local and random) in ``--out``, and prints the JSON on stdout. A loss is a
+median test accuracy after fine-tuning more than :data:`TIE` below another method's at the same budget.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from ajpq.search_config import SearchConfig
 
 TIE = 0.002
 """Accuracy differences up to 0.2 points count as ties."""
-SEARCHES = ("ajpq", "random")
+SEARCHES = ("ajpq", "local", "random")
+"""The searches run on every seed: ajpq, the same search without its agents (local: what the RL adds) and random."""
 OTHERS = ("uniform", "opq", "olmp", "admm")
 OLMP_ADMM_OPTIONS = {
     "olmp": {"rounds": 2, "population": 4, "iterations": 3, "retrain_epochs": 1, "eval_limit": 1000},
@@ -173,7 +176,7 @@ def run_compare_suite(
 
 
 def run_digits_search(seeds: list[int], episodes: int, out: Path) -> dict[str, Any]:
-    """ajpq against random search on digits: best validation accuracy of the search (no fine-tuning)."""
+    """ajpq against local and random search on digits: best validation accuracy of the search (no fine-tuning)."""
     rows = []
     for budget in (0.1, 0.05):
         for seed in seeds:
@@ -198,25 +201,123 @@ def run_digits_search(seeds: list[int], episodes: int, out: Path) -> dict[str, A
                         "val_accuracy": result.best["accuracy"],
                         "best_episode": result.best["episode"],
                         "search_wall_time": time.perf_counter() - started,
+                        "run_dir": str(result.run_dir),
                     }
                 )
     per_seed = []
     for budget in ("0.1", "0.05"):
         for seed in seeds:
             acc = {r["method"]: r["val_accuracy"] for r in rows if r["budget"] == budget and r["seed"] == seed}
-            per_seed.append({"budget": budget, "seed": seed, **acc, "ajpq_wins": acc["ajpq"] > acc["random"]})
+            per_seed.append({"budget": budget, "seed": seed, **acc, "ajpq_beats_local": acc["ajpq"] > acc["local"]})
     return {"rows": rows, "per_seed": per_seed}
+
+
+CURVE_WINDOW = 20
+"""Episodes per point of a learning curve's mean score."""
+
+
+def search_curves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per search row (ajpq, local, random; a budget and a seed): the best score of each phase and the learning
+    curve read back from its run folder (best-so-far of the reward, and the mean reward of each window of
+    :data:`CURVE_WINDOW` episodes), so a reader sees where each search's best came from and whether the RL learns."""
+    from ajpq.runs import RunDir
+
+    curves = []
+    for row in rows:
+        if row.get("method") not in SEARCHES or "run_dir" not in row or not Path(row["run_dir"]).is_dir():
+            continue
+        records = RunDir(row["run_dir"]).read_episodes()
+        rewards = [r["reward"] if r.get("feasible") else float("nan") for r in records]
+        best, so_far = float("-inf"), []
+        for reward in rewards:
+            best = max(best, reward) if reward == reward else best
+            so_far.append(best)
+        means = []
+        for start in range(0, len(rewards), CURVE_WINDOW):
+            window = [r for r in rewards[start : start + CURVE_WINDOW] if r == r]
+            means.append(statistics.fmean(window) if window else float("nan"))
+        for r in records:
+            r.setdefault("phase", "random" if row["method"] == "random" else None)
+        phases = {
+            phase: {
+                "best": max(r["accuracy"] for r in records if r.get("phase") == phase and r.get("feasible")),
+                "episodes": sum(1 for r in records if r.get("phase") == phase),
+            }
+            for phase in dict.fromkeys(r.get("phase") for r in records)
+            if phase and any(r.get("phase") == phase and r.get("feasible") for r in records)
+        }
+        curves.append(
+            {
+                "method": row["method"],
+                "budget": row["budget"],
+                "seed": row.get("seed", 0),
+                "phases": phases,
+                "best_so_far": so_far,
+                "window_means": means,
+            }
+        )
+    return curves
+
+
+def curve_figure(name: str, curves: list[dict[str, Any]], path: Path) -> Path | None:
+    """``curves_NAME.png``: one panel per budget; per method the median over seeds of the best-so-far reward (solid)
+    and of the windowed mean reward (dashed) against evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    budgets = list(dict.fromkeys(c["budget"] for c in curves))
+    if not budgets:
+        return None
+    figure, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.6), squeeze=False)
+    colours = {"ajpq": "tab:blue", "local": "tab:orange", "random": "tab:grey"}
+    for axis, budget in zip(axes[0], budgets, strict=True):
+        for method in SEARCHES:
+            members = [c for c in curves if c["budget"] == budget and c["method"] == method]
+            if not members:
+                continue
+            length = min(len(c["best_so_far"]) for c in members)
+            best = np.nanmedian(np.array([c["best_so_far"][:length] for c in members], dtype=float), axis=0)
+            axis.plot(np.arange(1, length + 1), best, color=colours[method], label=f"{method} best so far")
+            windows = min(len(c["window_means"]) for c in members)
+            mean = np.nanmedian(np.array([c["window_means"][:windows] for c in members], dtype=float), axis=0)
+            x = np.minimum((np.arange(windows) + 0.5) * CURVE_WINDOW, length)
+            axis.plot(x, mean, color=colours[method], linestyle="--", label=f"{method} mean ({CURVE_WINDOW} episodes)")
+        guided = [
+            value
+            for c in curves
+            if c["budget"] == budget and c["method"] != "random"
+            for value in (*c["window_means"], *c["best_so_far"])
+            if value == value and value > float("-inf")
+        ]
+        if guided:  # random's scores are far below: show the guided searches' range, random where it reaches it
+            axis.set_ylim(min(guided) - 0.01, max(guided) + 0.005)
+        axis.set_title(f"{name} {budget} (median of {len({c['seed'] for c in curves})} seeds)")
+        axis.set_xlabel("evaluations")
+        axis.set_ylabel("reward")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# bench_quality ({report['mode']} mode, {report['wall_time_s']:.0f} s)", ""]
     for name, suite in report["suites"].items():
         if "per_seed" in suite:
-            lines += [f"## {name}: best validation accuracy of the search", "", "| budget | seed | ajpq | random |"]
-            lines.append("|---|---:|---:|---:|")
+            lines += [f"## {name}: best validation accuracy of the search", ""]
+            lines += ["| budget | seed | ajpq | local | random |", "|---|---:|---:|---:|---:|"]
             for r in suite["per_seed"]:
-                lines.append(f"| {r['budget']} | {r['seed']} | {r['ajpq']:.4f} | {r['random']:.4f} |")
-            lines.append("")
+                lines.append(
+                    f"| {r['budget']} | {r['seed']} | {r['ajpq']:.4f} | {r['local']:.4f} | {r['random']:.4f} |"
+                )
+            wins = sum(r["ajpq"] > r["local"] for r in suite["per_seed"])
+            ties = sum(r["ajpq"] == r["local"] for r in suite["per_seed"])
+            lines += ["", f"ajpq against local: {wins} wins, {ties} ties in {len(suite['per_seed'])} searches", ""]
+            lines += phase_lines(suite)
             continue
         fp32 = suite["fp32"]
         lines += [f"## {name} (FP32 test {fp32.get('test', float('nan')):.4f}); medians over seeds", ""]
@@ -253,21 +354,47 @@ def markdown(report: dict[str, Any]) -> str:
         )
         lines.append(f"losses: {len(losses)}")
         lines.append("")
+        lines += phase_lines(suite)
     return "\n".join(lines) + "\n"
+
+
+def phase_lines(suite: dict[str, Any]) -> list[str]:
+    """The best validation score of each phase, per search, budget and seed (and the learning-curve figure)."""
+    curves = suite.get("curves", [])
+    if not curves:
+        return []
+    lines = [
+        "Best validation score by phase (episodes in the phase):",
+        "",
+        "| method | budget | seed | warm start | rl | refine | random | best |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in curves:
+        cells = []
+        for phase in ("warm_start", "rl", "refine", "random"):
+            p = c["phases"].get(phase)
+            cells.append(f"{p['best']:.4f} ({p['episodes']})" if p else "-")
+        best = max(p["best"] for p in c["phases"].values()) if c["phases"] else float("nan")
+        lines.append(f"| {c['method']} | {c['budget']} | {c['seed']} | {' | '.join(cells)} | {best:.4f} |")
+    if suite.get("figure"):
+        lines += ["", f"Learning curves: {Path(suite['figure']).name}"]
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="digits only, one seed, a few episodes (CI)")
     parser.add_argument("--suites", nargs="*", default=None, help="lenet5 resnet20 digits (default: all)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds for ajpq and random (default 3; quick 1)")
-    parser.add_argument("--episodes", type=int, default=None, help="episodes of ajpq and random (default per suite)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of the searches (default 3; quick 1)")
+    parser.add_argument(
+        "--episodes", type=int, default=None, help="episodes of ajpq, local and random (default per suite)"
+    )
     parser.add_argument("--out", default="runs/bench_quality", help="output folder")
     parser.add_argument(
         "--proxy-steps",
         type=int,
         default=None,
-        help="QAT steps of the search score for ajpq and random alike (default 10; quick 0; see proxy_fidelity.py)",
+        help="QAT steps of the search score for ajpq, local and random alike (default 10; quick 0)",
     )
     parser.add_argument("--part", type=int, default=None, help="run only this compare run of each suite (0, 1, ...)")
     parser.add_argument(
@@ -298,8 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     if "digits" in wanted and args.part in (None, 0):
         episodes = args.episodes or (16 if args.quick else 100)
         report["suites"]["digits"] = run_digits_search(seeds, episodes, out)
-    report["wall_time_s"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
+    for name, suite in report["suites"].items():
+        suite["curves"] = search_curves(suite["rows"])
+        figure = curve_figure(name, suite["curves"], out / f"curves_{name}.png")
+        if figure is not None:
+            suite["figure"] = str(figure)
+    report["wall_time_s"] = time.perf_counter() - started
     atomic_write_json(out / "bench_quality.json", report)
     atomic_write_text(out / "bench_quality.md", markdown(report))
     print(json.dumps(report, indent=2, default=float))

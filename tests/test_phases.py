@@ -110,3 +110,23 @@ def test_local_without_a_warm_start_is_refused(tmp_path: Path) -> None:
     config = SearchConfig(method="local", run_dir=str(tmp_path / "r"), **{**OPTIONS, "warm_start": False})
     with pytest.raises(ConfigError, match="method 'local' climbs from the warm start's best policy"):
         run_search(config)
+
+
+def test_rl_episodes_that_reach_a_known_policy_are_rolled_again_not_evaluated(tmp_path: Path) -> None:
+    """At 2% of the size, different action sequences often project onto one policy (4 of 40 recorded episodes
+    repeated an earlier one before skip_known): now the agents learn from the repeat at its known reward and roll
+    again, and every recorded policy is new unless its episode ran out of rerolls."""
+    from ajpq.envs.core import policy_key
+    from ajpq.methods.rl import MAX_REROLLS
+
+    config = SearchConfig(
+        size_budget=0.02, episodes=40, seed=0, refine_episodes=0, progress=False, run_dir=str(tmp_path / "r")
+    )
+    run = RunDir(run_search(config).run_dir)
+    rows, policies = run.read_episodes(), run.read_policies(None, None)
+    assert sum(row.get("rerolls", 0) for row in rows) > 0
+    seen: set[bytes] = set()
+    for row in rows:
+        key = policy_key(policies[row["episode"]])
+        assert key not in seen or row.get("rerolls") == MAX_REROLLS, row
+        seen.add(key)

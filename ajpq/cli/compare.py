@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     compare = subparsers.add_parser(
         "compare",
         help="run several methods at several budgets, fine-tune alike, write a table and a Pareto plot",
-        description="Run the methods of --config (ajpq, random, uniform, opq, olmp, admm) at each size budget, "
+        description="Run the methods of --config (ajpq, local, random, uniform, opq, olmp, admm) at each size budget, "
         "fine-tune every result for the same epochs, and write compare.csv, compare.md and compare_pareto.png "
         "(test accuracy against compression rate) in the config's out_dir.",
     )
