@@ -13,6 +13,8 @@ Suites (full mode):
 * ``resnet20``: ResNet-20 on Fashion-MNIST (BatchNorm, residual coupling), size budgets 1/16 and 1/32, one seed.
 * ``digits``: digits_cnn on digits, size budgets 0.1 and 0.05, ajpq against local and random search (best
   validation accuracy of the search itself, no fine-tuning), every seed.
+* ``lenet5-search`` (asked for by name): LeNet-5 on Fashion-MNIST at 1/64 and 1/100, the same search-only table, 300
+  evaluations; with ``--ablations`` also ajpq with ``skip_known`` off (the search before repeats were skipped).
 
 Writes ``bench_quality.json`` (every row, the medians, the wins and losses of ajpq, the best score of each phase per
 seed), ``bench_quality.md`` and one learning-curve figure per suite (``curves_SUITE.png``: best-so-far and windowed
@@ -175,41 +177,81 @@ def run_compare_suite(
     return {"fp32": fp32, "reference": reference, "rows": rows, "medians": medians, "verdicts": verdicts(medians)}
 
 
-def run_digits_search(seeds: list[int], episodes: int, out: Path) -> dict[str, Any]:
-    """ajpq against local and random search on digits: best validation accuracy of the search (no fine-tuning)."""
+SEARCH_SUITES: dict[str, dict[str, Any]] = {
+    "digits": {"budgets": [0.1, 0.05], "episodes": 100},
+    "lenet5-search": {
+        "model": "lenet5",
+        "dataset": "fashion-mnist",
+        "val_size": 2000,
+        "budgets": ["1/64", "1/100"],
+        "episodes": 300,
+    },
+}
+"""Search-only suites: the best validation score of each search itself (no fine-tuning), every seed."""
+ABLATIONS: dict[str, dict[str, Any]] = {"ajpq-repeats": {"method": "ajpq", "skip_known": False}}
+"""``--ablations``: ajpq with one component off, at the same evaluation count (``skip_known``: RL episodes that
+reach a recorded policy are evaluated and counted again, as before it existed)."""
+
+
+def run_search_suite(
+    name: str, seeds: list[int], episodes: int | None, out: Path, proxy_steps: int = 0, ablations: bool = False
+) -> dict[str, Any]:
+    """ajpq against local and random (and the ablations) on one model: best validation score of each search."""
+    spec = dict(SEARCH_SUITES[name])
+    budgets, episodes = spec.pop("budgets"), episodes or spec.pop("episodes")
+    spec.pop("episodes", None)
+    variants = {m: {"method": m} for m in SEARCHES} | (ABLATIONS if ablations else {})
     rows = []
-    for budget in (0.1, 0.05):
+    for budget in budgets:
         for seed in seeds:
-            for method in SEARCHES:
+            for variant, options in variants.items():
+                label = str(budget).replace("/", "_")
                 started = time.perf_counter()
                 result = run_search(
-                    SearchConfig(
-                        method=method,
-                        size_budget=budget,
-                        episodes=episodes,
-                        seed=seed,
-                        progress=False,
-                        run_dir=str(out / "digits" / f"{method}__{budget}__seed{seed}"),
+                    SearchConfig.from_dict(
+                        {
+                            **spec,
+                            **options,
+                            "size_budget": budget,
+                            "episodes": episodes,
+                            "seed": seed,
+                            "episode_finetune_steps": proxy_steps,
+                            "progress": False,
+                            "run_dir": str(out / name / f"{variant}__{label}__seed{seed}"),
+                        }
                     )
                 )
                 assert result.best is not None
                 rows.append(
                     {
-                        "method": method,
-                        "budget": f"{budget:g}",
+                        "method": variant,
+                        "budget": str(budget),
                         "seed": seed,
                         "val_accuracy": result.best["accuracy"],
                         "best_episode": result.best["episode"],
+                        "evaluations": result.evaluations,
                         "search_wall_time": time.perf_counter() - started,
                         "run_dir": str(result.run_dir),
                     }
                 )
+                print(
+                    f"bench_quality: {name} {variant} {budget} seed {seed}: {result.best['accuracy']:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     per_seed = []
-    for budget in ("0.1", "0.05"):
+    for budget in dict.fromkeys(r["budget"] for r in rows):
         for seed in seeds:
             acc = {r["method"]: r["val_accuracy"] for r in rows if r["budget"] == budget and r["seed"] == seed}
             per_seed.append({"budget": budget, "seed": seed, **acc, "ajpq_beats_local": acc["ajpq"] > acc["local"]})
-    return {"rows": rows, "per_seed": per_seed}
+    medians = {
+        f"{variant} {budget}": statistics.median(
+            r["val_accuracy"] for r in rows if r["method"] == variant and r["budget"] == budget
+        )
+        for budget in dict.fromkeys(r["budget"] for r in rows)
+        for variant in variants
+    }
+    return {"rows": rows, "per_seed": per_seed, "medians": medians, "variants": list(variants)}
 
 
 CURVE_WINDOW = 20
@@ -308,15 +350,18 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# bench_quality ({report['mode']} mode, {report['wall_time_s']:.0f} s)", ""]
     for name, suite in report["suites"].items():
         if "per_seed" in suite:
+            variants = suite.get("variants", list(SEARCHES))
             lines += [f"## {name}: best validation accuracy of the search", ""]
-            lines += ["| budget | seed | ajpq | local | random |", "|---|---:|---:|---:|---:|"]
+            lines += ["| budget | seed | " + " | ".join(variants) + " |", "|---|---:|" + "---:|" * len(variants)]
             for r in suite["per_seed"]:
-                lines.append(
-                    f"| {r['budget']} | {r['seed']} | {r['ajpq']:.4f} | {r['local']:.4f} | {r['random']:.4f} |"
-                )
-            wins = sum(r["ajpq"] > r["local"] for r in suite["per_seed"])
-            ties = sum(r["ajpq"] == r["local"] for r in suite["per_seed"])
-            lines += ["", f"ajpq against local: {wins} wins, {ties} ties in {len(suite['per_seed'])} searches", ""]
+                cells = " | ".join(f"{r[v]:.4f}" for v in variants)
+                lines.append(f"| {r['budget']} | {r['seed']} | {cells} |")
+            for budget in dict.fromkeys(r["budget"] for r in suite["per_seed"]):
+                cells = " | ".join(f"{suite['medians'][f'{v} {budget}']:.4f}" for v in variants)
+                lines.append(f"| {budget} | median | {cells} |")
+            at = suite["per_seed"]
+            wins, ties = sum(r["ajpq"] > r["local"] for r in at), sum(r["ajpq"] == r["local"] for r in at)
+            lines += ["", f"ajpq against local: {wins} wins, {ties} ties, {len(at) - wins - ties} losses", ""]
             lines += phase_lines(suite)
             continue
         fp32 = suite["fp32"]
@@ -384,7 +429,13 @@ def phase_lines(suite: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="digits only, one seed, a few episodes (CI)")
-    parser.add_argument("--suites", nargs="*", default=None, help="lenet5 resnet20 digits (default: all)")
+    parser.add_argument(
+        "--suites",
+        nargs="*",
+        default=None,
+        help="lenet5 resnet20 digits lenet5-search (default: all but lenet5-search)",
+    )
+    parser.add_argument("--ablations", action="store_true", help="search suites: also ajpq with skip_known off")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the searches (default 3; quick 1)")
     parser.add_argument(
         "--episodes", type=int, default=None, help="episodes of ajpq, local and random (default per suite)"
@@ -422,9 +473,11 @@ def main(argv: list[str] | None = None) -> int:
             report["suites"][name] = run_compare_suite(
                 name, runs, seeds, out, args.part, backend, seeds_given=args.seed_list is not None
             )
-    if "digits" in wanted and args.part in (None, 0):
-        episodes = args.episodes or (16 if args.quick else 100)
-        report["suites"]["digits"] = run_digits_search(seeds, episodes, out)
+    for name in SEARCH_SUITES:
+        if name in wanted and args.part in (None, 0):
+            episodes = args.episodes or (16 if args.quick else None)
+            steps = 0 if name == "digits" else proxy_steps
+            report["suites"][name] = run_search_suite(name, seeds, episodes, out, steps, args.ablations)
     out.mkdir(parents=True, exist_ok=True)
     for name, suite in report["suites"].items():
         suite["curves"] = search_curves(suite["rows"])
