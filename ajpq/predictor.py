@@ -118,12 +118,24 @@ class ScorePredictor:
         return predictions.mean(axis=1), predictions.std(axis=1)
 
 
+def ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 of ``values``, ties sharing their average rank."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    result = np.empty(len(x))
+    result[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):
+        tied = x == value
+        result[tied] = result[tied].mean()
+    return result
+
+
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    from scipy.stats import spearmanr
+    """Spearman rank correlation (average ranks for ties; 0 when either side is constant)."""
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    norm = float(np.sqrt((ra**2).sum() * (rb**2).sum()))
+    return float((ra * rb).sum() / norm) if norm > 0 else 0.0
 
-    value = spearmanr(np.asarray(a), np.asarray(b)).statistic
-    return float(value) if np.isfinite(value) else 0.0
 
-
-__all__ = ["ScorePredictor", "policy_features", "spearman"]
+__all__ = ["ScorePredictor", "policy_features", "ranks", "spearman"]

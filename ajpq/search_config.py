@@ -75,6 +75,10 @@ class SearchConfig:
     replace the random warm-up episodes)."""
     refine_episodes: int | None = None
     """ajpq: episodes of local search around the best policy at the end (default: a fifth of ``episodes``)."""
+    screen: int = 1
+    """ajpq: RL proposals per evaluation. Above 1, the agents roll ``screen`` times as many episodes, a score
+    predictor fitted on the recorded episodes (:mod:`ajpq.predictor`) ranks them, and only the most promising (mean
+    plus spread of its ensemble) are evaluated; the agents learn from those."""
     skip_known: bool = True
     """ajpq: an RL episode whose projected policy the search already recorded is learnt from at its known reward
     and rolled again (up to 8 times), instead of spending one of the ``episodes`` on a policy already evaluated."""
@@ -122,6 +126,7 @@ class SearchConfig:
         integer("proxy_bn_batches", 0)
         integer("checkpoint_every", 1)
         integer("refine_episodes", 0, allow_none=True)
+        integer("screen", 1)
         self.size_budget = parse_ratio("size_budget", self.size_budget)
         self.bops_budget = parse_ratio("bops_budget", self.bops_budget)
         Budget(self.size_budget, self.bops_budget, self.budget_mode)

@@ -188,19 +188,34 @@ SEARCH_SUITES: dict[str, dict[str, Any]] = {
     },
 }
 """Search-only suites: the best validation score of each search itself (no fine-tuning), every seed."""
-ABLATIONS: dict[str, dict[str, Any]] = {"ajpq-repeats": {"method": "ajpq", "skip_known": False}}
-"""``--ablations``: ajpq with one component off, at the same evaluation count (``skip_known``: RL episodes that
-reach a recorded policy are evaluated and counted again, as before it existed)."""
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "ajpq-repeats": {"method": "ajpq", "skip_known": False},
+    "ajpq-screen4": {"method": "ajpq", "screen": 4},
+}
+"""``--ablations``: ajpq with one setting changed, at the same evaluation count: ``skip_known`` off (RL episodes that
+reach a recorded policy are evaluated and counted again, as before it existed), and ``screen`` 4 (four proposals
+per evaluation, ranked by the score predictor)."""
 
 
 def run_search_suite(
-    name: str, seeds: list[int], episodes: int | None, out: Path, proxy_steps: int = 0, ablations: bool = False
+    name: str,
+    seeds: list[int],
+    episodes: int | None,
+    out: Path,
+    proxy_steps: int = 0,
+    ablations: bool = False,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     """ajpq against local and random (and the ablations) on one model: best validation score of each search."""
     spec = dict(SEARCH_SUITES[name])
     budgets, episodes = spec.pop("budgets"), episodes or spec.pop("episodes")
     spec.pop("episodes", None)
-    variants = {m: {"method": m} for m in SEARCHES} | (ABLATIONS if ablations else {})
+    variants = {m: {"method": m} for m in SEARCHES} | (ABLATIONS if ablations or only else {})
+    if only:
+        unknown = sorted(set(only) - set(variants))
+        if unknown or not {"ajpq", "local"} <= set(only):
+            raise SystemExit(f"--variants must include ajpq and local, from {sorted(variants)}; got {only}")
+        variants = {name: options for name, options in variants.items() if name in only}
     rows = []
     for budget in budgets:
         for seed in seeds:
@@ -266,7 +281,11 @@ def search_curves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     curves = []
     for row in rows:
-        if row.get("method") not in SEARCHES or "run_dir" not in row or not Path(row["run_dir"]).is_dir():
+        if (
+            row.get("method") not in (*SEARCHES, *ABLATIONS)
+            or "run_dir" not in row
+            or not Path(row["run_dir"]).is_dir()
+        ):
             continue
         records = RunDir(row["run_dir"]).read_episodes()
         rewards = [r["reward"] if r.get("feasible") else float("nan") for r in records]
@@ -314,19 +333,26 @@ def curve_figure(name: str, curves: list[dict[str, Any]], path: Path) -> Path | 
     if not budgets:
         return None
     figure, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.6), squeeze=False)
-    colours = {"ajpq": "tab:blue", "local": "tab:orange", "random": "tab:grey"}
+    colours = {
+        "ajpq": "tab:blue",
+        "local": "tab:orange",
+        "random": "tab:grey",
+        "ajpq-repeats": "tab:purple",
+        "ajpq-screen4": "tab:green",
+    }
     for axis, budget in zip(axes[0], budgets, strict=True):
-        for method in SEARCHES:
+        for method in dict.fromkeys(c["method"] for c in curves):
             members = [c for c in curves if c["budget"] == budget and c["method"] == method]
             if not members:
                 continue
             length = min(len(c["best_so_far"]) for c in members)
             best = np.nanmedian(np.array([c["best_so_far"][:length] for c in members], dtype=float), axis=0)
-            axis.plot(np.arange(1, length + 1), best, color=colours[method], label=f"{method} best so far")
+            colour = colours.get(method, "black")
+            axis.plot(np.arange(1, length + 1), best, color=colour, label=f"{method} best so far")
             windows = min(len(c["window_means"]) for c in members)
             mean = np.nanmedian(np.array([c["window_means"][:windows] for c in members], dtype=float), axis=0)
             x = np.minimum((np.arange(windows) + 0.5) * CURVE_WINDOW, length)
-            axis.plot(x, mean, color=colours[method], linestyle="--", label=f"{method} mean ({CURVE_WINDOW} episodes)")
+            axis.plot(x, mean, color=colour, linestyle="--", label=f"{method} mean ({CURVE_WINDOW} episodes)")
         guided = [
             value
             for c in curves
@@ -435,7 +461,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="lenet5 resnet20 digits lenet5-search (default: all but lenet5-search)",
     )
-    parser.add_argument("--ablations", action="store_true", help="search suites: also ajpq with skip_known off")
+    parser.add_argument(
+        "--ablations", action="store_true", help="search suites: also ajpq with skip_known off, and with screen 4"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="search suites: run only these (from ajpq local random and the ablations)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the searches (default 3; quick 1)")
     parser.add_argument(
         "--episodes", type=int, default=None, help="episodes of ajpq, local and random (default per suite)"
@@ -477,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in wanted and args.part in (None, 0):
             episodes = args.episodes or (16 if args.quick else None)
             steps = 0 if name == "digits" else proxy_steps
-            report["suites"][name] = run_search_suite(name, seeds, episodes, out, steps, args.ablations)
+            report["suites"][name] = run_search_suite(name, seeds, episodes, out, steps, args.ablations, args.variants)
     out.mkdir(parents=True, exist_ok=True)
     for name, suite in report["suites"].items():
         suite["curves"] = search_curves(suite["rows"])

@@ -161,6 +161,9 @@ class SearchContext:
     replay: int = 0
     """Episodes already recorded that the method is computing again after a resume (a deterministic phase re-run
     from its start, served by the problem's cache): :meth:`evaluate` returns them without recording them twice."""
+    history: list[tuple[Policy, float]] = field(default_factory=list)
+    """Every recorded episode's (projected) policy and reward, in episode order: what a score predictor learns
+    from."""
     seen: dict[bytes, int] = field(default_factory=dict)
     """Keys (:func:`~ajpq.envs.core.policy_key`) of every policy recorded so far, each with the first episode that
     recorded it: a local search proposes none of them again, so no evaluation goes to a policy already known."""
@@ -189,6 +192,7 @@ class SearchContext:
                 before_record(i, result, extra)
             self.recorder.record(result, extra, wall=wall)
             self.seen.setdefault(policy_key(result.policy), self.recorder.episode)
+            self.history.append((result.policy, round(float(result.reward), 8)))  # as recorded, and as resumed
         return list(results)
 
     def evaluate_checkpointed(
@@ -224,6 +228,7 @@ class SearchContext:
                 key = policy_key(policy)
                 self.problem.remember(key, float(record["accuracy"]))
                 self.seen.setdefault(key, int(record["episode"]))
+                self.history.append((policy, float(record["reward"])))
 
     def record(self, policy: Policy, accuracy: float, simulated: SimulatedModel, **extra: Any) -> None:
         """Record a candidate a method evaluated itself (on weights of its own: OLMP, ADMM), with the problem's

@@ -241,7 +241,11 @@ def run_ajpq(context: SearchContext) -> None:
     agents = {"layer_agent": layer_agent, "channel_agent": channel_agent}
     warmup_episodes = 0 if config.warm_start else config.warmup_episodes
 
-    def learn(slot: int, result: Any, extra: dict[str, Any]) -> None:
+    screener = Screener(context)
+    chosen_slots: list[int] = []
+
+    def learn(index: int, result: Any, extra: dict[str, Any]) -> None:
+        slot = chosen_slots[index]
         for name, agent in agents.items():
             with cpu_threads(AGENT_CPU_THREADS):
                 stats = agent.end_episode(float(result.reward), bool(extra["warmup"]), slot)
@@ -254,12 +258,22 @@ def run_ajpq(context: SearchContext) -> None:
             next_checkpoint = (start // config.checkpoint_every + 1) * config.checkpoint_every
             size = min(config.episodes_per_update, until - start, next_checkpoint - start)
             warmup = [start + i < warmup_episodes for i in range(size)]
+            proposals = size * config.screen if not any(warmup) and screener.ready() else size
+            warmup += [False] * (proposals - size)
             policies = rollout_batch(problem, layer_agent, channel_agent, warmup, channel_discrete)
-            rerolls = [0] * size
+            rerolls = [0] * proposals
             if config.skip_known:
                 policies, rerolls = new_policies(context, policies, warmup, agents, channel_discrete)
-            extras = [{"warmup": w, "phase": "rl", "rerolls": n} for w, n in zip(warmup, rerolls, strict=True)]
-            context.evaluate(policies, extras, before_record=learn)
+            slots = list(range(proposals))
+            if proposals > size:
+                slots = screener.choose(policies, size)
+                with cpu_threads(AGENT_CPU_THREADS):  # the proposals not chosen are dropped, unlearnt
+                    for slot in sorted(set(range(proposals)) - set(slots)):
+                        for agent in agents.values():
+                            agent.end_episode(0.0, True, slot)
+            extras = [{"warmup": warmup[s], "phase": "rl", "rerolls": rerolls[s]} for s in slots]
+            chosen_slots[:] = slots
+            context.evaluate([policies[s] for s in slots], extras, before_record=learn)
             if context.checkpoint_due():
                 context.checkpoint(phases.save)
 
@@ -268,6 +282,43 @@ def run_ajpq(context: SearchContext) -> None:
     if resumed != "tail" and (recorder.episode < config.episodes or resumed == "refine"):
         phases.refine(config.episodes - recorder.episode)
     rl_episodes(config.episodes, "tail")  # what the refinement left (it stops early when no new neighbour is left)
+
+
+SCREEN_MIN_EPISODES = 8
+"""Recorded episodes the score predictor needs before it screens proposals (fewer: every proposal is evaluated)."""
+
+
+class Screener:
+    """Ranks the agents' proposals with a :class:`~ajpq.predictor.ScorePredictor` refitted on the search's recorded
+    episodes before each batch, and picks the ones worth a real evaluation (highest mean plus spread)."""
+
+    def __init__(self, context: SearchContext) -> None:
+        self.context = context
+        self.features: dict[bytes, np.ndarray] = {}
+
+    def ready(self) -> bool:
+        return self.context.config.screen > 1 and len(self.context.history) >= SCREEN_MIN_EPISODES
+
+    def _features(self, policy: Policy) -> np.ndarray:
+        from ajpq.predictor import policy_features
+
+        key = policy_key(policy)
+        if key not in self.features:
+            self.features[key] = policy_features(self.context.problem, policy)
+        return self.features[key]
+
+    def choose(self, policies: list[Policy], count: int) -> list[int]:
+        """The slots of the ``count`` most promising policies, in slot order."""
+        from ajpq.predictor import ScorePredictor
+
+        problem = self.context.problem
+        history = self.context.history
+        predictor = ScorePredictor(seed=len(history))
+        predictor.fit([self._features(p) for p, _ in history], [r for _, r in history])
+        projected = [problem.project(policy)[0] for policy in policies]
+        mean, spread = predictor.predict([self._features(p) for p in projected])
+        order = np.argsort(-(mean + spread), kind="stable")
+        return sorted(int(i) for i in order[:count])
 
 
 MAX_REROLLS = 8
