@@ -205,10 +205,12 @@ def run_search_suite(
     proxy_steps: int = 0,
     ablations: bool = False,
     only: list[str] | None = None,
+    budgets: list[str] | None = None,
 ) -> dict[str, Any]:
     """ajpq against local and random (and the ablations) on one model: best validation score of each search."""
     spec = dict(SEARCH_SUITES[name])
-    budgets, episodes = spec.pop("budgets"), episodes or spec.pop("episodes")
+    budgets, episodes = budgets or spec.pop("budgets"), episodes or spec.pop("episodes")
+    spec.pop("budgets", None)
     spec.pop("episodes", None)
     variants = {m: {"method": m} for m in SEARCHES} | (ABLATIONS if ablations or only else {})
     if only:
@@ -464,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ablations", action="store_true", help="search suites: also ajpq with skip_known off, and with screen 4"
     )
+    parser.add_argument("--search-budgets", nargs="+", default=None, help="search suites: these size budgets only")
     parser.add_argument(
         "--variants",
         nargs="+",
