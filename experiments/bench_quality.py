@@ -514,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in wanted and args.part in (None, 0):
             episodes = args.episodes or (16 if args.quick else None)
             steps = 0 if name == "digits" else proxy_steps
-            report["suites"][name] = run_search_suite(name, seeds, episodes, out, steps, args.ablations, args.variants)
+            report["suites"][name] = run_search_suite(
+                name, seeds, episodes, out, steps, args.ablations, args.variants, args.search_budgets
+            )
     out.mkdir(parents=True, exist_ok=True)
     for name, suite in report["suites"].items():
         suite["curves"] = search_curves(suite["rows"])
