@@ -14,7 +14,7 @@ def test_resnet20_seed_limit_yields_to_listed_seeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seeds_given: bool, expected: list[int]
 ) -> None:
     """ResNet-20's one-seed limit holds for the default seeds; `--seed-list 0 1` runs both (it used to skip seed 1
-    silently); seeds after the first run ajpq and random only."""
+    silently); seeds after the first run the searches only."""
     bench = load_experiment("bench_quality")
     launched: list[tuple[int, list[str]]] = []
 
@@ -26,9 +26,9 @@ def test_resnet20_seed_limit_yields_to_listed_seeds(
     runs = bench.suites(quick=False, episodes=None, proxy_steps=10)["resnet20"]
     bench.run_compare_suite("resnet20", runs, [0, 1], tmp_path, seeds_given=seeds_given)
     assert [seed for seed, _ in launched] == expected
-    assert launched[0][1] == ["ajpq", "random", "uniform", "opq", "olmp", "admm"]
+    assert launched[0][1] == ["ajpq", "local", "random", "uniform", "opq", "olmp", "admm"]
     if seeds_given:
-        assert launched[1][1] == ["ajpq", "random"]
+        assert launched[1][1] == ["ajpq", "local", "random"]
 
 
 def test_the_table_names_the_reference_each_suite_was_measured_against(
