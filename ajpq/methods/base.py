@@ -120,10 +120,16 @@ def method_options(config: SearchConfig) -> MethodOptions:
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM during a search: finish the episode, checkpoint, stop (a second signal stops at once)."""
+    """SIGINT/SIGTERM during a search: finish the episode, checkpoint, stop (a second signal stops at once).
+
+    Before the first episode (``stage`` names what the search is doing: opening the workspace, measuring the layer
+    sensitivity) there is nothing to checkpoint, so the first signal stops at once, saying what it stopped.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.stage: str | None = None
+        """What the search does before its first episode (None once the method runs)."""
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -138,6 +144,9 @@ class StopOnSignal:
         self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.stage is not None:
+            log(f"interrupted: stopping {self.stage} (no episode has started, so there is nothing to checkpoint)")
+            raise KeyboardInterrupt
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
