@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from ajpq.cli import main
-from ajpq.errors import ArtifactError, ConfigError
+from ajpq.errors import AJPQError, ArtifactError, ConfigError
 from ajpq.runs import RunDir
 
 SEARCH_FLAGS = ["--warmup-episodes", "2", "--episodes-per-update", "2", "--checkpoint-every", "2", "--no-progress"]
@@ -166,3 +167,195 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path, capsys) ->
     (run / "config.yaml").write_text(bomb)
     with pytest.raises(ConfigError, match="uses a YAML alias"):
         RunDir(run).read_config()
+
+
+# --- 2-4. artifacts: tracebacks, memory from a file, bad values accepted -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifact_data() -> bytes:
+    """digits_cnn at 4 bits with three conv2 channels removed (so the groups record removed channels)."""
+    import torch
+
+    from ajpq.analysis import analyze_model
+    from ajpq.artifact import build_artifact
+    from ajpq.models import build_model
+    from ajpq.policy import Policy, validate_policy
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", (1, 8, 8), 10).eval()
+    analysis = analyze_model(model, (1, 8, 8), model_name="digits_cnn")
+    policy = Policy.uniform(analysis, 4)
+    policy.layers["conv2"].weight_bits[:3] = 0
+    artifact = build_artifact(
+        model,
+        analysis,
+        validate_policy(policy, analysis),
+        torch.randn(32, 1, 8, 8),
+        model_name="digits_cnn",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        dataset="digits",
+    )
+    return artifact.to_bytes()
+
+
+def crafted(data: bytes, edit: Any) -> bytes:
+    """The artifact with its header edited and both checksum fields recomputed (what an attacker can do)."""
+    import hashlib
+
+    from ajpq.artifact import _PREAMBLE, ARTIFACT_VERSION, MAGIC, PREAMBLE_BYTES
+
+    (length,) = _PREAMBLE.unpack_from(data)[3:4]
+    header = json.loads(data[PREAMBLE_BYTES : PREAMBLE_BYTES + length])
+    payload = data[PREAMBLE_BYTES + length :]
+    edit(header)
+    raw = json.dumps(header).encode("utf-8")
+    header_sha = hashlib.sha256(raw).digest()
+    return _PREAMBLE.pack(MAGIC, ARTIFACT_VERSION, 0, len(raw), header_sha) + raw + payload
+
+
+def _set(path: str, value: Any) -> Any:
+    """An edit setting ``header[a][b]...`` (keys split on '/', list indices as numbers)."""
+
+    def edit(header: dict[str, Any]) -> None:
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split("/")]
+        node: Any = header
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return edit
+
+
+def _tensor(spec: dict[str, Any]) -> Any:
+    return lambda header: header["tensors"].update({"fc2.extra": spec})
+
+
+ARTIFACT_CASES = [
+    (_set("activations/conv1/max_abs", "x"), r"activations\[\"conv1\"\] must be a layer's quantizer"),
+    (_set("activations/conv2/bits", 1000000), r"activations\[\"conv2\"\] must be a layer's quantizer: bits one of"),
+    (_set("layers/1/weights", [168, 2088, "x"]), r"layer 'conv2': weights must be a payload segment"),
+    (_set("layers/1/scales", [168, 10**30]), r"layer 'conv2': scales lies outside the payload"),
+    (_set("layers/3/shape", [64, 513]), r"layer 'fc1': weights has 16384 bytes, but its layer needs 16416"),
+    (_set("layers/3/shape", [65, 512]), r"layer 'fc1' stores 65 channels, but its policy keeps 64"),
+    (_tensor({"dtype": "O", "shape": [1], "data": [0, 8]}), r"tensor 'fc2.extra' must have a numeric dtype"),
+    (
+        _tensor({"dtype": "<f4", "shape": [100], "data": [0, 8]}),
+        r"tensor 'fc2.extra' has 8 bytes, but its layer needs 400",
+    ),
+    (_set("layers/0/name", "__class__"), r"layer \"__class__\" is not a module name"),
+    (_set("layers/0/bn_name", "conv2"), r"'conv2' is not a BatchNorm of the model"),
+    (_set("groups/1/removed", [999]), r"group of 'conv2' removes channels \[999\], but its policy prunes \[0, 1, 2\]"),
+    (_set("groups/0/removed", [0]), r"group of 'conv1' removes channels \[0\], but its policy prunes \[\]"),
+    (_set("created", "any text"), None),  # a valid edit: loads
+    (_set("model/num_classes", 10**12), r"needing 3,814,697 MiB to rebuild, more than a file of"),
+    (_set("model/input_shape", [1, 200000, 200000]), r"needing 152,588 MiB to rebuild"),
+    (_set("model/input_shape", [1, 4000, 4000]), r"MiB to rebuild, more than a file of"),
+]
+
+
+@pytest.mark.parametrize("edit,message", ARTIFACT_CASES)
+def test_crafted_artifacts_are_one_line_and_allocate_little(
+    artifact_data: bytes, tmp_path: Path, capsys, edit: Any, message: str | None
+) -> None:
+    import tracemalloc
+
+    from ajpq import load_compressed
+
+    path = tmp_path / "crafted.ajpq"
+    path.write_bytes(crafted(artifact_data, edit))
+    tracemalloc.start()
+    try:
+        if message is None:
+            load_compressed(path)
+        else:
+            with pytest.raises(AJPQError, match=message):
+                load_compressed(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak
+    if message is not None:
+        capsys.readouterr()
+        assert main(["evaluate", "--artifact", str(path), "--json"]) == 2
+        assert re.search(message, _one_error_line(capsys))
+
+
+def test_5000_digit_numbers_in_a_policy_are_one_line(tmp_path: Path, capsys) -> None:
+    from ajpq.errors import PolicyError
+    from ajpq.policy import load_policy, policy_from_dict
+
+    big = "9" * 5000
+    for text in (
+        '{"format": "ajpq-policy", "version": ' + big + ', "layers": []}',
+        '{"format": "ajpq-policy", "version": 2, "layers": [{"name": "conv1", "weight_bits": [' + big + "]}]}",
+    ):
+        path = tmp_path / "policy.json"
+        path.write_text(text)
+        with pytest.raises(PolicyError, match="holds a number of more than 4300 digits, so not a policy file"):
+            load_policy(path)
+        assert main(["evaluate", "--policy", str(path)]) == 2
+        assert "4300 digits" in _one_error_line(capsys)
+    with pytest.raises(PolicyError, match=r"policy format version an integer of 16610 bits is not readable"):
+        policy_from_dict({"format": "ajpq-policy", "version": 10**5000, "layers": []})  # from Python, not JSON
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ({"state_dict": [1, 2]}, "its state_dict must map parameter names to tensors, but is list"),
+        ({"state_dict": {}, "val_size": "3"}, 'its recorded val_size must be an integer >= 1, but is "3"'),
+        ({"state_dict": {}, "version": True}, "checkpoint version true is not readable by this build"),
+        (
+            {"state_dict": {}, "activation_ranges": {"conv1": {"bits": 8, "max_abs": float("nan"), "signed": True}}},
+            r'activation_ranges\["conv1"\] is not a learned range',
+        ),
+    ],
+)
+def test_malformed_checkpoints_are_one_line_for_every_command(tmp_path: Path, capsys, content, message) -> None:
+    import torch
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": "ajpq-checkpoint", "version": 1, **content}, path)
+    for command in (["evaluate"], ["export-model", "--out", str(tmp_path / "m.ajpq")]):
+        assert main([*command, "--weights", str(path)]) == 2
+        assert re.search(message, _one_error_line(capsys))
+
+
+def _image_folder(root: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+
+
+def test_a_corrupt_image_is_named_when_the_folder_is_opened(tmp_path: Path) -> None:
+    from ajpq.data import load_dataset
+    from ajpq.errors import DataError
+
+    _image_folder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "3.png"
+    bad.write_bytes(b"not an image, whatever its name says")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad))}: not a readable image \(UnidentifiedImageError"):
+        load_dataset("imagefolder", data_dir=tmp_path, val_size=2)
+
+
+def test_an_undecodable_image_is_one_line_from_a_loader_worker(tmp_path: Path) -> None:
+    from ajpq.data import load_dataset
+    from ajpq.errors import DataError
+
+    _image_folder(tmp_path)
+    bad = tmp_path / "val" / "cat" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:120])  # the header identifies a PNG, the pixels are cut off
+    splits = load_dataset("imagefolder", data_dir=tmp_path, val_size=2)
+    splits.test.num_workers = 2
+    with pytest.raises(DataError) as caught:
+        list(splits.test.batches(4))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{bad}: not a readable image (OSError"), message
