@@ -297,7 +297,7 @@ def validate_policy(policy: Policy, analysis: ModelAnalysis, source: str = "poli
         if not group.prunable and not kept.all():
             pruned = np.flatnonzero(~kept).tolist()
             raise PolicyError(
-                f"{source}: layer '{name}' produces the model's outputs, which cannot be pruned, but channels "
+                f"{source}: layer '{name}' cannot be pruned ({group.status}), but channels "
                 f"{_short(pruned)} have 0 bits; give them 1 to 8 bits"
             )
         if not kept.any():

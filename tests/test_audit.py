@@ -359,3 +359,114 @@ def test_an_undecodable_image_is_one_line_from_a_loader_worker(tmp_path: Path) -
         list(splits.test.batches(4))
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{bad}: not a readable image (OSError"), message
+
+
+# --- 4-5. bad values accepted, misleading messages ---------------------------------------------------------------
+
+
+def test_workers_beyond_the_cores_are_refused_with_the_reason(capsys) -> None:
+    from ajpq.backends import BackendOptions, max_local_workers
+
+    limit = max_local_workers()
+    assert limit == 4 * (os.cpu_count() or 1)
+    BackendOptions("processes", limit)
+    BackendOptions("ray", 1000, "auto")  # a cluster's workers are bounded by the cluster, not by this machine
+    assert main(["search", "--backend", "processes", "--workers", "1000"]) == 2
+    message = _one_error_line(capsys)
+    assert f"workers must be at most {limit} on this machine (4 per CPU core" in message and "but got 1000" in message
+
+
+class _Mixer(__import__("torch").nn.Module):
+    """A token-mixing Linear over a residual (MLP-Mixer style): its group of 16 channels must stay whole."""
+
+    def __init__(self) -> None:
+        from torch import nn
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)  # 28x28 -> 7x7 = 49 tokens
+        self.token = nn.Linear(49, 49)
+        self.channel = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: Any) -> Any:
+        x = self.stem(x).flatten(2)
+        x = x + self.token(x)
+        x = x.transpose(1, 2)
+        x = x + self.channel(x)
+        return self.head(x.mean(1))
+
+
+def test_analysis_under_no_grad_and_the_reasons_of_kept_whole_groups() -> None:
+    import numpy as np
+    import torch
+
+    from ajpq.analysis import analyze_model
+    from ajpq.errors import PolicyError
+    from ajpq.policy import Policy, validate_policy
+
+    torch.manual_seed(0)
+    with torch.no_grad():  # inference code: the dependency graph still gets its autograd
+        analysis = analyze_model(_Mixer().eval(), (3, 28, 28))
+        assert not torch.is_grad_enabled()
+    group = analysis.group_of("stem")
+    assert not group.prunable
+    assert "reaches 49 of the 49 inputs of 'token', a Linear over the last axis of a 16x49 tensor" in group.status
+    assert "mixes along another axis than the channels" in group.status and "shuffle" not in group.status
+    policy = Policy.uniform(analysis)
+    policy.layers["stem"].weight_bits[np.isin(analysis.out_root["stem"], [3])] = 0
+    with pytest.raises(PolicyError) as caught:
+        validate_policy(policy, analysis)
+    assert f"layer 'stem' cannot be pruned ({group.status}), but channels [3] have 0 bits" in str(caught.value)
+    head = Policy.uniform(analysis)
+    head.layers["head"].weight_bits[0] = 0
+    with pytest.raises(PolicyError, match=r"layer 'head' cannot be pruned \(model outputs, never pruned\)"):
+        validate_policy(head, analysis)
+
+
+def test_ray_backend_puts_back_the_signal_handlers(monkeypatch) -> None:
+    """ray.init installs handlers of its own (SIGTERM -> SystemExit); the backend restores the previous ones."""
+    import types
+
+    import ajpq.backends as backends
+
+    def ray_handler(signum: int, frame: Any) -> None:
+        raise SystemExit(signum)
+
+    state = {"up": False}
+
+    def init(**kwargs: Any) -> None:
+        state["up"] = True
+        signal.signal(signal.SIGTERM, ray_handler)
+        signal.signal(signal.SIGINT, ray_handler)
+
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: state["up"],
+        init=init,
+        cluster_resources=lambda: {"CPU": 1},
+        remote=lambda **kw: lambda cls: types.SimpleNamespace(remote=lambda *a: object()),
+        put=lambda spec: spec,
+        kill=lambda actor: None,
+        shutdown=lambda: state.update(up=False),
+    )
+    monkeypatch.setattr(backends, "_ray", lambda: fake)
+    monkeypatch.setattr(backends.RayBackend, "where", lambda self: [])
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    backend = backends.RayBackend(Any, 1)  # type: ignore[arg-type]
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # the search's own handlers during the search
+    signal.signal(signal.SIGTERM, ray_handler)  # as ray.shutdown may leave them
+    backend.close()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.expensive
+def test_a_search_on_a_local_ray_leaves_the_signal_handlers_as_they_were(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from ajpq.runner import run_search
+    from ajpq.search_config import SearchConfig
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    config = SearchConfig(
+        episodes=2, warm_start=False, backend="ray", workers=1, run_dir=str(tmp_path / "run"), progress=False
+    )
+    run_search(config)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
