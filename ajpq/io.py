@@ -72,7 +72,8 @@ def parse_yaml(text: str, source: str, error: type[AJPQError]) -> Any:
             "aliases (they can expand a small file into gigabytes): write the values out"
         ) from None
     except yaml.YAMLError as exc:
-        raise error(f"{source}: not valid YAML ({exc})") from None
+        where = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^")
+        raise error(f"{source}: not valid YAML ({where})") from None
     except ValueError as exc:  # a 5,000-digit integer, a date such as 2001-13-45
         raise error(f"{source}: a value YAML cannot read ({str(exc)[:100]})") from None
     except RecursionError:

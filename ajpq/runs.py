@@ -131,7 +131,11 @@ def software_environment(device: torch.device | None = None) -> dict[str, str]:
 _DAMAGED = "the run folder is damaged: restore the file from a copy, or start a new run"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+EPISODE_FIELDS: dict[str, tuple[type, ...]] = {"reward": (int, float), "accuracy": (int, float), "feasible": (bool,)}
+"""Fields every episode record has, and that readers of a run use (:func:`best_by_phase`, ``ajpq export``)."""
+
+
+def _read_jsonl(path: Path, fields: dict[str, tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
     """The records of a JSON-lines file of the run folder, each an object with an integer ``episode``.
 
     Only a torn last line (no newline: a process killed mid-write) is dropped; any other line that is not such a
@@ -152,6 +156,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise ArtifactError(
                 f"{path}, line {number}: not an episode record (an object with an integer episode >= 1); {_DAMAGED}"
             )
+        for key, types in (fields or {}).items():
+            value = record.get(key)
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                raise ArtifactError(
+                    f"{path}, line {number}: episode {episode} has no {key} of type "
+                    f"{' or '.join(t.__name__ for t in types)}; {_DAMAGED}"
+                )
         records.append(record)
     return records
 
@@ -371,12 +382,8 @@ class RunDir:
             with path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(obj) + "\n")
 
-    @property
-    def record_paths(self) -> tuple[Path, Path]:
-        return (self.episodes_path, self.policies_path)
-
     def read_episodes(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.episodes_path)
+        return _read_jsonl(self.episodes_path, EPISODE_FIELDS)
 
     def check_records(self) -> None:
         """Read both JSON-lines files and every recorded policy (a damaged one refused in one line), so that a
@@ -412,7 +419,8 @@ class RunDir:
 
     def truncate(self, episodes: int) -> None:
         """Keep the first ``episodes`` records of the JSON-lines files (drops what came after a checkpoint)."""
-        kept = {path: [row for row in _read_jsonl(path) if row["episode"] <= episodes] for path in self.record_paths}
+        read = {self.episodes_path: self.read_episodes(), self.policies_path: _read_jsonl(self.policies_path)}
+        kept = {path: [row for row in rows if row["episode"] <= episodes] for path, rows in read.items()}
         for path, rows in kept.items():  # both files read (and checked) before either is rewritten
             atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
         self._purge_step = episodes + 1
