@@ -99,10 +99,14 @@ def test_only_a_torn_last_line_is_dropped_on_resume(finished_run: Path, tmp_path
 
 def test_torn_last_line_read_and_damage_elsewhere_refused(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    (tmp_path / "episodes.jsonl").write_text('{"episode": 1}\n{"episode": 2}\n{"episo')
+    lines = [json.dumps({"episode": i, "reward": 0.1, "accuracy": 0.9, "feasible": True}) for i in (1, 2, 3)]
+    (tmp_path / "episodes.jsonl").write_text(f"{lines[0]}\n{lines[1]}\n{lines[2][:9]}")
     assert [r["episode"] for r in run.read_episodes()] == [1, 2]
-    (tmp_path / "episodes.jsonl").write_bytes(b'{"episode": 1}\n\xff\xfe\n{"episode": 3}\n')
+    (tmp_path / "episodes.jsonl").write_bytes(f"{lines[0]}\n".encode() + b"\xff\xfe\n" + f"{lines[2]}\n".encode())
     with pytest.raises(ArtifactError, match=r"episodes.jsonl, line 2: not UTF-8 text"):
+        run.read_episodes()
+    (tmp_path / "episodes.jsonl").write_text(f"{lines[0]}\n" + '{"episode": 2, "accuracy": 0.9}\n')
+    with pytest.raises(ArtifactError, match=r"line 2: episode 2 has no reward of type int or float"):
         run.read_episodes()
 
 
