@@ -88,6 +88,34 @@ def decode_policy(
     return Policy(layers=layers, model_name=model_name, fingerprint=fingerprint)
 
 
+def _check_state(state: dict[str, Any], path: Path) -> None:
+    """The fields of ``state.json`` the resume reads, checked: a slot folder name, the best episode's record, the
+    random states and the method's state (a crafted file is refused in one line, not deep inside the method)."""
+    best, rng, slot = state.get("best"), state.get("rng"), state.get("slot")
+    problems = []
+    if slot is not None and not (isinstance(slot, str) and slot.startswith("ep") and slot[2:].isdigit()):
+        problems.append("slot is not a checkpoint folder name (epNNNNNN)")
+    if best is not None and not (
+        isinstance(best, dict)
+        and _is_plain_int(best.get("episode"))
+        and all(
+            isinstance(best.get(k), int | float) and not isinstance(best.get(k), bool) for k in ("reward", "accuracy")
+        )
+    ):
+        problems.append("best is not an episode record (episode, reward, accuracy)")
+    if rng is not None and not (
+        isinstance(rng, dict)
+        and isinstance(rng.get("python"), str)
+        and isinstance(rng.get("numpy"), list)
+        and isinstance(rng.get("torch"), list)
+    ):
+        problems.append("rng is not the random states a checkpoint records")
+    if not isinstance(state.get("method_state", {}), dict):
+        problems.append("method_state is not an object")
+    if problems:
+        raise ArtifactError(f"{path} is not a checkpoint state ({'; '.join(problems)}); start a new run")
+
+
 def _is_plain_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -445,8 +473,9 @@ class RunDir:
             raise ArtifactError(f"{path} is corrupted ({exc.msg}); start a new run") from None
         except (UnicodeDecodeError, RecursionError) as exc:
             raise ArtifactError(f"{path} is not a checkpoint state ({type(exc).__name__}); start a new run") from None
-        if not isinstance(state, dict) or not isinstance(state.get("episode"), int):
+        if not isinstance(state, dict) or not _is_plain_int(state.get("episode")) or state["episode"] < 0:
             raise ArtifactError(f"{path} is not a checkpoint state (no episode count); start a new run")
+        _check_state(state, path)
         return state
 
     def checkpoint_slot(self, episode: int) -> Path:

@@ -474,3 +474,29 @@ def test_a_search_on_a_local_ray_leaves_the_signal_handlers_as_they_were(tmp_pat
     )
     run_search(config)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.parametrize(
+    "state,message",
+    [
+        ({"episode": 2, "best": "x"}, "best is not an episode record"),
+        ({"episode": 2, "slot": "../../etc"}, "slot is not a checkpoint folder name"),
+        ({"episode": 2, "rng": {"python": 1}}, "rng is not the random states"),
+        ({"episode": True}, "no episode count"),
+    ],
+)
+def test_crafted_checkpoint_states_are_one_line(tmp_path: Path, state: dict[str, Any], message: str) -> None:
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match=message):
+        RunDir(tmp_path).load_state()
+
+
+def test_random_states_the_libraries_refuse_are_one_line() -> None:
+    from ajpq.methods.base import rng_state, set_rng_state
+
+    good = rng_state()
+    for bad in ({**good, "python": "(1, ("}, {**good, "numpy": ["MT19937", [1, 2]]}, {**good, "torch": [1, 2, 3]}):
+        with pytest.raises(ArtifactError, match="random states are not Python's, numpy's and torch's"):
+            set_rng_state(bad)
+    set_rng_state(good)
