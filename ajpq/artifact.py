@@ -1013,13 +1013,18 @@ def _rebuild(header: dict[str, Any], payload: bytes, model: nn.Module | None, so
             scales = np.frombuffer(segment(entry["scales"]), dtype="<f2").astype(np.float32)
             weight = torch.from_numpy(codes.astype(np.float32) * scales[:, None]).reshape(shape)
             module.weight.copy_(weight)
-            if entry["bias"] is not None:
+            if entry.get("bias") is not None:
                 if module.bias is None:
                     raise ArtifactError(
                         f"layer '{entry['name']}' rebuilt without a bias, but the artifact stores one; the model code "
                         "changed since the export"
                     )
                 module.bias.copy_(torch.from_numpy(np.frombuffer(segment(entry["bias"]), dtype="<f4").copy()))
+            elif module.bias is not None:  # it would keep its random initial values
+                raise ArtifactError(
+                    f"{source}: layer '{entry['name']}' has a bias the artifact does not store; the artifact is "
+                    "corrupted, or the model code changed since the export"
+                )
         state = model.state_dict()
         for key, spec in header.get("tensors", {}).items():
             if key not in state:

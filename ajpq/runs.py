@@ -468,11 +468,10 @@ class RunDir:
         if not path.is_file():
             return None
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path} is corrupted ({exc.msg}); start a new run") from None
-        except (UnicodeDecodeError, RecursionError) as exc:
-            raise ArtifactError(f"{path} is not a checkpoint state ({type(exc).__name__}); start a new run") from None
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {path}: {exc.strerror}") from None
+        state = parse_json(data, str(path), "checkpoint state", ArtifactError, "start a new run")
         if not isinstance(state, dict) or not _is_plain_int(state.get("episode")) or state["episode"] < 0:
             raise ArtifactError(f"{path} is not a checkpoint state (no episode count); start a new run")
         _check_state(state, path)

@@ -500,3 +500,17 @@ def test_random_states_the_libraries_refuse_are_one_line() -> None:
         with pytest.raises(ArtifactError, match="random states are not Python's, numpy's and torch's"):
             set_rng_state(bad)
     set_rng_state(good)
+
+
+def test_found_by_the_fuzzers(artifact_data: bytes, tmp_path: Path) -> None:
+    """Cases the long fuzzers found: a layer record without its bias, a state.json that is one huge number."""
+    from ajpq import load_compressed
+
+    path = tmp_path / "crafted.ajpq"
+    path.write_bytes(crafted(artifact_data, lambda header: header["layers"][3].pop("bias")))
+    with pytest.raises(ArtifactError, match="layer 'fc1' has a bias the artifact does not store"):
+        load_compressed(path)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text("9" * 5000)
+    with pytest.raises(ArtifactError, match=r"state\.json: holds a number of more than 4300 digits"):
+        RunDir(tmp_path).load_state()
