@@ -80,6 +80,14 @@ class ChannelGroup:
     fixed_reason: str = ""
     """Why the group is not prunable although layers read it (empty otherwise): see :func:`analyze_model`."""
 
+    @property
+    def status(self) -> str:
+        """Why no channel of the group may be removed, in the words ``inspect`` and the policy validator use
+        (empty for a prunable group)."""
+        if self.prunable:
+            return ""
+        return f"kept whole: {self.fixed_reason}" if self.fixed_reason else "model outputs, never pruned"
+
 
 @dataclass
 class ModelAnalysis:
@@ -285,7 +293,8 @@ def _build_dependency_graph(model: nn.Module, example: torch.Tensor):
     import torch_pruning as tp
 
     try:
-        with warnings.catch_warnings():
+        # torch-pruning traces through autograd: enabled here, since users analyse from inference code (no_grad)
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             return tp, tp.DependencyGraph().build_dependency(model, example_inputs=example)
     except Exception as exc:  # torch-pruning raises many types on unsupported graphs
@@ -505,15 +514,30 @@ def verify_coupling(
                     allowed = (in_group[name] == gid) & (in_root[name] == channel)
                     unexpected = moved[~allowed[moved]] if moved.size else moved
                     if unexpected.size and gid not in reasons:
-                        reasons[gid] = (
-                            f"its channel {channel} reaches inputs {unexpected[:4].tolist()} of '{name}', which the "
-                            "dependency graph does not map to it (a channel shuffle, or a norm over the channels?)"
-                        )
+                        reasons[gid] = _coupling_reason(channel, unexpected, moved.size, name, modules[name], x)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
     return reasons
+
+
+def _coupling_reason(
+    channel: int, unexpected: np.ndarray, moved: int, name: str, module: nn.Module, seen: torch.Tensor
+) -> str:
+    """Why a group whose channel reaches the ``unexpected`` inputs of reader ``name`` must stay whole, in words that
+    fit the reader: a Linear over the last axis of a 3-d or larger tensor mixes along that axis (tokens, positions),
+    not along the channels; otherwise the channels were permuted or normalized together on the way."""
+    if isinstance(module, nn.Linear) and seen.dim() > 2:
+        return (
+            f"its channel {channel} reaches {moved} of the {module.in_features} inputs of '{name}', a Linear "
+            f"over the last axis of a {'x'.join(str(s) for s in seen.shape[1:])} tensor: it mixes along another axis "
+            "than the channels (tokens or positions), so no channel can be removed alone"
+        )
+    return (
+        f"its channel {channel} reaches inputs {unexpected[:4].tolist()} of '{name}', which the dependency graph "
+        "does not map to it (a channel shuffle, or a norm over the channels?)"
+    )
 
 
 def _in_channels(module: nn.Module) -> int:

@@ -56,11 +56,11 @@ from torch import nn
 from ajpq._version import __version__
 from ajpq.analysis import ModelAnalysis, fingerprint_of, layer_module
 from ajpq.compress import SimulatedModel, set_module
-from ajpq.errors import ArtifactError, ModelError
-from ajpq.io import atomic_write, atomic_write_bytes
+from ajpq.errors import ArtifactError, ModelError, shown
+from ajpq.io import atomic_write, atomic_write_bytes, parse_json
 from ajpq.models import build_model, is_builtin_model
 from ajpq.policy import Policy, policy_from_dict
-from ajpq.quant import MAX_WEIGHT_BITS, activation_scale, quantize_activation, weight_levels
+from ajpq.quant import ACTIVATION_BITS_ALLOWED, MAX_WEIGHT_BITS, activation_scale, quantize_activation, weight_levels
 
 MAGIC = b"\x89AJPQ\r\n\x1a"
 ARTIFACT_FORMAT = "ajpq-artifact"
@@ -327,11 +327,20 @@ def _fold_structure(model: nn.Module, layers: list[dict[str, Any]]) -> None:
     for entry in layers:
         if not entry.get("bn_name"):
             continue
-        module = model.get_submodule(entry["name"])
+        module = layer_module(model, entry["name"])
+        if not isinstance(_submodule(model, entry["bn_name"]), nn.BatchNorm2d | nn.BatchNorm1d):
+            raise ModelError(f"'{entry['bn_name']}' is not a BatchNorm of the model; the artifact does not fit it")
         set_module(model, entry["bn_name"], nn.Identity())
         if module.bias is None:
             out = module.weight.shape[0]
             module.bias = nn.Parameter(torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _prune(model: nn.Module, groups: list[dict[str, Any]], input_shape: tuple[int, ...]) -> None:
@@ -659,16 +668,17 @@ def parse_artifact(data: bytes, source: str = "artifact") -> ArtifactFile:
     header_data = data[PREAMBLE_BYTES:end]
     if hashlib.sha256(header_data).digest() != header_sha:
         raise ArtifactError(f"{source} is corrupted: the header's sha256 checksum does not match; {hint}")
-    try:
-        header = json.loads(header_data.decode("utf-8"))
-        payload_info = header["payload"]
-        payload_length, payload_sha = int(payload_info["bytes"]), str(payload_info["sha256"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
-        raise ArtifactError(
-            f"{source} has a malformed header (checksum fine, content not an AJPQ header); {hint}"
-        ) from None
+    header = parse_json(header_data, f"{source} (header)", "AJPQ header", ArtifactError, hint)
+    payload_info = header.get("payload") if isinstance(header, dict) else None
+    if not (
+        isinstance(payload_info, dict)
+        and _is_count(payload_info.get("bytes"))
+        and isinstance(payload_info.get("sha256"), str)
+    ):
+        raise ArtifactError(f"{source} has a malformed header (checksum fine, content not an AJPQ header); {hint}")
+    payload_length, payload_sha = payload_info["bytes"], payload_info["sha256"]
     if header.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{source}: header format is {header.get('format')!r}, not {ARTIFACT_FORMAT!r}")
+        raise ArtifactError(f"{source}: header format is {shown(header.get('format'))}, not {ARTIFACT_FORMAT!r}")
     payload = data[end:]
     if len(payload) < payload_length:
         raise ArtifactError(
@@ -680,6 +690,8 @@ def parse_artifact(data: bytes, source: str = "artifact") -> ArtifactFile:
         )
     if hashlib.sha256(payload).hexdigest() != payload_sha:
         raise ArtifactError(f"{source} is corrupted: the payload's sha256 checksum does not match; {hint}")
+    _check_header(header, len(payload), source)
+    _check_memory(header, None, len(data), source)
     return ArtifactFile(header, payload, len(data))
 
 
@@ -738,7 +750,7 @@ def base_model(header: dict[str, Any], model: nn.Module | None = None, source: s
                 "in a file is never imported: pass the model yourself (`--model package.module:factory`, or "
                 "`load_compressed(path, model=...)`)"
             )
-        model = build_model(name, tuple(info["input_shape"]), info["num_classes"])
+        model = base_model_unchecked(info, source)
     else:
         model = copy.deepcopy(model)
     if fingerprint_of(model) != info["fingerprint"]:
@@ -750,15 +762,220 @@ def base_model(header: dict[str, Any], model: nn.Module | None = None, source: s
     return model
 
 
+def base_model_unchecked(info: dict[str, Any], source: str = "artifact") -> nn.Module:
+    """The zoo or torchvision model a checked ``model`` record names (under ``torch.device("meta")``: its shapes)."""
+    if not is_builtin_model(info["name"]):
+        raise ArtifactError(f"{source} was made from a model that is neither a zoo nor a torchvision model")
+    return build_model(info["name"], tuple(info["input_shape"]), info["num_classes"])
+
+
 def _load_slim(
     header: dict[str, Any], payload: bytes, model: nn.Module | None = None, source: str = "artifact"
 ) -> nn.Module:
-    try:
-        return _rebuild(header, payload, model, source)
-    except (KeyError, TypeError, IndexError) as exc:  # a checksummed but hand-made header: one line, not a traceback
+    _check_header(header, len(payload), source)
+    _check_memory(header, model, PREAMBLE_BYTES + len(json.dumps(header)) + len(payload), source)
+    return _rebuild(header, payload, model, source)
+
+
+LOAD_MEMORY_BASE = 64 * 2**20
+"""Bytes any artifact may make the loader allocate for the unpruned model and one forward pass of its example."""
+LOAD_MEMORY_PER_FILE_BYTE = 1024
+"""And this many more per byte of the file: a compressed model is at most a few hundred times smaller than its FP32
+original (at 1 bit per weight, 32x; with channels removed, more), so a header claiming a model thousands of times
+larger than its file (``num_classes: 10**12``, ``input_shape: [1, 200000, 200000]``) is refused before it is built."""
+_DTYPES = frozenset({"<f4", "<f8", "<f2", "<i8", "<i4", "<i2", "|i1", "|u1", "|b1"})
+"""The dtypes of raw tensors in the payload (numbers only: never ``"O"``, whose reading would unpickle objects)."""
+_STORAGES = ("dense", "relative-index", "bitmap")
+
+
+def load_memory_bound(file_bytes: int) -> int:
+    """The most bytes an artifact of ``file_bytes`` may make the loader allocate (see :data:`LOAD_MEMORY_BASE`)."""
+    return LOAD_MEMORY_BASE + LOAD_MEMORY_PER_FILE_BYTE * file_bytes
+
+
+def _malformed(source: str, what: str) -> ArtifactError:
+    return ArtifactError(f"{source} has a malformed header ({what}); re-export it with `ajpq export-model`")
+
+
+def _is_count(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_segment(span: Any, payload_bytes: int, where: str, source: str, length: int | None = None) -> None:
+    if not (isinstance(span, list) and len(span) == 2 and all(_is_count(v) for v in span)):
+        raise _malformed(source, f"{where} must be a payload segment [offset, length] of two integers >= 0")
+    if span[0] + span[1] > payload_bytes:
+        raise ArtifactError(f"{source}: {where} lies outside the payload; the artifact is corrupted")
+    if length is not None and span[1] != length:
         raise ArtifactError(
-            f"{source} has a malformed header ({type(exc).__name__}: {exc}); re-export it with `ajpq export-model`"
-        ) from None
+            f"{source}: {where} has {span[1]} bytes, but its layer needs {length}; the artifact is corrupted"
+        )
+
+
+def _check_name(name: Any, where: str, source: str) -> None:
+    """A qualified module name: dotted identifiers, none a dunder (``__class__`` would reach Python internals)."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or not all((part.isidentifier() and not part.startswith("__")) or part.isdigit() for part in name.split("."))
+    ):
+        raise _malformed(source, f"{where} {shown(name)} is not a module name")
+
+
+def _check_header(header: dict[str, Any], payload_bytes: int, source: str) -> None:
+    """Check every field :func:`_rebuild` reads, and every length against the payload, before anything is built:
+    a checksummed header is still a received file (the checksums only prove it was not damaged in transit)."""
+    model_record(header, source)
+    policy = policy_from_dict(header.get("policy"), f"{source} (policy)")
+    layers, groups = header.get("layers"), header.get("groups")
+    activations, tensors = header.get("activations"), header.get("tensors", {})
+    if not isinstance(layers, list) or not all(isinstance(e, dict) for e in layers):
+        raise _malformed(source, "`layers` must be a list of layer records")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise _malformed(source, "`groups` must be a list of group records")
+    if not isinstance(activations, dict) or not isinstance(tensors, dict):
+        raise _malformed(source, "`activations` and `tensors` must be objects")
+    names = [entry.get("name") for entry in layers]
+    for name in names:
+        _check_name(name, "layer", source)
+    if sorted(map(str, names)) != sorted(policy.layers) or len(set(names)) != len(names):
+        raise _malformed(source, "its layers are not the layers of its policy")
+    for entry in layers:
+        name = entry["name"]
+        where = f"layer '{name}'"
+        bits = policy.layers[name].weight_bits
+        widths = bits[bits > 0]
+        shape = entry.get("shape")
+        if not (isinstance(shape, list) and 2 <= len(shape) <= 4 and all(_is_count(s, 1) for s in shape)):
+            raise _malformed(source, f"{where}: shape must be 2 to 4 integers >= 1")
+        if shape[0] != widths.size:
+            raise ArtifactError(
+                f"{source}: {where} stores {shape[0]} channels, but its policy keeps {widths.size}; the artifact is "
+                "corrupted"
+            )
+        if entry.get("bn_name") is not None:
+            _check_name(entry["bn_name"], f"{where}: bn_name", source)
+        per_row = math.prod(shape[1:])
+        storage = entry.get("storage", "dense")
+        if storage not in _STORAGES:
+            raise _malformed(source, f"{where}: storage must be one of {list(_STORAGES)}, but got {shown(storage)}")
+        if storage == "dense":
+            _check_segment(
+                entry.get("weights"), payload_bytes, f"{where}: weights", source, packed_bytes(widths, per_row)
+            )
+        else:
+            _check_segment(entry.get("weights"), payload_bytes, f"{where}: weights", source)
+            if entry["weights"][1] * 8 < (shape[0] * per_row if storage == "bitmap" else 0):
+                raise ArtifactError(
+                    f"{source}: {where}: its bitmap is shorter than its weights; the artifact is corrupted"
+                )
+            if storage == "relative-index":
+                entries, fillers = entry.get("entries"), entry.get("one_bit_fillers", [])
+                if not _is_count(entries) or entries * 5 > entry["weights"][1] * 8:
+                    raise _malformed(source, f"{where}: entries must be the number of entries its stream holds")
+                if not isinstance(fillers, list) or not all(_is_count(i) and i < entries for i in fillers):
+                    raise _malformed(source, f"{where}: one_bit_fillers must list entry numbers")
+        _check_segment(entry.get("scales"), payload_bytes, f"{where}: scales", source, 2 * widths.size)
+        if entry.get("bias") is not None:
+            _check_segment(entry["bias"], payload_bytes, f"{where}: bias", source, 4 * widths.size)
+    known = set(policy.layers)
+    for group in groups:
+        members, root, removed = group.get("members"), group.get("root"), group.get("removed")
+        if not isinstance(members, list) or not members or not set(map(str, members)) <= known or root not in members:
+            raise _malformed(source, "a group must name its member layers and its root among them")
+        pruned = np.flatnonzero(policy.layers[root].weight_bits == 0).tolist()
+        if removed != pruned:
+            raise ArtifactError(
+                f"{source}: group of '{root}' removes channels {_short_list(removed)}, but its policy prunes "
+                f"{_short_list(pruned)}; the artifact is corrupted"
+            )
+    for name, spec in activations.items():
+        valid = (
+            name in known
+            and isinstance(spec, dict)
+            and spec.get("bits") in ACTIVATION_BITS_ALLOWED
+            and not isinstance(spec.get("bits"), bool)
+            and isinstance(spec.get("max_abs"), int | float)
+            and not isinstance(spec.get("max_abs"), bool)
+            and math.isfinite(spec["max_abs"])
+            and spec["max_abs"] > 0
+            and isinstance(spec.get("signed"), bool)
+        )
+        if not valid:
+            raise _malformed(
+                source,
+                f"activations[{shown(name)}] must be a layer's quantizer: bits one of {list(ACTIVATION_BITS_ALLOWED)}, "
+                "a finite max_abs > 0, signed true or false",
+            )
+    for key, spec in tensors.items():
+        _check_name(key, "tensor", source)
+        dtype = spec.get("dtype") if isinstance(spec, dict) else None
+        tensor_shape = spec.get("shape") if isinstance(spec, dict) else None
+        if dtype not in _DTYPES or not (
+            isinstance(tensor_shape, list) and len(tensor_shape) <= 8 and all(_is_count(s) for s in tensor_shape)
+        ):
+            raise _malformed(source, f"tensor '{key}' must have a numeric dtype ({sorted(_DTYPES)}) and a shape")
+        _check_segment(
+            spec.get("data"),
+            payload_bytes,
+            f"tensor '{key}'",
+            source,
+            math.prod(tensor_shape) * np.dtype(dtype).itemsize,
+        )
+
+
+def _short_list(values: Any, limit: int = 8) -> str:
+    if not isinstance(values, list):
+        return shown(values)
+    text = ", ".join(shown(v) for v in values[:limit])
+    return f"[{text}{', ...' if len(values) > limit else ''}]"
+
+
+def _check_memory(header: dict[str, Any], model: nn.Module | None, file_bytes: int, source: str) -> None:
+    """Refuse a header whose unpruned model and example forward pass would take more memory than
+    :func:`load_memory_bound` allows for a file of ``file_bytes``: measured on the ``meta`` device, which allocates
+    nothing."""
+    info = model_record(header, source)
+    input_shape = tuple(info["input_shape"])
+    bound = load_memory_bound(file_bytes)
+    if 4 * math.prod(input_shape) > bound or 4 * info["num_classes"] > bound:
+        raise _too_large(source, 4 * max(math.prod(input_shape), info["num_classes"]), file_bytes, bound)
+    if model is None and not is_builtin_model(info["name"]):
+        return  # rebuilt only from a model the user passes (see base_model), checked then
+    try:
+        with torch.device("meta"):
+            probe = copy.deepcopy(model).to("meta") if model is not None else base_model_unchecked(info, source)
+    except ModelError:
+        raise
+    except Exception:  # a builder that cannot run on the meta device: building it for real says what is wrong
+        return
+    total = sum(4 * p.numel() for p in probe.parameters()) + sum(4 * b.numel() for b in probe.buffers())
+    if total > bound:
+        raise _too_large(source, total, file_bytes, bound)
+    activations = [0]
+
+    def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            activations[0] += 4 * output.numel()
+
+    handles = [module.register_forward_hook(count) for module in probe.modules()]
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, *input_shape, device="meta"))
+    except Exception:  # the shape does not fit the model: building it for real says so in one line
+        return
+    finally:
+        for handle in handles:
+            handle.remove()
+    if total + activations[0] > bound:
+        raise _too_large(source, total + activations[0], file_bytes, bound)
+
+
+def _too_large(source: str, needed: int, file_bytes: int, bound: int) -> ArtifactError:
+    return ArtifactError(
+        f"{source}: its header describes a model needing {needed / 2**20:,.0f} MiB to rebuild, more than a file of "
+        f"{file_bytes:,} bytes can hold ({bound / 2**20:,.0f} MiB allowed); the artifact is corrupted or crafted"
+    )
 
 
 def _rebuild(header: dict[str, Any], payload: bytes, model: nn.Module | None, source: str) -> nn.Module:
@@ -796,17 +1013,27 @@ def _rebuild(header: dict[str, Any], payload: bytes, model: nn.Module | None, so
             scales = np.frombuffer(segment(entry["scales"]), dtype="<f2").astype(np.float32)
             weight = torch.from_numpy(codes.astype(np.float32) * scales[:, None]).reshape(shape)
             module.weight.copy_(weight)
-            if entry["bias"] is not None:
+            if entry.get("bias") is not None:
                 if module.bias is None:
                     raise ArtifactError(
                         f"layer '{entry['name']}' rebuilt without a bias, but the artifact stores one; the model code "
                         "changed since the export"
                     )
                 module.bias.copy_(torch.from_numpy(np.frombuffer(segment(entry["bias"]), dtype="<f4").copy()))
+            elif module.bias is not None:  # it would keep its random initial values
+                raise ArtifactError(
+                    f"{source}: layer '{entry['name']}' has a bias the artifact does not store; the artifact is "
+                    "corrupted, or the model code changed since the export"
+                )
         state = model.state_dict()
-        for key, spec in header["tensors"].items():
+        for key, spec in header.get("tensors", {}).items():
             if key not in state:
                 raise ArtifactError(f"the artifact stores '{key}', which the rebuilt model does not have")
+            if tuple(state[key].shape) != tuple(spec["shape"]):
+                raise ArtifactError(
+                    f"{source}: tensor '{key}' has shape {tuple(spec['shape'])}, but the rebuilt model's has "
+                    f"{tuple(state[key].shape)}; the artifact is corrupted"
+                )
             array = np.frombuffer(segment(spec["data"]), dtype=spec["dtype"]).reshape(spec["shape"])
             state[key].copy_(torch.from_numpy(array.copy()))
     # Ignored assignment below: nn.Module.__setattr__ is typed for tensors and modules; these are plain data.

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,6 +56,14 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+WORKERS_PER_CORE = 4
+"""The most worker processes per CPU core a search starts on this machine (``--workers`` above is refused)."""
+
+
+def max_local_workers() -> int:
+    return WORKERS_PER_CORE * (os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """How a search evaluates its policies (never what the results are)."""
@@ -73,6 +83,14 @@ class BackendOptions:
         for name in ("workers", "threads"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        local = self.backend == "processes" or (self.backend == "ray" and self.ray_address is None)
+        if local and self.workers is not None and self.workers > max_local_workers():
+            cores = os.cpu_count() or 1
+            raise ConfigError(
+                f"workers must be at most {max_local_workers()} on this machine ({WORKERS_PER_CORE} per CPU core, "
+                f"and it has {cores}), but got {self.workers}: each worker is a process with its own copy of the "
+                "model, and more than that only compete for the cores; join a Ray cluster (--ray-address) for more"
+            )
         if self.ray_address is not None and self.backend != "ray":
             raise ConfigError(f"ray_address needs backend ray (add --backend ray), but backend is {self.backend!r}")
 
@@ -341,7 +359,10 @@ class RayBackend:
     ) -> None:
         ray = _ray()
         self.started = False
+        self._handlers: dict[int, Any] = {}
         if not ray.is_initialized():
+            # ray.init installs its own SIGINT/SIGTERM handlers in this process; close() puts the previous ones back
+            self._handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if address is None:
                 ray.init(num_cpus=workers or os.cpu_count() or 1, **kwargs)
@@ -349,11 +370,13 @@ class RayBackend:
                 try:
                     ray.init(address=address, **kwargs)
                 except (ConnectionError, ValueError) as exc:
+                    self._restore_handlers()
                     raise ConfigError(
                         f"cannot join the Ray cluster at {address!r} ({exc}); start one with `ray start --head` "
                         "and pass its address, or leave --ray-address out for a local Ray"
                     ) from None
             self.started = True
+            self._restore_handlers(keep=True)  # the search's own (StopOnSignal: checkpoint, then stop) stay in force
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or max(1, cpus)
         self.threads = threads or 1
@@ -409,6 +432,17 @@ class RayBackend:
         self.actors = []
         if self.started:
             ray.shutdown()
+            self._restore_handlers()
+
+    def _restore_handlers(self, keep: bool = False) -> None:
+        """Put back the signal handlers ray.init replaced (else a later SIGTERM ends an unrelated call in Ray's
+        ``SystemExit: 15``); only from the main thread, where handlers can be set. ``keep``: again at shutdown."""
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+        if not keep:
+            self._handlers = {}
 
 
 def make_backend(

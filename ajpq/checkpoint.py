@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ajpq.data import DataSplits
-from ajpq.errors import ModelError
+from ajpq.errors import ModelError, shown
 from ajpq.io import atomic_write_bytes
 from ajpq.policy import Policy
 
@@ -71,15 +71,72 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"cannot read weights file {path} ({type(exc).__name__}); it may be truncated or not a PyTorch checkpoint"
         ) from None
     if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
-        if data.get("version") != CHECKPOINT_VERSION:
+        version = data.get("version")
+        if isinstance(version, bool) or version != CHECKPOINT_VERSION:
             raise ModelError(
-                f"{path}: checkpoint version {data.get('version')} is not readable by this build (reads "
+                f"{path}: checkpoint version {shown(version)} is not readable by this build (reads "
                 f"{CHECKPOINT_VERSION}); re-run `ajpq pretrain`"
             )
+        _check_checkpoint(data, path)
         return data
-    if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": data}
     raise ModelError(f"{path} is neither an AJPQ checkpoint nor a state dict")
+
+
+def _is_count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+_META_CHECKS: dict[str, tuple[Any, str]] = {
+    "model": (lambda v: isinstance(v, str) and 0 < len(v) <= 1000, "a model name"),
+    "dataset": (lambda v: isinstance(v, str) and 0 < len(v) <= 1000, "a dataset name"),
+    "split_seed": (lambda v: _is_count(v, 0) and v < 2**63, "an integer >= 0"),
+    "val_size": (lambda v: _is_count(v, 1) and v < 2**63, "an integer >= 1"),
+    "num_classes": (lambda v: _is_count(v, 1) and v < 2**31, "an integer >= 1"),
+    "input_shape": (
+        lambda v: isinstance(v, list) and len(v) == 3 and all(_is_count(s, 1) and s < 2**31 for s in v),
+        "three integers >= 1",
+    ),
+    "policy": (lambda v: isinstance(v, dict), "a policy object"),
+}
+"""What each recorded setting of a checkpoint must be (commands adopt them: see ``ajpq.cli.common.ADOPTED``)."""
+
+
+def _check_checkpoint(data: dict[str, Any], path: Path) -> None:
+    """Refuse, in one line, a checkpoint whose state dict or recorded settings are not of the types its readers
+    use (a received file: ``torch.load(weights_only=True)`` only proves that it runs no code)."""
+    hint = "re-run `ajpq pretrain` or `ajpq finetune`"
+    state = data.get("state_dict")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ModelError(
+            f"{path}: its state_dict must map parameter names to tensors, but is {type(state).__name__}; {hint}"
+        )
+    for key, (check, expected) in _META_CHECKS.items():
+        if data.get(key) is not None and not check(data[key]):
+            raise ModelError(f"{path}: its recorded {key} must be {expected}, but is {shown(data[key])}; {hint}")
+    entries = data.get("activation_ranges")
+    if entries is None:
+        return
+    if not isinstance(entries, dict):
+        raise ModelError(f"{path}: activation_ranges must map layer names to ranges; {hint}")
+    for name, entry in entries.items():
+        if not (
+            isinstance(name, str)
+            and isinstance(entry, dict)
+            and _is_count(entry.get("bits"), 1)
+            and isinstance(entry.get("max_abs"), int | float)
+            and not isinstance(entry["max_abs"], bool)
+            and math.isfinite(entry["max_abs"])
+            and entry["max_abs"] > 0
+            and isinstance(entry.get("signed"), bool)
+        ):
+            raise ModelError(
+                f"{path}: activation_ranges[{shown(name)}] is not a learned range (bits, a finite max_abs > 0, "
+                f"signed); re-run `ajpq finetune`"
+            )
 
 
 def load_weights(model: nn.Module, checkpoint: dict[str, Any], model_name: str, source: str) -> None:

@@ -21,9 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ajpq.errors import ConfigError
+from ajpq.io import parse_yaml, read_text
 from ajpq.models import is_builtin_model
 
 RESUME_MAY_CHANGE: tuple[str, ...] = ("backend", "workers", "ray_address")
@@ -37,12 +36,8 @@ def load_config_file(path: str | Path, keys: Iterable[str], what: str = "search"
     """
     keys = list(keys)
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+    source = f"--config {path}"
+    data = parse_yaml(read_text(path, source, ConfigError), source, ConfigError)
     if not isinstance(data, dict) or not isinstance(data.get("default"), dict):
         raise ConfigError(f"--config {path}: expected a mapping with a `default:` block of {what} options")
     values: dict[str, Any] = {}

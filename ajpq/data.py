@@ -214,7 +214,14 @@ class DatasetSplit:
             pin_memory=torch.device(device).type == "cuda",
             persistent_workers=False,
         )
-        for batch in loader:
+        iterator = iter(loader)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DataError as exc:
+                raise _from_worker(exc) from None
             if not isinstance(batch, list | tuple) or len(batch) < 2:
                 raise DataError(
                     f"a batch of {type(self.dataset).__name__} must be (inputs, targets), but got "
@@ -238,7 +245,44 @@ class _SampleList(torch.utils.data.Dataset):
         from torchvision.datasets.folder import default_loader
 
         path, target = self.samples[i]
-        return self.transform(default_loader(path)), target
+        try:
+            image = default_loader(path)
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise DataError(_unreadable(path, exc)) from None
+        return self.transform(image), target
+
+
+def _unreadable(path: str, exc: BaseException) -> str:
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    return f"{path}: not a readable image ({type(exc).__name__}: {reason}); remove or replace the file"
+
+
+EARLY_IMAGE_CHECK = 50_000
+"""An image folder of up to this many files has every file's header read when it is opened (PIL identifies an
+image from its first bytes), so that a file that is not an image is named before any work; larger folders name it
+when a batch reaches it."""
+
+
+def _check_images(samples: Sequence[tuple[str, int]]) -> None:
+    """Refuse, naming the file, the first sample PIL cannot identify as an image (see :data:`EARLY_IMAGE_CHECK`)."""
+    if len(samples) > EARLY_IMAGE_CHECK:
+        return
+    from PIL import Image
+
+    for path, _ in samples:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 (identifying the format and size is all open() does)
+        except Exception as exc:
+            raise DataError(_unreadable(path, exc)) from None
+
+
+def _from_worker(exc: DataError) -> DataError:
+    """A :class:`DataError` raised in a ``DataLoader`` worker arrives wrapped in the worker's traceback text; keep
+    its own one line."""
+    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+    marker = "DataError: "
+    return DataError(last.split(marker, 1)[1]) if marker in last else exc
 
 
 IMAGENET_SIZE = 224
@@ -688,6 +732,7 @@ def _load_imagefolder(
             f"{data_dir}: train/ and val/ must hold the same class folders, but train has "
             f"{len(train_set.classes)} and val has {len(val_set.classes)} (or their names differ)"
         )
+    _check_images([*train_set.samples, *val_set.samples])
     labels = np.asarray(train_set.targets, dtype=np.int64)
     n_val = min(10000, max(len(train_set.classes), len(labels) // 10)) if val_size is None else val_size
     tr, va = _stratified_val(labels, n_val, split_seed, "imagefolder")

@@ -1,7 +1,20 @@
 """Project error classes.
 
-Every user-facing failure is one of these (the CLI prints the message, exit code 2).
+Every user-facing failure is one of these (the CLI prints the message, exit code 2). :func:`shown` quotes a value
+read from a received file in such a message.
 """
+
+import json
+from typing import Any
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A value of a received file as JSON, cut to ``limit`` characters (a 5,000-digit number stays one short line)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # not JSON, or an int beyond Python's digit limit for str()
+        text = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class AJPQError(Exception):

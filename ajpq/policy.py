@@ -18,8 +18,8 @@ import numpy as np
 
 from ajpq._version import __version__
 from ajpq.analysis import ModelAnalysis
-from ajpq.errors import PolicyError
-from ajpq.io import atomic_write_json
+from ajpq.errors import PolicyError, shown
+from ajpq.io import atomic_write_json, parse_json
 from ajpq.quant import ACTIVATION_BITS_ALLOWED, MAX_WEIGHT_BITS
 
 POLICY_FORMAT = "ajpq-policy"
@@ -194,13 +194,13 @@ def policy_from_dict(data: Any, source: str = "policy") -> Policy:
     if data.get("format") != POLICY_FORMAT:
         raise PolicyError(
             f'{source}: not an AJPQ policy (expected "format": "{POLICY_FORMAT}", but got '
-            f"{json.dumps(data.get('format'))}); export one with `ajpq export` or write it by the README's format"
+            f"{shown(data.get('format'))}); export one with `ajpq export` or write it by the README's format"
         )
     version = data.get("version")
     if not _is_int(version) or version not in READABLE_VERSIONS:
         readable = ", ".join(str(v) for v in READABLE_VERSIONS)
         raise PolicyError(
-            f"{source}: policy format version {json.dumps(version)} is not readable by this build of AJPQ, "
+            f"{source}: policy format version {shown(version)} is not readable by this build of AJPQ, "
             f"which reads version(s) {readable}; upgrade AJPQ or re-export the policy"
         )
     unknown = sorted(set(data) - set(_TOP_KEYS))
@@ -211,7 +211,7 @@ def policy_from_dict(data: Any, source: str = "policy") -> Policy:
         raise PolicyError(f'{source}: "model" must be an object with "name" and optional "fingerprint"')
     fingerprint = model.get("fingerprint")
     if fingerprint is not None and not isinstance(fingerprint, str):
-        raise PolicyError(f'{source}: "model.fingerprint" must be a hex string, but got {json.dumps(fingerprint)}')
+        raise PolicyError(f'{source}: "model.fingerprint" must be a hex string, but got {shown(fingerprint)}')
     raw_layers = data.get("layers")
     if not isinstance(raw_layers, list):
         raise PolicyError(f'{source}: "layers" must be a list of {{"name", "weight_bits", ...}} objects')
@@ -239,14 +239,14 @@ def policy_from_dict(data: Any, source: str = "policy") -> Policy:
             index, value = bad[0]
             raise PolicyError(
                 f"{where}: weight bits must be integers from 0 to {MAX_WEIGHT_BITS} (0 removes the channel), "
-                f"but channel {index} has {json.dumps(value)}"
+                f"but channel {index} has {shown(value)}"
                 + (f" ({len(bad)} channels are out of range)" if len(bad) > 1 else "")
             )
         act = entry.get("activation_bits", DEFAULT_ACTIVATION_BITS)
         if not _is_int(act) or act not in ACTIVATION_BITS_ALLOWED:
             raise PolicyError(
                 f"{where}: activation_bits must be one of {list(ACTIVATION_BITS_ALLOWED)} (32 = unquantized), "
-                f"but got {json.dumps(act)}"
+                f"but got {shown(act)}"
             )
         sparsity = check_weight_sparsity(entry.get("weight_sparsity", 0.0), f'{where}: "weight_sparsity"')
         layers[name] = LayerPolicy(np.asarray(bits, dtype=np.int64), int(act), sparsity)
@@ -297,7 +297,7 @@ def validate_policy(policy: Policy, analysis: ModelAnalysis, source: str = "poli
         if not group.prunable and not kept.all():
             pruned = np.flatnonzero(~kept).tolist()
             raise PolicyError(
-                f"{source}: layer '{name}' produces the model's outputs, which cannot be pruned, but channels "
+                f"{source}: layer '{name}' cannot be pruned ({group.status}), but channels "
                 f"{_short(pruned)} have 0 bits; give them 1 to 8 bits"
             )
         if not kept.any():
@@ -348,13 +348,6 @@ def load_policy(path: str | Path, analysis: ModelAnalysis | None = None) -> Poli
         ) from None
     except OSError as exc:
         raise PolicyError(f"cannot read policy file {source}: {exc.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PolicyError(
-            f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); the file may be truncated"
-        ) from None
-    except RecursionError:
-        raise PolicyError(f"{source}: JSON nested too deeply to be a policy file") from None
+    data = parse_json(text, source, "policy file", PolicyError, "the file may be truncated or not a policy")
     policy = policy_from_dict(data, source)
     return validate_policy(policy, analysis, source) if analysis is not None else policy

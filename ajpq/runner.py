@@ -134,6 +134,7 @@ def _run_search(
         held.append(run_dir)
         run_dir.lock()  # before anything is read or truncated: a second process on the same folder is refused
         state = run_dir.load_state()
+        run_dir.check_records()  # a damaged episodes.jsonl or policies.jsonl is refused before any work
         done = 0 if state is None else int(state["episode"])
         if done >= config.episodes:
             log(
@@ -147,6 +148,7 @@ def _run_search(
                 run_dir.path, done, best, 0.0, 0.0, finished=True, fp32_accuracy=fp32, best_by_phase=phases
             )
     seed_everything(config.seed)
+    stop.stage = "the opening of the model and data"
     if workspace is None:
         workspace = open_workspace(config.workspace, progress=config.progress)
     seed_everything(config.seed)  # again: however the workspace was opened (data read, a reference trained), the
@@ -171,6 +173,7 @@ def _run_search(
     evaluate = make_evaluator(workspace, proxy)
     sensitivity = None
     if getattr(method_class(config.method), "uses_sensitivity", False) and config.sensitivity:
+        stop.stage = "the layer sensitivity measurement"
         sensitivity, cached = load_or_measure(
             workspace.model,
             workspace.simulated,
@@ -194,6 +197,7 @@ def _run_search(
         soft_penalty=config.soft_penalty,
         sensitivity=sensitivity,
     )
+    stop.stage = "the preparation of the search"
     fp32 = problem.fp32_accuracy
     if resume is not None:
         run_dir.truncate(done)
@@ -243,6 +247,7 @@ def _run_search(
     # the clock of the first episode starts with the method, as the search's does: the backend's start-up (spawning
     # workers) is not an episode's
     started = recorder.last_time = time.perf_counter()
+    stop.stage = None
     try:
         METHODS[config.method]().run(context, config.options)
     finally:

@@ -32,9 +32,9 @@ import yaml
 
 from ajpq._version import __version__
 from ajpq.errors import ArtifactError, ConfigError
-from ajpq.io import atomic_write_json, atomic_write_text
+from ajpq.io import atomic_write_json, atomic_write_text, parse_json, parse_yaml, read_text
 from ajpq.logs import log
-from ajpq.policy import LayerPolicy, Policy, load_policy
+from ajpq.policy import LayerPolicy, Policy, check_weight_sparsity, load_policy
 
 EPISODES_FILE = "episodes.jsonl"
 POLICIES_FILE = "policies.jsonl"
@@ -59,17 +59,65 @@ def encode_policy(policy: Policy) -> dict[str, Any]:
     return encoded
 
 
-def decode_policy(data: dict[str, Any], model_name: str | None, fingerprint: str | None) -> Policy:
-    """Inverse of :func:`encode_policy`."""
+def decode_policy(
+    data: dict[str, Any], model_name: str | None, fingerprint: str | None, source: str = POLICIES_FILE
+) -> Policy:
+    """Inverse of :func:`encode_policy`; a malformed record is refused in one line naming ``source``."""
+    bits, abits, sparsity = data.get("bits"), data.get("abits"), data.get("sparsity", {})
+    if (
+        not isinstance(bits, dict)
+        or not isinstance(abits, dict)
+        or not isinstance(sparsity, dict)
+        or set(abits) != set(bits)
+        or not set(sparsity) <= set(bits)
+        or not all(isinstance(d, str) and d and set(d) <= set("012345678") for d in bits.values())
+        or not all(_is_plain_int(a) for a in abits.values())
+    ):
+        raise ArtifactError(
+            f"{source}: not a recorded policy (bits: one digit 0-8 per channel, abits: an integer per layer); "
+            f"{_DAMAGED}"
+        )
     layers = {
         name: LayerPolicy(
-            np.array([int(ch) for ch in digits], dtype=np.int64),
-            int(data["abits"][name]),
-            float(data.get("sparsity", {}).get(name, 0.0)),
+            np.frombuffer(digits.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0"),
+            int(abits[name]),
+            check_weight_sparsity(sparsity.get(name, 0.0), f"{source}: sparsity of {name!r}"),
         )
-        for name, digits in data["bits"].items()
+        for name, digits in bits.items()
     }
     return Policy(layers=layers, model_name=model_name, fingerprint=fingerprint)
+
+
+def _check_state(state: dict[str, Any], path: Path) -> None:
+    """The fields of ``state.json`` the resume reads, checked: a slot folder name, the best episode's record, the
+    random states and the method's state (a crafted file is refused in one line, not deep inside the method)."""
+    best, rng, slot = state.get("best"), state.get("rng"), state.get("slot")
+    problems = []
+    if slot is not None and not (isinstance(slot, str) and slot.startswith("ep") and slot[2:].isdigit()):
+        problems.append("slot is not a checkpoint folder name (epNNNNNN)")
+    if best is not None and not (
+        isinstance(best, dict)
+        and _is_plain_int(best.get("episode"))
+        and all(
+            isinstance(best.get(k), int | float) and not isinstance(best.get(k), bool) for k in ("reward", "accuracy")
+        )
+    ):
+        problems.append("best is not an episode record (episode, reward, accuracy)")
+    if rng is not None and not (
+        isinstance(rng, dict)
+        and isinstance(rng.get("python"), str)
+        and isinstance(rng.get("numpy"), list)
+        and isinstance(rng.get("torch"), list)
+    ):
+        problems.append("rng is not the random states a checkpoint records")
+    if not isinstance(state.get("method_state", {}), dict):
+        problems.append("method_state is not an object")
+    if problems:
+        raise ArtifactError(f"{path} is not a checkpoint state ({'; '.join(problems)}); start a new run")
+
+
+def _is_plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def best_by_phase(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -108,19 +156,42 @@ def software_environment(device: torch.device | None = None) -> dict[str, str]:
     return environment
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Complete lines of a JSON-lines file; a torn last line (process killed mid-write) is ignored."""
+_DAMAGED = "the run folder is damaged: restore the file from a copy, or start a new run"
+
+
+EPISODE_FIELDS: dict[str, tuple[type, ...]] = {"reward": (int, float), "accuracy": (int, float), "feasible": (bool,)}
+"""Fields every episode record has, and that readers of a run use (:func:`best_by_phase`, ``ajpq export``)."""
+
+
+def _read_jsonl(path: Path, fields: dict[str, tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file of the run folder, each an object with an integer ``episode``.
+
+    Only a torn last line (no newline: a process killed mid-write) is dropped; any other line that is not such a
+    record refuses the whole file with one line naming it and the line (a reader that stopped there would make a
+    resume rewrite the file without every later episode).
+    """
     if not path.is_file():
         return []
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror}") from None
     records = []
-    with path.open("r", encoding="utf-8") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+    for number, line in enumerate(lines[:-1], start=1):  # lines[-1] follows the last newline: empty, or torn
+        record = parse_json(line, f"{path}, line {number}", "episode record", ArtifactError, _DAMAGED)
+        episode = record.get("episode") if isinstance(record, dict) else None
+        if isinstance(episode, bool) or not isinstance(episode, int) or episode < 1:
+            raise ArtifactError(
+                f"{path}, line {number}: not an episode record (an object with an integer episode >= 1); {_DAMAGED}"
+            )
+        for key, types in (fields or {}).items():
+            value = record.get(key)
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                raise ArtifactError(
+                    f"{path}, line {number}: episode {episode} has no {key} of type "
+                    f"{' or '.join(t.__name__ for t in types)}; {_DAMAGED}"
+                )
+        records.append(record)
     return records
 
 
@@ -266,10 +337,8 @@ class RunDir:
         atomic_write_text(self.path / CONFIG_FILE, text)
 
     def read_config(self) -> dict[str, Any]:
-        try:
-            data = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read {self.path / CONFIG_FILE}: {exc}") from None
+        path = self.path / CONFIG_FILE
+        data = parse_yaml(read_text(path, str(path), ConfigError), str(path), ConfigError)
         if not isinstance(data, dict) or not isinstance(data.get("default"), dict):
             raise ConfigError(f"{self.path / CONFIG_FILE} has no `default:` block")
         return dict(data["default"])
@@ -278,8 +347,18 @@ class RunDir:
         atomic_write_json(self.path / RUN_INFO_FILE, info)
 
     def read_info(self) -> dict[str, Any]:
+        """``run.json`` (empty when the run has none yet); a damaged file is refused in one line."""
         path = self.path / RUN_INFO_FILE
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {path}: {exc.strerror}") from None
+        info = parse_json(data, str(path), "run record", ArtifactError, _DAMAGED)
+        if not isinstance(info, dict):
+            raise ArtifactError(f"{path}: expected a JSON object, but got {type(info).__name__}; {_DAMAGED}")
+        return info
 
     def check_resumable(
         self, weights_digest: str, device: torch.device | None = None, val_digest: str | None = None
@@ -332,13 +411,20 @@ class RunDir:
                 handle.write(json.dumps(obj) + "\n")
 
     def read_episodes(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.episodes_path)
+        return _read_jsonl(self.episodes_path, EPISODE_FIELDS)
+
+    def check_records(self) -> None:
+        """Read both JSON-lines files and every recorded policy (a damaged one refused in one line), so that a
+        resume refuses a damaged run before any work."""
+        self.read_episodes()
+        for row in _read_jsonl(self.policies_path):
+            decode_policy(row, None, None, f"{self.policies_path}, episode {row['episode']}")
 
     def read_policy(self, episode: int, model_name: str | None, fingerprint: str | None) -> Policy:
         """The policy of one recorded episode; :class:`ConfigError` if the run has no such episode."""
         for row in _read_jsonl(self.policies_path):
-            if row.get("episode") == episode:
-                return decode_policy(row, model_name, fingerprint)
+            if row["episode"] == episode:
+                return decode_policy(row, model_name, fingerprint, f"{self.policies_path}, episode {episode}")
         count = len(self.read_episodes())
         raise ConfigError(
             f"run {self.path} has no episode {episode}; it recorded episodes 1 to {count}"
@@ -367,8 +453,9 @@ class RunDir:
 
     def truncate(self, episodes: int) -> None:
         """Keep the first ``episodes`` records of the JSON-lines files (drops what came after a checkpoint)."""
-        for path in (self.episodes_path, self.policies_path):
-            rows = [row for row in _read_jsonl(path) if int(row.get("episode", 0)) <= episodes]
+        read = {self.episodes_path: self.read_episodes(), self.policies_path: _read_jsonl(self.policies_path)}
+        kept = {path: [row for row in rows if row["episode"] <= episodes] for path, rows in read.items()}
+        for path, rows in kept.items():  # both files read (and checked) before either is rewritten
             atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
         self._purge_step = episodes + 1
 
@@ -387,13 +474,13 @@ class RunDir:
         if not path.is_file():
             return None
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path} is corrupted ({exc.msg}); start a new run") from None
-        except (UnicodeDecodeError, RecursionError) as exc:
-            raise ArtifactError(f"{path} is not a checkpoint state ({type(exc).__name__}); start a new run") from None
-        if not isinstance(state, dict) or not isinstance(state.get("episode"), int):
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {path}: {exc.strerror}") from None
+        state = parse_json(data, str(path), "checkpoint state", ArtifactError, "start a new run")
+        if not isinstance(state, dict) or not _is_plain_int(state.get("episode")) or state["episode"] < 0:
             raise ArtifactError(f"{path} is not a checkpoint state (no episode count); start a new run")
+        _check_state(state, path)
         return state
 
     def checkpoint_slot(self, episode: int) -> Path:

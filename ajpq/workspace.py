@@ -219,7 +219,16 @@ def _image_channels(spec: WorkspaceSpec) -> int:
 
 
 def open_workspace(spec: WorkspaceSpec, *, need_weights: bool = True, progress: bool = True) -> Workspace:
-    """Load data, build the model, load (or train and cache) its FP32 weights, and analyse it."""
+    """Load data, build the model, load (or train and cache) its FP32 weights, and analyse it.
+
+    Gradients are enabled inside, whatever the caller's mode: training a reference and tracing the channel
+    dependencies need autograd, and users open workspaces from inference code (``torch.no_grad()``).
+    """
+    with torch.enable_grad():
+        return _open_workspace(spec, need_weights, progress)
+
+
+def _open_workspace(spec: WorkspaceSpec, need_weights: bool, progress: bool) -> Workspace:
     resolved = resolve_device(spec.device)
     splits = load_dataset(
         spec.dataset,

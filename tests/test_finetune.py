@@ -395,6 +395,6 @@ def test_cli_learned_ranges_go_from_finetune_to_export_model(setup, tmp_path: Pa
     torch.save(checkpoint, broken)
     assert main(["export-model", *common, "--weights", str(broken), "--out", str(tmp_path / "b.ajpq")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "activation_ranges['fc1'] is not a range of this model's layers" in err[-1]
+    assert 'activation_ranges["fc1"] is not a learned range (bits, a finite max_abs > 0, signed)' in err[-1]
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "b.ajpq").exists()

@@ -81,7 +81,10 @@ def test_left_out_layers_get_eight_bits(tmp_path, digits):
             _policy_dict([{"name": "conv1", "weight_bits": [8] * 16, "activation_bits": 1}]),
             r"activation_bits must be one of",
         ),
-        (_policy_dict([{"name": "fc2", "weight_bits": [8] * 9 + [0]}]), r"'fc2' produces the model's outputs.*\[9\]"),
+        (
+            _policy_dict([{"name": "fc2", "weight_bits": [8] * 9 + [0]}]),
+            r"'fc2' cannot be pruned \(model outputs, never pruned\).*\[9\]",
+        ),
         (_policy_dict([{"name": "conv3", "weight_bits": [0] * 32}]), r"every channel of layer 'conv3' has 0 bits"),
         (_policy_dict([{"name": "conv1", "weight_bit": [8] * 16}]), r"unknown key\(s\) \['weight_bit'\]"),
         (

@@ -109,7 +109,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         readers = [c for c in g.consumers if c not in g.members]
         status = f"read by {', '.join(readers)}"
         if not g.prunable:
-            status = f"kept whole: {g.fixed_reason}" if g.fixed_reason else "model outputs, never pruned"
+            status = g.status
         print(f"  g{g.id}: {', '.join(g.members)} ({g.size} channels; {status})")
     if analysis.other_params:
         print(f"other parameters (kept at 32 bits): {analysis.other_params:,}")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ajpq.callbacks import Recorder
-from ajpq.errors import BudgetError, ConfigError
+from ajpq.errors import ArtifactError, BudgetError, ConfigError
 from ajpq.logs import log
 from ajpq.policy import Policy, validate_policy
 from ajpq.runs import RunDir
@@ -123,10 +123,16 @@ def method_options(config: SearchConfig) -> MethodOptions:
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM during a search: finish the episode, checkpoint, stop (a second signal stops at once)."""
+    """SIGINT/SIGTERM during a search: finish the episode, checkpoint, stop (a second signal stops at once).
+
+    Before the first episode (``stage`` names what the search is doing: opening the workspace, measuring the layer
+    sensitivity) there is nothing to checkpoint, so the first signal stops at once, saying what it stopped.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.stage: str | None = None
+        """What the search does before its first episode (None once the method runs)."""
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -141,6 +147,9 @@ class StopOnSignal:
         self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.stage is not None:
+            log(f"interrupted: stopping {self.stage} (no episode has started, so there is nothing to checkpoint)")
+            raise KeyboardInterrupt
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -310,11 +319,30 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved (parsed as literals: a checkpoint never runs code)."""
-    random.setstate(_tuplify(ast.literal_eval(state["python"])))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    """Restore what :func:`rng_state` saved (parsed as literals: a checkpoint never runs code); random states that
+    Python, numpy or torch refuse are one :class:`ArtifactError`."""
+    try:
+        if len(state["python"]) > 100_000:  # Mersenne Twister's state is 625 numbers: about 7 KB of text
+            raise ValueError("too long")
+        random.setstate(_tuplify(ast.literal_eval(state["python"])))
+        np_state = state["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        IndexError,
+        OverflowError,
+        SyntaxError,
+        MemoryError,
+        RecursionError,
+        RuntimeError,
+    ) as exc:
+        raise ArtifactError(
+            f"the checkpoint's random states are not Python's, numpy's and torch's ({type(exc).__name__}); start a "
+            "new run"
+        ) from None
 
 
 def _tuplify(value: Any) -> Any:
