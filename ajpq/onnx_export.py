@@ -43,8 +43,9 @@ QDQ_TOLERANCE = 0.05
 calibration images, relative to the simulated logits' range. The two differ by float rounding of the int32 bias and
 by activation rounding flips: onnxruntime's fused integer kernels requantize a layer's output straight from its
 integer accumulator, so a value within float error of a rounding boundary may land one step away, and the step
-travels to the logits. A few percent is what that costs in the zoo; a wrong graph (a channel or scale in the wrong
-place) is off by the logit range itself."""
+travels to the logits; and an int4 Linear layer whose input is not quantized is fused into MatMulNBits, which by
+default rounds its float input to int8 blocks (``session.qdq_matmulnbits_accuracy_level``). A few percent is what
+that costs in the zoo; a wrong graph (a channel or scale in the wrong place) is off by the logit range itself."""
 
 
 class OnnxExportError(ModelError):

@@ -218,3 +218,27 @@ def test_api_export_writes_qdq_onnx(digits_weights, tmp_path: Path) -> None:
     assert set(report["onnx_weight_types"].values()) == {"int8"}
     tensors = onnx.load(tmp_path / "m.onnx").graph.initializer
     assert {t.data_type for t in tensors if t.name.endswith(".wq")} == {onnx.TensorProto.INT8}
+
+
+def test_unquantized_activations_get_no_qdq_pairs_and_match_to_float_rounding(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = TinyNet().eval()
+    analysis = analyze_model(model, SHAPE, model_name="tiny")
+    policy = tiny_policy(analysis)
+    for layer in policy.layers.values():
+        layer.activation_bits = 32
+    calibration = torch.randn(64, *SHAPE)
+    artifact = build_artifact(model, analysis, policy, calibration, model_name="tiny", input_shape=SHAPE, num_classes=3)
+    path = tmp_path / "fp_act.onnx"
+    report = export_qdq_onnx(artifact.header, artifact.payload, artifact.slim, artifact.simulated, calibration, path)
+    graph = onnx.load(path).graph
+    assert not any(n.op_type in ("QuantizeLinear", "Clip") for n in graph.node)
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert dequantized == {"conv1.weight", "conv2.weight", "fc.weight"}  # biases stay float without an input scale
+    assert report["max_abs_logit_diff"]["relative"] <= QDQ_TOLERANCE
+    # the graph itself computes the simulated model to float rounding (integer weights x scales); onnxruntime's
+    # default optimizations fuse the int4 fc into MatMulNBits, which rounds its float input to int8 internally
+    got = run_logits(session(path.read_bytes(), optimize=False), calibration)
+    with torch.no_grad():
+        expected = artifact.simulated(calibration).numpy()
+    assert float(np.abs(got - expected).max()) <= 1e-5 * float(expected.max() - expected.min())
