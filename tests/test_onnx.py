@@ -242,3 +242,45 @@ def test_unquantized_activations_get_no_qdq_pairs_and_match_to_float_rounding(tm
     with torch.no_grad():
         expected = artifact.simulated(calibration).numpy()
     assert float(np.abs(got - expected).max()) <= 1e-5 * float(expected.max() - expected.min())
+
+
+# --- experiments/bench_deploy.py ----------------------------------------------------------------------------------
+
+
+def test_bench_deploy_policies_reach_the_rate_with_the_most_channels_kept() -> None:
+    from experiments_scripts import load_experiment
+
+    from ajpq.cost import CostModel
+
+    bench = load_experiment("bench_deploy")
+    model = build_model("lenet5", (1, 28, 28), 10)
+    analysis = analyze_model(model, (1, 28, 28), model_name="lenet5")
+    cost = CostModel(analysis)
+    for rate in (16, 32):
+        policy, keep = bench.policy_for_rate(analysis, rate)
+        assert cost.evaluate(policy).compression_rate >= rate
+        assert cost.evaluate(bench.pruned_policy(analysis, keep + 0.01)).compression_rate < rate
+        bits = np.concatenate([layer.weight_bits for layer in policy.layers.values()])
+        assert set(bits.tolist()) == {0, 4}
+        assert {layer.activation_bits for layer in policy.layers.values()} == {8}
+
+
+@pytest.mark.expensive
+def test_bench_deploy_quick_mode_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ajpq.data import DEBIAN_FASHION_MNIST
+
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("Fashion-MNIST is not installed here")
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_deploy.py"
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["bytes"]["qdq_onnx"] < row["bytes"]["float_slim_onnx"] < row["bytes"]["fp32_onnx"]
+    assert abs(row["accuracy"]["qdq_onnx"] - row["accuracy"]["artifact"]) <= 0.002
+    assert "qdq/art" in result.stdout and "latency" in result.stdout
