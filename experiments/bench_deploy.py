@@ -24,6 +24,7 @@ the output folder. Per case:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -68,19 +69,19 @@ def pruned_policy(analysis: ModelAnalysis, keep: float, weight_bits: int = 4, ac
     return validate_policy(policy, analysis)
 
 
-def policy_for_rate(analysis: ModelAnalysis, rate: float) -> tuple[Policy, float]:
+def policy_for_rate(analysis: ModelAnalysis, rate: float, weight_bits: int = 4) -> tuple[Policy, float]:
     """The policy of :func:`pruned_policy` with the largest kept fraction whose compression rate reaches ``rate``."""
     cost = CostModel(analysis)
     low, high = 0.0, 1.0
-    if cost.evaluate(pruned_policy(analysis, high)).compression_rate >= rate:
-        return pruned_policy(analysis, high), high
+    if cost.evaluate(pruned_policy(analysis, high, weight_bits)).compression_rate >= rate:
+        return pruned_policy(analysis, high, weight_bits), high
     for _ in range(30):
         middle = (low + high) / 2
-        if cost.evaluate(pruned_policy(analysis, middle)).compression_rate >= rate:
+        if cost.evaluate(pruned_policy(analysis, middle, weight_bits)).compression_rate >= rate:
             low = middle
         else:
             high = middle
-    return pruned_policy(analysis, low), low
+    return pruned_policy(analysis, low, weight_bits), low
 
 
 def reference(name: str, splits: DataSplits, steps: int, folder: Path) -> torch.nn.Module:
@@ -125,7 +126,7 @@ def latency(sessions: dict[str, Any], shape: tuple[int, ...], batch: int, repeat
 def case(name: str, rate: int, model: torch.nn.Module, splits: DataSplits, args: argparse.Namespace, folder: Path):
     shape = splits.input_shape
     analysis = analyze_model(model, shape, model_name=name)
-    policy, keep = policy_for_rate(analysis, rate)
+    policy, keep = policy_for_rate(analysis, rate, args.weight_bits)
     calibration = next(splits.train.batches(256))[0]
     start = time.perf_counter()
     tuned = finetune(
@@ -148,7 +149,7 @@ def case(name: str, rate: int, model: torch.nn.Module, splits: DataSplits, args:
         num_classes=splits.num_classes,
         activation_ranges=tuned.activation_ranges,
     )
-    stem = folder / f"{name}_r{rate}"
+    stem = folder / f"{name}_r{rate}_w{args.weight_bits}"
     artifact_path = artifact.write(stem.with_suffix(".ajpq"))
     qdq = export_qdq_onnx(
         artifact.header, artifact.payload, artifact.slim, artifact.simulated, calibration, f"{stem}.qdq.onnx"
@@ -179,7 +180,9 @@ def case(name: str, rate: int, model: torch.nn.Module, splits: DataSplits, args:
     return {
         "model": name,
         "rate": rate,
-        "policy": f"4-bit weights / 8-bit activations, {keep:.3f} of each prunable group's channels kept",
+        "weight_bits": args.weight_bits,
+        "policy": f"{args.weight_bits}-bit weights / 8-bit activations, {keep:.3f} of each prunable group's channels "
+        "kept",
         "compression_rate_cost_model": cost["compression_rate"],
         "bytes": {
             "fp32_onnx": fp32_bytes,
@@ -208,38 +211,46 @@ def _folded(data: bytes, threads: int = 0) -> Any:
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def _label(row: dict[str, Any]) -> str:
+    return f"1/{row['rate']} w{row.get('weight_bits', 4)}"
+
+
+def print_tables(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print("bytes (QDQ/artifact ratio; target <= 1.5x)")
     print(
-        f"{'model':<13}{'rate':>5} {'fp32 onnx':>10} {'float slim':>11} {'qdq onnx':>9} {'artifact':>9} {'qdq/art':>8}"
+        f"{'model':<13}{'policy':>8} "
+        f"{'fp32 onnx':>10} {'float slim':>11} {'qdq onnx':>9} {'artifact':>9} {'qdq/art':>8}"
     )
     for r in results:
         b = r["bytes"]
         print(
-            f"{r['model']:<13}{'1/' + str(r['rate']):>5} {b['fp32_onnx']:>10,} {b['float_slim_onnx']:>11,} "
+            f"{r['model']:<13}{_label(r):>8} {b['fp32_onnx']:>10,} {b['float_slim_onnx']:>11,} "
             f"{b['qdq_onnx']:>9,} {b['artifact']:>9,} {b['qdq_onnx'] / b['artifact']:>7.2f}x"
         )
-    size = "full test set" if args.test_size is None else f"first {args.test_size} test images"
+    size = "full test set" if meta.get("test_size") is None else f"first {meta['test_size']} test images"
     print(f"\ntest accuracy ({size}; target |qdq - artifact| <= 0.1 points)")
-    print(f"{'model':<13}{'rate':>5} {'fp32 onnx':>10} {'qdq onnx':>9} {'qdq fold':>9} {'artifact':>9} {'diff pt':>8}")
+    print(
+        f"{'model':<13}{'policy':>8} {'fp32 onnx':>10} {'qdq onnx':>9} {'qdq fold':>9} {'artifact':>9} {'diff pt':>8}"
+    )
     for r in results:
         a = r["accuracy"]
         print(
-            f"{r['model']:<13}{'1/' + str(r['rate']):>5} {a['fp32_onnx']:>10.4f} {a['qdq_onnx']:>9.4f} "
+            f"{r['model']:<13}{_label(r):>8} {a['fp32_onnx']:>10.4f} {a['qdq_onnx']:>9.4f} "
             f"{a['qdq_onnx_folded']:>9.4f} {a['artifact']:>9.4f} {100 * (a['qdq_onnx'] - a['artifact']):>+8.2f}"
         )
+    repeats = meta.get("repeats", 100)
     print(
-        f"\nonnxruntime CPU latency, ms (median of {args.repeats} at batch 1, {max(5, args.repeats // 4)} at 64; "
-        f"{args.threads} thread(s); shared loaded machine, compare ratios within a row only)"
+        f"\nonnxruntime CPU latency, ms (median of {repeats} at batch 1, {max(5, repeats // 4)} at 64; "
+        f"{meta.get('threads', 1)} thread(s); shared loaded machine, compare ratios within a row only)"
     )
     print(
-        f"{'model':<13}{'rate':>5} {'b1 fp32':>8} {'b1 qdq':>8} {'ratio':>6} {'b1 fold':>8} {'ratio':>6} "
+        f"{'model':<13}{'policy':>8} {'b1 fp32':>8} {'b1 qdq':>8} {'ratio':>6} {'b1 fold':>8} {'ratio':>6} "
         f"{'b64 fp32':>9} {'b64 qdq':>8} {'ratio':>6} {'b64 fold':>9} {'ratio':>6}"
     )
     for r in results:
         one, many = r["latency_ms"]["batch1"], r["latency_ms"]["batch64"]
         print(
-            f"{r['model']:<13}{'1/' + str(r['rate']):>5} {one['fp32']:>8.3f} {one['qdq']:>8.3f} "
+            f"{r['model']:<13}{_label(r):>8} {one['fp32']:>8.3f} {one['qdq']:>8.3f} "
             f"{one['qdq'] / one['fp32']:>5.2f}x {one['qdq_folded']:>8.3f} {one['qdq_folded'] / one['fp32']:>5.2f}x "
             f"{many['fp32']:>9.2f} {many['qdq']:>8.2f} {many['qdq'] / many['fp32']:>5.2f}x "
             f"{many['qdq_folded']:>9.2f} {many['qdq_folded'] / many['fp32']:>5.2f}x"
@@ -251,18 +262,29 @@ def main() -> int:
     parser.add_argument("--out", default="bench_deploy.json", help="JSON report to write")
     parser.add_argument("--quick", action="store_true", help="LeNet-5 at 1/16 only, tiny training, 1000 test images")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--rates", default=None, help="comma-separated size rates (default: 16,32)")
+    parser.add_argument(
+        "--weight-bits", type=int, default=4, help="bits of the kept channels' weights (8: int8 integer kernels)"
+    )
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the usual locations)")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="FP32 training steps of 128 images")
     parser.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning steps of 128 images")
     parser.add_argument("--repeats", type=int, default=100, help="timed runs per session at batch 1 (64: a quarter)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for the latency")
     parser.add_argument("--test-size", type=int, default=None, help="first N test images (default: all)")
+    parser.add_argument("--tables", nargs="+", default=None, metavar="JSON", help="only print the tables of reports")
     args = parser.parse_args()
+    if args.tables:
+        reports = [json.loads(Path(path).read_text()) for path in args.tables]
+        print_tables([row for report in reports for row in report["results"]], reports[0]["meta"])
+        return 0
     os.environ.setdefault("AJPQ_NO_PROGRESS", "1")
     require_onnx()
     models, rates = list(MODELS), list(RATES)
     if args.models:
         models = [m.strip() for m in args.models.split(",")]
+    if args.rates:
+        rates = [int(r) for r in args.rates.split(",")]
     if args.quick:
         models, rates = models[:1] if args.models else ["lenet5"], [16]
         args.pretrain_steps, args.finetune_steps, args.repeats = 60, 10, 20
@@ -291,9 +313,11 @@ def main() -> int:
         "pretrain_steps": args.pretrain_steps,
         "finetune_steps": args.finetune_steps,
         "quick": args.quick,
+        "repeats": args.repeats,
+        "test_size": args.test_size,
     }
     atomic_write_json(args.out, {"meta": meta, "results": results})
-    print_tables(results, args)
+    print_tables(results, meta)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
