@@ -9,6 +9,14 @@ bit codes stop below the type's end) a ``Clip`` to the policy's range comes firs
 where the simulation does. A quantized layer's bias is ``int32`` at scale ``input scale x weight scale`` (the form
 onnxruntime fuses into integer kernels). Removed channels are absent: the graph is the artifact's slim network.
 
+What onnxruntime's CPU provider (1.32) makes of it with graph optimizations on: a layer with int8 weights whose
+input is a uint8 Q/DQ pair and whose output goes straight (or through a ReLU) into the next Q runs as QLinearConv /
+QGemm; an int8 Gemm without that output Q as QGemm with float output. int4 weights have no integer Conv kernel
+there, and a DequantizeLinear-fed input keeps an int4 Gemm from MatMulNBits, so such layers run as float kernels
+behind a DequantizeLinear that re-runs at every call; ``session.disable_quant_qdq=1`` makes onnxruntime fold the
+weights' DequantizeLinear once at load instead (the activation Q/DQ pairs stay). A Clip for saturation also keeps
+the layer that feeds it from fusing. Layers with weight sparsity are stored dense (their zeros included).
+
 Float (``--onnx-float``, opset 17): the slim model with float weights ``code x scale`` and the activation
 quantizers as Div/Round/Clip/Mul, for runtimes without Q/DQ support.
 
