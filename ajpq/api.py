@@ -32,13 +32,14 @@ import torch
 from torch import nn
 
 from ajpq.analysis import analyze_model
-from ajpq.artifact import build_artifact, export_onnx, load_compressed
+from ajpq.artifact import build_artifact, load_compressed
 from ajpq.checkpoint import learned_ranges, ranges_meta
 from ajpq.compress import SimulatedModel
 from ajpq.config import resume_values
 from ajpq.data import as_split, splits_from_data
 from ajpq.errors import ConfigError, ModelError, PolicyError
 from ajpq.logs import log, setup_logging
+from ajpq.onnx_export import onnx_summary, write_onnx
 from ajpq.policy import Policy, load_policy, validate_policy
 from ajpq.qat import finetune as qat_finetune
 from ajpq.qat import finetune_config
@@ -307,6 +308,7 @@ def export(
     path: str | Path,
     *,
     onnx: str | Path | None = None,
+    onnx_float: str | Path | None = None,
     calibration: Any = None,
 ) -> dict[str, Any]:
     """Write the really compressed model: a ``.ajpq`` artifact (and optionally ONNX) of ``model`` with ``policy``.
@@ -316,13 +318,15 @@ def export(
             it), or an FP32 model with a ``policy`` and ``calibration`` data.
         policy: The policy (None: the one ``model`` was fine-tuned with).
         path: The artifact to write (atomically; checked against the simulated model before it is written).
-        onnx: Also write this ONNX file.
+        onnx: Also write this QDQ ONNX file (integer weights, Q/DQ activations; checked with onnxruntime).
+        onnx_float: Also write this float ONNX file (for runtimes without Q/DQ support).
         calibration: Training data whose first 256 images calibrate the activation ranges (not needed for a model
             from :func:`finetune`).
 
     Returns:
         What ``ajpq export-model --json`` prints: out, file_bytes, payload_bytes, header_bytes, size_bits,
-        compression_rate, max_abs_logit_diff (and onnx, onnx_max_abs_diff).
+        compression_rate, max_abs_logit_diff (and onnx, onnx_bytes, onnx_max_abs_logit_diff, onnx_weight_types;
+        onnx_float, onnx_float_bytes, onnx_float_max_abs_diff).
     """
     info = getattr(model, "ajpq", None)
     if not isinstance(info, Compression):
@@ -362,6 +366,7 @@ def export(
         num_classes=int(outputs.reshape(1, -1).shape[1]),
         activation_ranges=ranges,
     )
+    onnx_report = write_onnx(artifact, images, onnx, onnx_float) if onnx or onnx_float else {}
     out = artifact.write(path)
     payload = len(artifact.payload)
     header_bytes = len(artifact.to_bytes()) - payload
@@ -375,10 +380,10 @@ def export(
         "compression_rate": metrics["compression_rate"],
         "max_abs_logit_diff": metrics["max_abs_logit_diff"],
     }
-    if onnx is not None:
-        report["onnx"] = str(onnx)
-        report["onnx_max_abs_diff"] = export_onnx(artifact.slim, shape, onnx)
+    report.update(onnx_report)
     log(f"wrote {out}: {report['file_bytes']:,} bytes, {metrics['compression_rate']:.1f}x smaller than FP32")
+    for line in onnx_summary(report, report["file_bytes"]):
+        log(line)
     return report
 
 

@@ -40,7 +40,6 @@ import json
 import math
 import statistics
 import struct
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -57,7 +56,7 @@ from ajpq._version import __version__
 from ajpq.analysis import ModelAnalysis, fingerprint_of, layer_module
 from ajpq.compress import SimulatedModel, set_module
 from ajpq.errors import ArtifactError, ModelError, shown
-from ajpq.io import atomic_write, atomic_write_bytes, parse_json
+from ajpq.io import atomic_write_bytes, parse_json
 from ajpq.models import build_model, is_builtin_model
 from ajpq.policy import Policy, policy_from_dict
 from ajpq.quant import ACTIVATION_BITS_ALLOWED, MAX_WEIGHT_BITS, activation_scale, quantize_activation, weight_levels
@@ -68,7 +67,6 @@ ARTIFACT_VERSION = 2
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 _PREAMBLE = struct.Struct("<8sHHI32s")
 PREAMBLE_BYTES = _PREAMBLE.size  # 48
-ONNX_OPSET = 17
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,7 +290,8 @@ class ActivationFakeQuant:
     Computed with in-place ops after the division, bit-identical to :func:`ajpq.quant.quantize_activation`.
     (``torch.fake_quantize_per_tensor_affine`` is one kernel but multiplies by ``1/s``, which rounds a few values
     per million the other way; in a deep net those flips grow into visible logit differences.) ONNX export gets
-    explicit Div/Round/Clip/Mul, since ONNX's QuantizeLinear only knows 8-bit ranges.
+    explicit Div/Round/Clip/Mul in the float export (:mod:`ajpq.onnx_export` writes QuantizeLinear/DequantizeLinear
+    for the QDQ one).
     """
 
     def __init__(self, bits: int, max_abs: float, signed: bool) -> None:
@@ -1059,48 +1058,8 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ONNX and latency
+# Latency
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _require_onnx() -> tuple[Any, Any]:
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
-        raise ModelError(
-            "ONNX export needs the optional packages onnx and onnxruntime; install them with `pip install 'ajpq[onnx]'`"
-        ) from None
-    return onnx, onnxruntime
-
-
-def export_onnx(slim: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, check: bool = True) -> float:
-    """Write the slim model as ONNX (opset 17, dynamic batch) and return onnxruntime's max |logit difference|."""
-    onnx, onnxruntime = _require_onnx()
-    example = torch.randn(4, *input_shape)
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="ajpq-onnx-") as folder:
-        warnings.simplefilter("ignore")
-        scratch = Path(folder) / "model.onnx"  # torch.onnx.export takes a path; the target is written atomically
-        torch.onnx.export(
-            slim,
-            (example,),
-            scratch,
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
-        data = scratch.read_bytes()
-    onnx.checker.check_model(onnx.load_from_string(data))
-    atomic_write(path, lambda handle: handle.write(data))
-    if not check:
-        return 0.0
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    (output,) = session.run(None, {"input": example.numpy()})
-    with torch.no_grad():
-        expected = slim(example).numpy()
-    return float(np.abs(output - expected).max())
 
 
 def _timed(model: nn.Module, x: torch.Tensor) -> float:
@@ -1158,7 +1117,6 @@ __all__ = [
     "build_artifact",
     "decode_sparse",
     "encode_sparse",
-    "export_onnx",
     "latency_report",
     "load_compressed",
     "max_logit_difference",

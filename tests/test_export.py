@@ -26,7 +26,6 @@ from ajpq.artifact import (
     build_artifact,
     decode_sparse,
     encode_sparse,
-    export_onnx,
     pack_codes,
     parse_artifact,
     read_artifact,
@@ -39,6 +38,7 @@ from ajpq.cost import sparse_storage_bits
 from ajpq.data import load_dataset
 from ajpq.errors import ArtifactError, ModelError
 from ajpq.models import build_model
+from ajpq.onnx_export import export_float_onnx
 from ajpq.policy import Policy, validate_policy
 from ajpq.qat import finetune, finetune_config
 from ajpq.train import TrainConfig, evaluate_accuracy, seed_everything, train_model
@@ -412,7 +412,7 @@ def test_onnx_matches_slim_model(digits, round_trip, tmp_path: Path) -> None:
 
     def onnx_and_torch() -> tuple[np.ndarray, np.ndarray]:
         onnx_path = tmp_path / "model.onnx"
-        export_onnx(slim, digits.input_shape, onnx_path)
+        export_float_onnx(slim, digits.input_shape, onnx_path)
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {"input": x.numpy()})
         with torch.no_grad():

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from ajpq.artifact import _require_onnx, build_artifact, export_onnx
+from ajpq.artifact import build_artifact
 from ajpq.cli.common import add_weights, check_out, open_from_args, print_json
 from ajpq.errors import ConfigError, PolicyError
 from ajpq.evaluation import evaluate_artifact
 from ajpq.logs import log
+from ajpq.onnx_export import onnx_summary, require_onnx, write_onnx
 from ajpq.policy import Policy, load_policy
 from ajpq.train import evaluate_accuracy
 from ajpq.workspace import SPEC_KEYS, Workspace, WorkspaceSpec
@@ -32,7 +33,20 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     )
     add_weights(export, "FP32 or fine-tuned checkpoint (default: cached reference)")
     export.add_argument("--out", required=True, help="artifact to write (e.g. model.ajpq)")
-    export.add_argument("--onnx", default=None, metavar="PATH", help="also write the slim model as ONNX (opset 17)")
+    export.add_argument(
+        "--onnx",
+        default=None,
+        metavar="PATH",
+        help="also write the model as QDQ ONNX (opset 21): integer weights (int4 for layers of <= 4 bits, else "
+        "int8) with per-channel scales, activations as QuantizeLinear/DequantizeLinear at the policy's bits",
+    )
+    export.add_argument(
+        "--onnx-float",
+        default=None,
+        metavar="PATH",
+        help="also write the slim model as float ONNX (opset 17, quantization as Div/Round/Clip/Mul) for runtimes "
+        "without Q/DQ support",
+    )
     export.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     export.set_defaults(handler=run_export_model)
 
@@ -59,8 +73,8 @@ def command_policy(args: argparse.Namespace, workspace: Workspace) -> Policy | N
 
 def run_export_model(args: argparse.Namespace) -> int:
     out = check_out(args.out, "model.ajpq")
-    if args.onnx:
-        _require_onnx()
+    if args.onnx or args.onnx_float:
+        require_onnx()
     workspace = open_from_args(args)
     policy = command_policy(args, workspace)
     if policy is None:
@@ -85,6 +99,7 @@ def run_export_model(args: argparse.Namespace) -> int:
         "val": evaluate_accuracy(artifact.slim, workspace.splits.val),
         "test": evaluate_accuracy(artifact.slim, workspace.splits.test),
     }
+    report_onnx = write_onnx(artifact, workspace.calibration_images(), args.onnx, args.onnx_float)
     artifact.write(out)
     header_bytes = len(artifact.to_bytes()) - len(artifact.payload)
     report: dict[str, Any] = {
@@ -98,9 +113,7 @@ def run_export_model(args: argparse.Namespace) -> int:
         "size_bits": metrics["size_bits"],
         "compression_rate": metrics["compression_rate"],
     }
-    if args.onnx:
-        report["onnx"] = str(args.onnx)
-        report["onnx_max_abs_diff"] = export_onnx(artifact.slim, workspace.splits.input_shape, args.onnx)
+    report.update(report_onnx)
     if args.json:
         print_json(report)
         return 0
@@ -113,8 +126,8 @@ def run_export_model(args: argparse.Namespace) -> int:
         f"test accuracy {metrics['accuracy']['test']:.4f} (val {metrics['accuracy']['val']:.4f}); slim vs simulated "
         f"max |logit diff| {metrics['max_abs_logit_diff']['relative']:.2e} of the logit range"
     )
-    if args.onnx:
-        print(f"wrote {args.onnx} (opset 17); onnxruntime max |logit diff| {report['onnx_max_abs_diff']:.2e}")
+    for line in onnx_summary(report, report["file_bytes"]):
+        print(line)
     return 0
 
 
