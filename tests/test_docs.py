@@ -449,3 +449,41 @@ def test_setup_commands_install_what_exists_and_run(tmp_path: Path, cache: Path)
         check=False,
     )
     assert collected.returncode == 0 and "test_every_runnable_block_runs" not in collected.stdout, collected.stdout
+
+
+@pytest.mark.expensive
+def test_a_fresh_environment_gets_the_console_script_and_runs_the_main_job(tmp_path: Path, cache: Path) -> None:
+    """`pip install -e .` into a new environment (its dependencies reused from this one: no network here) gives an
+    `ajpq` whose packages, envs and agents included, import outside the source tree, and the main job runs."""
+    import site
+    import venv
+
+    env_dir = tmp_path / ".venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    target = next((env_dir / "lib").glob("python*/site-packages"))
+    reused = [p for p in [*site.getsitepackages(), *sys.path] if p.endswith("site-packages") and Path(p).is_dir()]
+
+    def setuptools_version(folder: str) -> tuple[int, ...]:
+        found = [re.match(r"setuptools-(\d+)", d.name) for d in Path(folder).glob("setuptools-*.dist-info")]
+        return max((int(m.group(1)),) for m in found if m) if any(found) else (0,)
+
+    reused.sort(key=lambda folder: setuptools_version(folder) < (68,))  # the build backend pyproject.toml asks for
+    if not reused or setuptools_version(reused[0]) < (68,):
+        pytest.skip("no setuptools>=68 installed to build ajpq with, offline")
+    (target / "reused.pth").write_text("\n".join(dict.fromkeys(reused)) + "\n")
+    pip = [sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python"), "install", "-q"]
+    installed = subprocess.run(
+        [*pip, "--no-deps", "--no-build-isolation", "-e", str(ROOT)], capture_output=True, text=True, check=False
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    (tmp_path / "work").mkdir()
+    done = subprocess.run(
+        [str(env_dir / "bin" / "ajpq"), "search", *TINY_ARGS["search"]],
+        cwd=tmp_path / "work",
+        env={**os.environ, "AJPQ_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "best" in done.stdout
