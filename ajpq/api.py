@@ -134,7 +134,7 @@ def search(
         size_budget: Largest size as a ratio of FP32, in (0, 1], or None.
         bops_budget: Largest BOPs as a ratio of FP32, in (0, 1], or None.
         episodes: Evaluated candidates.
-        method: ``ajpq`` (the hierarchical RL search), ``local``, ``random``, ``uniform``, ``opq``, ``olmp`` or
+        method: ``ajpq`` (the hierarchical RL search), ``random``, ``uniform``, ``opq``, ``olmp`` or
             ``admm`` (:data:`ajpq.methods.METHODS`).
         evaluate: Your own score of a model (higher is better), replacing validation accuracy in the reward.
         run_dir: The run folder to create (default ``run_root/<model>__<data>__<seed>__<time>``).

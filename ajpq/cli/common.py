@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import types
@@ -107,9 +108,24 @@ def _scalar_type(annotation: Any) -> Callable[[str], Any] | None:
     return annotation if annotation in (int, float, str) else str
 
 
+_ROLE = re.compile(r":(?:py:)?[a-z]+:`(~?)([^`]+)`")
+"""A Sphinx cross-reference such as :mod:`ajpq.methods` or :class:`~ajpq.runner.SearchResult`."""
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as ``--help`` shows it: Sphinx roles become their target (``~`` keeps the last name) and
+    double backticks go, since argparse prints the markup verbatim."""
+
+    def target(match: re.Match[str]) -> str:
+        name = match.group(2)
+        return name.rsplit(".", 1)[-1] if match.group(1) else name
+
+    return _ROLE.sub(target, text).replace("``", "")
+
+
 def help_text(cls: type, name: str, default: Any) -> str:
     """A field's docstring as help, with its default unless the docstring already says it."""
-    text = field_docs(cls).get(name, "").replace("``", "").rstrip(".")
+    text = plain_text(field_docs(cls).get(name, "")).rstrip(".")
     if text[:2] != text[:2].upper():  # "Seed of ..." reads "seed of ..." among argparse's texts; "FP32 ..." stays
         text = text[0].lower() + text[1:]
     if default is not None and "default" not in text.lower():
