@@ -26,6 +26,7 @@ FAST = {
     "ajpq": {},
     "uniform": {},
     "random": {},
+    "local": {},
     "opq": {},
     "olmp": {"rounds": 1, "population": 2, "iterations": 1, "retrain_epochs": 0.5},
     "admm": {"steps": 2, "admm_epochs": 0.5, "retrain_epochs": 0.5, "quant_epochs": 0.5},
