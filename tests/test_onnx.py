@@ -94,6 +94,10 @@ def test_integer_initializers_per_layer_width_and_removed_channels_absent(tiny) 
     assert report["layers"] == {"conv1": "int4", "conv2": "int8", "fc": "int4"}
     assert len(tensors["conv1.wq"].raw_data) == 3 * 9 // 2 + 1  # int4: two codes a byte (27 codes -> 14 bytes)
     assert not any(t.data_type == onnx.TensorProto.FLOAT and t.name.endswith(".weight") for t in tensors.values())
+    # int32 bias only on the int8 layer (what onnxruntime's integer kernels take); the int4 layers keep float biases
+    assert tensors["conv2.bq"].data_type == onnx.TensorProto.INT32 and "conv2.bias" not in tensors
+    assert tensors["conv1.bias"].data_type == tensors["fc.bias"].data_type == onnx.TensorProto.FLOAT
+    assert "conv1.bq" not in tensors and "fc.bq" not in tensors
     # the codes are the artifact's: DequantizeLinear of the initializers gives the slim model's weights
     from onnx import numpy_helper
 
