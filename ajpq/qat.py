@@ -118,8 +118,6 @@ class _LearnedRange(nn.Module):
         return (quantize_activation_learned(inputs[0], self.step, self.bits, self.signed), *inputs[1:])
 
 
-RANGES_ATTRIBUTE = "ajpq_learned_ranges"
-"""Where a :class:`QATModel` with learned ranges keeps them in its module (so the optimizer trains them)."""
 
 
 class QATModel:
@@ -185,7 +183,6 @@ class QATModel:
                 self.learned[layer.name.replace(".", "/")] = learned
                 fixed.bits = 32
                 self.module.get_submodule(layer.name).register_forward_pre_hook(learned.hook)
-            setattr(self.module, RANGES_ATTRIBUTE, self.learned)
 
     def activation_ranges(self) -> dict[str, tuple[float, bool]]:
         """The learned ``(max|x|, signed)`` of each quantized layer's input (empty without ``learn_ranges``)."""
@@ -219,8 +216,6 @@ class QATModel:
         """
         state = {}
         for key, value in self.module.state_dict().items():
-            if key.startswith(f"{RANGES_ATTRIBUTE}."):
-                continue
             if ".parametrizations." in key:
                 if key.endswith(".parametrizations.weight.original"):
                     state[key.replace(".parametrizations.weight.original", ".weight")] = value
@@ -344,6 +339,7 @@ def finetune(
         end_epoch=None if learn_ranges else qat.recalibrate,  # learned ranges ignore the calibrated ones
         teacher=soft,
         loss=loss,
+        extra_parameters=list(qat.learned.parameters()),  # the ranges stay out of the user's model
     )
     result = qat.fp32_model().eval()
     ranges = qat.activation_ranges()

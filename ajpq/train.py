@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,8 +170,12 @@ def train_model(
     end_epoch: Callable[[], None] | None = None,
     teacher: nn.Module | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    extra_parameters: Sequence[nn.Parameter] = (),
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns per-epoch ``{"epoch", "loss", "val_accuracy"}``.
+
+    ``extra_parameters`` are trained with the model's own but live outside its modules (a QAT model's learned
+    activation ranges: a child module of the user's model would be called by an ``nn.Sequential``'s forward).
 
     ``before_step``/``after_step`` let callers keep constraints (masks, quantization) around each update;
     ``end_epoch`` runs after each epoch's last step, before validation (e.g. recalibration). With a ``teacher``
@@ -179,7 +183,7 @@ def train_model(
     a ``loss(outputs, targets)`` of the caller's replaces both (a model that is not a classifier).
     """
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in (*model.parameters(), *extra_parameters) if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )

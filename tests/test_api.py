@@ -23,6 +23,7 @@ from ajpq.checkpoint import load_checkpoint
 from ajpq.compress import SimulatedModel
 from ajpq.data import load_dataset
 from ajpq.errors import AJPQError, ConfigError, DataError
+from ajpq.policy import Policy
 from ajpq.train import evaluate_accuracy
 
 USER_CODE = '''
@@ -304,3 +305,18 @@ def test_the_own_model_example_runs_end_to_end(tmp_path: Path) -> None:
     assert "x smaller" in last and "val accuracy" in last
     (artifact,) = tmp_path.glob("runs/*/model.ajpq")
     assert artifact.stat().st_size == int(last.split(", ")[1].split(" bytes")[0].replace(",", ""))
+
+
+def test_finetune_learns_the_ranges_of_a_plain_sequential_model() -> None:
+    """Fine-tuning kept its learned ranges in a child module of the model, which an ``nn.Sequential`` then called in
+    its forward pass (NotImplementedError); they now stay outside the user's model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    digits = load_dataset("digits")
+    from ajpq.api import workspace_of
+
+    workspace = workspace_of(model, digits.train, digits.val)
+    policy = Policy.uniform(workspace.analysis, 4)
+    tuned = ajpq.finetune(model, policy, digits.train, digits.val, epochs=1, progress=False)
+    assert isinstance(tuned, nn.Sequential) and len(tuned) == 4  # the user's model, nothing added to it
+    assert set(tuned.ajpq.activation_ranges) == {"0", "3"}
