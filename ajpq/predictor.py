@@ -131,11 +131,11 @@ def ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties; 0 when either side is constant)."""
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     norm = float(np.sqrt((ra**2).sum() * (rb**2).sum()))
-    return float((ra * rb).sum() / norm) if norm > 0 else 0.0
+    return float((ra * rb).sum() / norm) if norm > 0 else float("nan")
 
 
 __all__ = ["ScorePredictor", "policy_features", "ranks", "spearman"]

@@ -118,8 +118,6 @@ class _LearnedRange(nn.Module):
         return (quantize_activation_learned(inputs[0], self.step, self.bits, self.signed), *inputs[1:])
 
 
-
-
 class QATModel:
     """The FP32 model prepared for quantization-aware training with a fixed, complete and validated policy."""
 

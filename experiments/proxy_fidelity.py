@@ -36,6 +36,7 @@ import torch
 from ajpq.budget import Budget
 from ajpq.data import TensorSplit
 from ajpq.envs import CompressionProblem, Episode
+from ajpq.predictor import spearman
 from ajpq.proxy import ProxyOptions, make_evaluator
 from ajpq.qat import finetune, finetune_config
 from ajpq.train import evaluate_accuracy, seed_everything
@@ -58,25 +59,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "qat_steps": [20],
     },
 }
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
-
-    def ranks(values: list[float]) -> np.ndarray:
-        x = np.asarray(values, dtype=np.float64)
-        order = np.argsort(x, kind="stable")
-        result = np.empty(len(x))
-        result[order] = np.arange(len(x), dtype=np.float64)
-        for value in np.unique(x):
-            tied = x == value
-            result[tied] = result[tied].mean()
-        return result
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def limit_train(workspace: Workspace, size: int | None) -> Workspace:
