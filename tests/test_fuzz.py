@@ -106,7 +106,7 @@ def mutate(tree: Any, plan: list[tuple[str, int, Any]]) -> Any:
         paths = list(_paths(tree))
         path = paths[pick % len(paths)]
         if not path:
-            tree = value if operation == "retype" else tree
+            tree = copy.deepcopy(value) if operation == "retype" else tree  # never the shared WEIRD value itself
             continue
         parent, key = _at(tree, path[:-1]), path[-1]
         node = parent[key]
