@@ -17,8 +17,19 @@ def shown(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_MESSAGE = 1000
+"""Longest message an error keeps: a longer one (a received value quoted whole) loses its middle, so what was wrong
+(the start) and what to do (the end) stay on one short line."""
+
+
 class AJPQError(Exception):
     """Base class: a bad input or an impossible request, with a message that says what to do."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and len(args[0]) > MAX_MESSAGE:
+            text, half = args[0], MAX_MESSAGE // 2 - 4
+            args = (f"{text[:half]} ... {text[-half:]}",)
+        super().__init__(*args)
 
 
 class DataError(AJPQError):

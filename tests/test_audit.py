@@ -514,3 +514,15 @@ def test_found_by_the_fuzzers(artifact_data: bytes, tmp_path: Path) -> None:
     (tmp_path / "checkpoint" / "state.json").write_text("9" * 5000)
     with pytest.raises(ArtifactError, match=r"state\.json: holds a number of more than 4300 digits"):
         RunDir(tmp_path).load_state()
+
+
+def test_a_long_received_value_in_a_message_is_cut_to_one_short_line(tmp_path: Path) -> None:
+    """Found by the long config fuzzer: a 5,000-character string as a config value was quoted whole."""
+    from ajpq.errors import MAX_MESSAGE, ConfigError
+    from ajpq.search_config import SearchConfig
+
+    with pytest.raises(ConfigError) as caught:
+        SearchConfig(method="a" * 5000)
+    message = str(caught.value)
+    assert len(message) <= MAX_MESSAGE and message.startswith("method must be one of")
+    assert message.endswith("aaaa'") and " ... " in message
