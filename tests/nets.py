@@ -143,3 +143,29 @@ def _die_in_a_child() -> DiesInAWorker:
     if multiprocessing.current_process().name != "MainProcess":  # a spawned child, named before it unpickles
         os._exit(3)
     return DiesInAWorker()
+
+
+def digits_artifact_bytes(weight_bits: int | None = None, removed_conv2: int = 0) -> bytes:
+    """A valid ``.ajpq`` file of digits_cnn (seed 0): uniform bits (the policy default when ``weight_bits`` is None),
+    the first ``removed_conv2`` channels of conv2 removed; what the readers' tests start from."""
+    from ajpq.analysis import analyze_model
+    from ajpq.artifact import build_artifact
+    from ajpq.models import build_model
+    from ajpq.policy import Policy, validate_policy
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", (1, 8, 8), 10).eval()
+    analysis = analyze_model(model, (1, 8, 8), model_name="digits_cnn")
+    policy = Policy.uniform(analysis) if weight_bits is None else Policy.uniform(analysis, weight_bits)
+    policy.layers["conv2"].weight_bits[:removed_conv2] = 0
+    artifact = build_artifact(
+        model,
+        analysis,
+        validate_policy(policy, analysis),
+        torch.randn(32, 1, 8, 8),
+        model_name="digits_cnn",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        dataset="digits",
+    )
+    return artifact.to_bytes()

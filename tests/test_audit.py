@@ -179,29 +179,9 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path, capsys) ->
 @pytest.fixture(scope="module")
 def artifact_data() -> bytes:
     """digits_cnn at 4 bits with three conv2 channels removed (so the groups record removed channels)."""
-    import torch
+    from nets import digits_artifact_bytes
 
-    from ajpq.analysis import analyze_model
-    from ajpq.artifact import build_artifact
-    from ajpq.models import build_model
-    from ajpq.policy import Policy, validate_policy
-
-    torch.manual_seed(0)
-    model = build_model("digits_cnn", (1, 8, 8), 10).eval()
-    analysis = analyze_model(model, (1, 8, 8), model_name="digits_cnn")
-    policy = Policy.uniform(analysis, 4)
-    policy.layers["conv2"].weight_bits[:3] = 0
-    artifact = build_artifact(
-        model,
-        analysis,
-        validate_policy(policy, analysis),
-        torch.randn(32, 1, 8, 8),
-        model_name="digits_cnn",
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        dataset="digits",
-    )
-    return artifact.to_bytes()
+    return digits_artifact_bytes(4, removed_conv2=3)
 
 
 def crafted(data: bytes, edit: Any) -> bytes:

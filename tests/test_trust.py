@@ -17,11 +17,11 @@ import torch
 
 from ajpq import load_compressed
 from ajpq.analysis import analyze_model
-from ajpq.artifact import _PREAMBLE, ARTIFACT_VERSION, MAGIC, PREAMBLE_BYTES, build_artifact
+from ajpq.artifact import _PREAMBLE, ARTIFACT_VERSION, MAGIC, PREAMBLE_BYTES
 from ajpq.cli import main
 from ajpq.errors import ArtifactError
 from ajpq.models import build_model
-from ajpq.policy import Policy, validate_policy
+from ajpq.policy import Policy
 
 EVIL_MODULE = """
 from pathlib import Path
@@ -36,21 +36,9 @@ def build(num_classes):
 
 @pytest.fixture(scope="module")
 def artifact_data() -> bytes:
-    torch.manual_seed(0)
-    model = build_model("digits_cnn", (1, 8, 8), 10).eval()
-    analysis = analyze_model(model, (1, 8, 8), model_name="digits_cnn")
-    policy = validate_policy(Policy.uniform(analysis), analysis)
-    artifact = build_artifact(
-        model,
-        analysis,
-        policy,
-        torch.randn(32, 1, 8, 8),
-        model_name="digits_cnn",
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        dataset="digits",
-    )
-    return artifact.to_bytes()
+    from nets import digits_artifact_bytes
+
+    return digits_artifact_bytes()
 
 
 def crafted(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
