@@ -51,6 +51,8 @@ def budget_load(budget: Budget, report: CostReport) -> float:
         loads.append(report.size_ratio / budget.size)
     if budget.bops is not None:
         loads.append(report.bops_ratio / budget.bops)
+    if budget.latency is not None and report.latency_ratio is not None:
+        loads.append(report.latency_ratio / budget.latency)
     return max(loads)
 
 
@@ -118,8 +120,9 @@ class _GreedyCosts:
         self.layer_costs = {
             layer.name: self._cost(layer, self.step_of[layer.group], self.kept) for layer in analysis.layers
         }
-        self.size = cost_model.other_bits + sum(size for size, _ in self.layer_costs.values())
-        self.bops = sum(bops for _, bops in self.layer_costs.values())
+        self.size = cost_model.other_bits + sum(size for size, _, _ in self.layer_costs.values())
+        self.bops = sum(bops for _, bops, _ in self.layer_costs.values())
+        self.latency = sum(latency for _, _, latency in self.layer_costs.values())
 
     def touched(self, group_id: int) -> set[str]:
         """Names of the layers whose cost a move of this step may change."""
@@ -137,21 +140,24 @@ class _GreedyCosts:
 
     def _cost(
         self, layer: LayerInfo, step: _Step, kept: list[np.ndarray], fan_in: np.ndarray | None = None
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, float]:
         bits = np.where(kept[layer.group][self.analysis.out_root[layer.name]], step.bits, 0)
         cost = self.cost_model.layer_cost(
             layer, bits, step.abits, self.fan_in[layer.name] if fan_in is None else fan_in
         )
-        return cost.size_bits, cost.bops
+        latency = 0.0
+        if self.cost_model.latency is not None:
+            latency = self.cost_model.layer_latency(layer, self.cost_model.input_kept(layer, kept), bits)
+        return cost.size_bits, cost.bops, latency
 
-    def _trial(self, trial: _Step, move: str) -> dict[str, tuple[int, int, np.ndarray | None]]:
-        """New cost (size, bops) and fan-in (None if unchanged) of every layer the move changes."""
+    def _trial(self, trial: _Step, move: str) -> dict[str, tuple[int, int, float, np.ndarray | None]]:
+        """New cost (size, bops, latency) and fan-in (None if unchanged) of every layer the move changes."""
         gid = trial.group
         if move != "prune":
             return {layer.name: (*self._cost(layer, trial, self.kept), None) for layer in self.members[gid]}
         kept = list(self.kept)
         kept[gid] = self._kept_mask(trial)
-        result: dict[str, tuple[int, int, np.ndarray | None]] = {}
+        result: dict[str, tuple[int, int, float, np.ndarray | None]] = {}
         for layer in self.readers[gid]:
             fan_in = self._fan_in(layer, kept)
             step = trial if layer.group == gid else self.step_of[layer.group]
@@ -161,14 +167,16 @@ class _GreedyCosts:
                 result[layer.name] = (*self._cost(layer, trial, kept), None)
         return result
 
-    def delta(self, trial: _Step, move: str) -> tuple[int, int]:
-        """Change of the total size and BOPs (bits) if ``trial`` replaced its step by ``move``."""
+    def delta(self, trial: _Step, move: str) -> tuple[int, int, float]:
+        """Change of the total size and BOPs (bits) and latency (ms) if ``trial`` replaced its step by ``move``."""
         size = bops = 0
-        for name, (new_size, new_bops, _) in self._trial(trial, move).items():
-            old_size, old_bops = self.layer_costs[name]
+        latency = 0.0
+        for name, (new_size, new_bops, new_latency, _) in self._trial(trial, move).items():
+            old_size, old_bops, old_latency = self.layer_costs[name]
             size += new_size - old_size
             bops += new_bops - old_bops
-        return size, bops
+            latency += new_latency - old_latency
+        return size, bops, latency
 
     def apply(self, trial: _Step, move: str) -> None:
         """Make the move: ``trial`` replaces its step."""
@@ -176,17 +184,25 @@ class _GreedyCosts:
         self.step_of[trial.group] = trial
         if move == "prune":
             self.kept[trial.group] = self._kept_mask(trial)
-        for name, (size, bops, fan_in) in changes.items():
-            old_size, old_bops = self.layer_costs[name]
+        for name, (size, bops, latency, fan_in) in changes.items():
+            old_size, old_bops, old_latency = self.layer_costs[name]
             self.size += size - old_size
             self.bops += bops - old_bops
-            self.layer_costs[name] = (size, bops)
+            self.latency += latency - old_latency
+            self.layer_costs[name] = (size, bops, latency)
             if fan_in is not None:
                 self.fan_in[name] = fan_in
 
 
 def _trial_loads(
-    budget: Budget, cost_model: CostModel, size: int, bops: int, dsize: np.ndarray, dbops: np.ndarray
+    budget: Budget,
+    cost_model: CostModel,
+    size: int,
+    bops: int,
+    dsize: np.ndarray,
+    dbops: np.ndarray,
+    latency: float = 0.0,
+    dlatency: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`budget_load` of every candidate move's policy, bit for bit as it computes it from a cost report.
 
@@ -195,18 +211,28 @@ def _trial_loads(
     """
     reference_size, reference_bops = cost_model.reference_size_bits, cost_model.reference_bops
     if max(reference_size, reference_bops) >= 2**53:
-        return np.array(
+        exact = np.array(
             [
                 budget_load(budget, CostReport(size + int(ds), bops + int(db), reference_size, reference_bops))
                 for ds, db in zip(dsize, dbops, strict=True)
             ]
         )
+        return _with_latency(exact, budget, cost_model, latency, dlatency)
     loads = np.zeros(dsize.size)
     if budget.size is not None:
         loads = np.maximum(loads, (size + dsize) / reference_size / budget.size)
     if budget.bops is not None:
         loads = np.maximum(loads, (bops + dbops) / reference_bops / budget.bops)
-    return loads
+    return _with_latency(loads, budget, cost_model, latency, dlatency)
+
+
+def _with_latency(
+    loads: np.ndarray, budget: Budget, cost_model: CostModel, latency: float, dlatency: np.ndarray | None
+) -> np.ndarray:
+    """``loads`` and the latency budget's load (the table's sum of layer predictions, as the cost model's)."""
+    if budget.latency is None or cost_model.latency is None or dlatency is None:
+        return loads
+    return np.maximum(loads, (latency + dlatency) / cost_model.latency.reference_ms / budget.latency)
 
 
 def _stale_after_move(
@@ -265,6 +291,7 @@ def greedy_allocation(
     damage = np.zeros(valid.size)
     dsize = np.zeros(valid.size, dtype=np.int64)
     dbops = np.zeros(valid.size, dtype=np.int64)
+    dlatency = np.zeros(valid.size)
 
     def refresh(index: int, moves: tuple[str, ...] = MOVES, with_damage: bool = True) -> None:
         """Re-price ``moves`` of step ``index`` (their damage too after the step itself moved)."""
@@ -280,13 +307,13 @@ def greedy_allocation(
                 continue
             if with_damage:
                 damage[entry] = _damage(table, trial, prune_weight) - before
-            dsize[entry], dbops[entry] = costs.delta(trial, move)
+            dsize[entry], dbops[entry], dlatency[entry] = costs.delta(trial, move)
 
     for index in range(len(steps)):
         refresh(index)
     last: tuple[int, _Step] | None = None
     while load > 1.0:
-        saved = load - _trial_loads(budget, cost_model, costs.size, costs.bops, dsize, dbops)
+        saved = load - _trial_loads(budget, cost_model, costs.size, costs.bops, dsize, dbops, costs.latency, dlatency)
         candidates = np.flatnonzero(valid & (saved > 1e-12))
         if candidates.size == 0:
             break  # nothing left to lower; the projection will do what it can

@@ -38,9 +38,7 @@ import hashlib
 import io
 import json
 import math
-import statistics
 import struct
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -373,6 +371,20 @@ def _architecture(analysis: ModelAnalysis, policy: Policy) -> tuple[list[dict[st
         removed = np.flatnonzero(policy.layers[root].weight_bits == 0)
         groups.append({"id": group.id, "members": list(group.members), "root": root, "removed": removed.tolist()})
     return layers, groups
+
+
+def slim_structure(
+    model: nn.Module, analysis: ModelAnalysis, policy: Policy | None, input_shape: tuple[int, ...]
+) -> nn.Module:
+    """A copy of ``model`` shaped as the artifact of ``policy`` loads (None: nothing removed): BatchNorm folded into
+    biases, the removed channels physically gone, an activation quantizer before every layer. Its weights are not
+    the compressed ones: it is for timing (:mod:`ajpq.latency`), which depends on the shapes only."""
+    slim = copy.deepcopy(model).cpu().eval()
+    layers, groups = _architecture(analysis, policy if policy is not None else Policy.uniform(analysis, 8, 8))
+    _fold_structure(slim, layers)
+    _prune(slim, groups, input_shape)
+    _install_quantizers(slim, {layer.name: {"bits": 8, "max_abs": 1.0, "signed": True} for layer in analysis.layers})
+    return slim.eval()
 
 
 def _install_quantizers(model: nn.Module, activations: dict[str, dict[str, Any]]) -> dict[str, ActivationFakeQuant]:
@@ -1057,56 +1069,6 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     return _load_slim(artifact.header, artifact.payload, model, str(path))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Latency
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _timed(model: nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
-
-
-@torch.inference_mode()
-def _warm_up(model: nn.Module, x: torch.Tensor, calls: int = 15, seconds: float = 0.3) -> None:
-    """Run until both ``calls`` passes and ``seconds`` are done (oneDNN's first passes per shape are slow)."""
-    deadline = time.perf_counter() + seconds
-    done = 0
-    while done < calls or time.perf_counter() < deadline:
-        model(x)
-        done += 1
-
-
-@torch.inference_mode()
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int, *, repeats: int = 30) -> float:
-    """Median CPU wall time of one forward pass in milliseconds, after a warm-up."""
-    model = model.cpu().eval()
-    x = torch.randn(batch, *input_shape)
-    _warm_up(model, x)
-    return statistics.median(_timed(model, x) for _ in range(repeats)) * 1000.0
-
-
-@torch.inference_mode()
-def latency_report(
-    slim: nn.Module, fp32: nn.Module, input_shape: tuple[int, ...], *, repeats: int = 30
-) -> dict[str, float]:
-    """``{"batch1", "batch64", "fp32_batch1", "fp32_batch64"}``: CPU milliseconds, median of ``repeats``.
-
-    The two models are timed alternately, so a load spike from another process hits both alike.
-    """
-    slim, fp32 = slim.cpu().eval(), fp32.cpu().eval()
-    report = {}
-    for batch, count in ((1, repeats * 2), (64, repeats)):
-        x = torch.randn(batch, *input_shape)
-        _warm_up(slim, x)
-        _warm_up(fp32, x)
-        pairs = [(_timed(slim, x), _timed(fp32, x)) for _ in range(count)]
-        report[f"batch{batch}"] = statistics.median(p[0] for p in pairs) * 1000.0
-        report[f"fp32_batch{batch}"] = statistics.median(p[1] for p in pairs) * 1000.0
-    return {key: report[key] for key in ("batch1", "batch64", "fp32_batch1", "fp32_batch64")}
-
-
 __all__ = [
     "ARTIFACT_FORMAT",
     "ARTIFACT_VERSION",
@@ -1117,12 +1079,11 @@ __all__ = [
     "build_artifact",
     "decode_sparse",
     "encode_sparse",
-    "latency_report",
     "load_compressed",
     "max_logit_difference",
-    "measure_latency",
     "pack_codes",
     "parse_artifact",
     "read_artifact",
+    "slim_structure",
     "unpack_codes",
 ]

@@ -1,4 +1,4 @@
-"""Size and BOPs budgets: parsing, the feasibility check, the soft penalty and the hard-mode projection.
+"""Size, BOPs and latency budgets: parsing, the feasibility check, the soft penalty and the hard-mode projection.
 
 A budget is a ratio of the FP32 reference (``size_budget=0.05`` means at most 5% of the FP32 size in bits, as the
 :class:`~ajpq.cost.CostModel` counts it). Every search method (AJPQ's RL, random, uniform, OPQ, OLMP, ADMM) uses the
@@ -69,20 +69,36 @@ class Budget:
     """Largest allowed ``bops / reference_bops``."""
     mode: str = "hard"
     """``hard``: policies are projected onto the budget; ``soft``: a penalty is subtracted from the reward."""
+    latency: float | None = None
+    """Largest allowed predicted latency over FP32's measured latency (the cost model needs a latency table)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", parse_ratio("size_budget", self.size))
         object.__setattr__(self, "bops", parse_ratio("bops_budget", self.bops))
+        object.__setattr__(self, "latency", parse_ratio("latency_budget", self.latency))
         if self.mode not in BUDGET_MODES:
             raise BudgetError(f"budget mode must be one of {', '.join(BUDGET_MODES)}, but got {self.mode!r}")
 
     def fits(self, report: CostReport) -> bool:
         """Whether a cost report meets every given budget."""
-        return self.fits_ratios(report.size_ratio, report.bops_ratio)
+        return self.fits_ratios(report.size_ratio, report.bops_ratio, self._latency_ratio(report))
 
-    def fits_ratios(self, size_ratio: float, bops_ratio: float) -> bool:
-        """Whether a size and a BOPs ratio of FP32 meet every given budget (for estimates without a report)."""
-        return (self.size is None or size_ratio <= self.size) and (self.bops is None or bops_ratio <= self.bops)
+    def fits_ratios(self, size_ratio: float, bops_ratio: float, latency_ratio: float | None = None) -> bool:
+        """Whether a size, a BOPs and a latency ratio of FP32 meet every given budget (for estimates without a
+        report)."""
+        return (
+            (self.size is None or size_ratio <= self.size)
+            and (self.bops is None or bops_ratio <= self.bops)
+            and (self.latency is None or (latency_ratio is not None and latency_ratio <= self.latency))
+        )
+
+    def _latency_ratio(self, report: CostReport) -> float | None:
+        if self.latency is not None and report.latency_ratio is None:
+            raise BudgetError(
+                "a latency budget needs a cost model with a latency table (ajpq.latency.load_or_measure_table); "
+                "this report has no latency"
+            )
+        return report.latency_ratio
 
     def excess(self, report: CostReport) -> float:
         """Relative violation ``sum_k max(0, ratio_k / budget_k - 1)`` (0 when the policy fits); the soft penalty."""
@@ -91,6 +107,9 @@ class Budget:
             total += max(0.0, report.size_ratio / self.size - 1.0)
         if self.bops is not None:
             total += max(0.0, report.bops_ratio / self.bops - 1.0)
+        latency = self._latency_ratio(report)
+        if self.latency is not None and latency is not None:
+            total += max(0.0, latency / self.latency - 1.0)
         return total
 
     def hard(self) -> Budget:
@@ -103,7 +122,15 @@ class Budget:
             parts.append(f"size <= {self.size:g} of FP32")
         if self.bops is not None:
             parts.append(f"BOPs <= {self.bops:g} of FP32")
+        if self.latency is not None:
+            parts.append(f"latency <= {self.latency:g} of FP32")
         return " and ".join(parts) if parts else "no budget"
+
+
+def describe_ratios(report: CostReport) -> str:
+    """ "size ratio S, BOPs ratio B[, latency ratio L]" of a cost report, for messages."""
+    text = f"size ratio {report.size_ratio:.4g}, BOPs ratio {report.bops_ratio:.4g}"
+    return text if report.latency_ratio is None else f"{text}, latency ratio {report.latency_ratio:.4g}"
 
 
 def max_pruned(size: int, max_sparsity: float) -> int:
@@ -140,6 +167,11 @@ def check_feasible(
         problems.append(f"size_budget {budget.size:g} (the smallest achievable size ratio is {report.size_ratio:.4g})")
     if budget.bops is not None and report.bops_ratio > budget.bops:
         problems.append(f"bops_budget {budget.bops:g} (the smallest achievable BOPs ratio is {report.bops_ratio:.4g})")
+    if budget.latency is not None and report.latency_ratio is not None and report.latency_ratio > budget.latency:
+        problems.append(
+            f"latency_budget {budget.latency:g} (the smallest achievable latency ratio is {report.latency_ratio:.4g}: "
+            "what pruning cannot remove, the framework's per-call work and the unprunable layers, stays)"
+        )
     if problems:
         abits = activation_bits if isinstance(activation_bits, int) else min(activation_bits.values())
         raise BudgetError(

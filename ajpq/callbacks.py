@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from ajpq.envs.core import EpisodeResult
 
 BEST_KEYS: tuple[str, ...] = ("episode", "reward", "accuracy", "size_ratio", "bops_ratio")
+
+
+def latency_field(report: Any) -> dict[str, float]:
+    """``{"latency_ratio": ...}`` of a cost report with a predicted latency, else nothing (the records of a search
+    without a latency budget stay as they were)."""
+    ratio = report.latency_ratio
+    return {} if ratio is None else {"latency_ratio": round(float(ratio), 8)}
+
+
 """The keys of an episode record kept as a run's best (plus ``compression_rate``)."""
 
 
@@ -124,6 +133,7 @@ class TensorBoardCallback(SearchCallback):
             "search/accuracy": result.accuracy,
             "search/size_ratio": result.report.size_ratio,
             "search/bops_ratio": result.report.bops_ratio,
+            **({} if result.report.latency_ratio is None else {"search/latency_ratio": result.report.latency_ratio}),
             "time/episodes_per_s": 1.0 / max(wall, 1e-9),
             "time/overhead_ratio": wall / max(result.eval_time, 1e-9),
         }
@@ -154,6 +164,8 @@ class TensorBoardCallback(SearchCallback):
             "search/size_ratio_final": float(policy.metrics["size_ratio"]),
             "search/bops_ratio_final": float(policy.metrics["bops_ratio"]),
         }
+        if "latency_ratio" in policy.metrics:
+            scalars["search/latency_ratio_final"] = float(policy.metrics["latency_ratio"])
         self.run_dir.add_scalars(scalars, max(episode, 1))
         self.pending = (policy, max(episode, 1))
 
@@ -239,6 +251,7 @@ class Recorder:
             "accuracy": round(result.accuracy, 8),
             "size_ratio": round(result.report.size_ratio, 8),
             "bops_ratio": round(result.report.bops_ratio, 8),
+            **latency_field(result.report),
             "feasible": bool(result.feasible),
             "projected": bool(result.projected),
             **(extra or {}),
@@ -248,7 +261,11 @@ class Recorder:
         self.callback.on_episode(record, result, wall)
         if result.feasible and record["reward"] > self.best_reward:  # as recorded: a resumed run compares the same
             self.best_reward = record["reward"]
-            self.best = {**{k: record[k] for k in BEST_KEYS}, "compression_rate": result.report.compression_rate}
+            self.best = {
+                **{k: record[k] for k in BEST_KEYS},
+                **latency_field(result.report),
+                "compression_rate": result.report.compression_rate,
+            }
             self.callback.on_best(self.stamp(result.policy.copy(), dict(self.best)), self.episode)
         return record
 
@@ -261,6 +278,7 @@ class Recorder:
             "accuracy": accuracy,
             "size_ratio": report.size_ratio,
             "bops_ratio": report.bops_ratio,
+            **latency_field(report),
             "compression_rate": report.compression_rate,
         }
         stamped = self.stamp(policy, {**self.best, "val_accuracy": accuracy, **report.as_dict()}, **meta)

@@ -31,12 +31,13 @@ import yaml
 from torch import Tensor, nn
 
 from ajpq.analysis import weights_digest
-from ajpq.artifact import build_artifact, latency_report, load_compressed
+from ajpq.artifact import build_artifact, load_compressed
 from ajpq.backends import BackendOptions, default_threads
 from ajpq.budget import Budget, parse_ratio
-from ajpq.config import load_config_file
+from ajpq.config import check_int, load_config_file
 from ajpq.errors import AJPQError, ConfigError
 from ajpq.io import atomic_write_bytes, atomic_write_text
+from ajpq.latency import LATENCY_TARGETS, latency_report, paired_latency
 from ajpq.logs import log
 from ajpq.methods import MethodOptions, method_class
 from ajpq.methods.common import load_method_weights, simulate
@@ -49,6 +50,8 @@ from ajpq.train import evaluate_accuracy, seed_everything
 from ajpq.workspace import SPEC_KEYS, WorkspaceSpec, open_workspace
 
 ALL_METHODS: tuple[str, ...] = ("ajpq", "local", "random", "uniform", "opq", "olmp", "admm")
+LATENCY_METHODS: tuple[str, ...] = ("ajpq", "local", "random", "uniform")
+"""The methods that remove channels, so can meet a latency budget."""
 SEARCH_METHODS: tuple[str, ...] = ("ajpq", "local", "random")
 """The methods that search ajpq's own space with the search's configuration: the same episodes, proxy and budget
 (``local`` is ajpq without its agents, ``random`` without any learning), so their rows differ only in the search."""
@@ -69,7 +72,12 @@ COLUMNS: tuple[str, ...] = (
     "latency_b64_ms",
     "fp32_latency_b1_ms",
     "fp32_latency_b64_ms",
+    "latency_ms",
+    "fp32_latency_ms",
+    "latency_ratio",
+    "latency_ratio_predicted",
 )
+"""The last four are filled in the rows of latency budgets: the exported model on the latency target and batch."""
 
 
 @dataclass
@@ -87,6 +95,14 @@ class CompareConfig:
     joint_budgets: list[Any] = field(default_factory=list)
     """Size and BOPs budgets met together: each a pair ``[size, bops]`` of ratios (e.g. ``["1/100", "1/300"]``),
     run as a row of its own."""
+    latency_budgets: list[Any] = field(default_factory=list)
+    """Latency budgets as ratios of the FP32 model's measured latency on ``latency_target`` at ``latency_batch``,
+    each a row of its own. Methods that remove no channels (opq, olmp, admm: weight sparsity does not lower dense
+    latency) run at the same ratio as a BOPs budget instead; their rows show the latency they reach."""
+    latency_target: str = "torch-cpu"
+    """Where latency budgets are measured (torch-cpu, onnxruntime-cpu, cuda)."""
+    latency_batch: int = 1
+    """Batch size latency budgets are measured at."""
     seed: int = 0
     """Seed of every method and of fine-tuning."""
     episodes: int = 100
@@ -116,14 +132,21 @@ class CompareConfig:
                 close = difflib.get_close_matches(str(method), ALL_METHODS, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown method {method!r} in methods{hint} (known: {', '.join(ALL_METHODS)})")
-        for name in ("budgets", "bops_budgets", "joint_budgets"):
+        for name in ("budgets", "bops_budgets", "joint_budgets", "latency_budgets"):
             if not isinstance(getattr(self, name), list):
                 raise ConfigError(f"{name} must be a list of ratios, but got {getattr(self, name)!r}")
-        if not self.budgets and not self.bops_budgets and not self.joint_budgets:
+        if not self.budgets and not self.bops_budgets and not self.joint_budgets and not self.latency_budgets:
             raise ConfigError(
-                "budgets, bops_budgets and joint_budgets are all empty; give at least one ratio, e.g. budgets: [1/16]"
+                "budgets, bops_budgets, joint_budgets and latency_budgets are all empty; give at least one ratio, "
+                "e.g. budgets: [1/16]"
             )
         self.budgets = [parse_ratio("budgets", b) for b in self.budgets]
+        self.latency_budgets = [parse_ratio("latency_budgets", b) for b in self.latency_budgets]
+        if self.latency_target not in LATENCY_TARGETS:
+            raise ConfigError(
+                f"latency_target must be one of {', '.join(LATENCY_TARGETS)}, but got {self.latency_target!r}"
+            )
+        check_int("latency_batch", self.latency_batch, 1)
         self.bops_budgets = [parse_ratio("bops_budgets", b) for b in self.bops_budgets]
         for pair in self.joint_budgets:
             if not isinstance(pair, list | tuple) or len(pair) != 2:
@@ -182,6 +205,8 @@ def budget_label(budget: Budget) -> str:
     parts = [] if budget.size is None else [ratio_label(budget.size)]
     if budget.bops is not None:
         parts.append(f"BOPs {ratio_label(budget.bops)}")
+    if budget.latency is not None:
+        parts.append(f"latency {budget.latency:g}")
     return " + ".join(parts)
 
 
@@ -192,11 +217,12 @@ def run_folder_name(method: str, label: str) -> str:
 
 
 def compare_budgets(config: CompareConfig) -> list[Budget]:
-    """The rows' budgets: each size budget, then each BOPs budget, then each joint one."""
+    """The rows' budgets: each size budget, then each BOPs budget, then each joint one, then each latency one."""
     return (
         [Budget(size=b) for b in config.budgets]
         + [Budget(bops=b) for b in config.bops_budgets]
         + [Budget(size=size, bops=bops) for size, bops in config.joint_budgets]
+        + [Budget(latency=b) for b in config.latency_budgets]
     )
 
 
@@ -242,10 +268,17 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
         "size_budget": budget.size,
         "bops_budget": budget.bops,
         "episodes": config.episodes,
+        "latency_target": config.latency_target,
+        "latency_batch": config.latency_batch,
         "seed": config.seed,
         "run_dir": str(run_path),
         "progress": False,
     }
+    if budget.latency is not None:
+        if method in LATENCY_METHODS:
+            search_values["latency_budget"] = budget.latency
+        else:  # weight sparsity cannot lower dense latency: the closest budget such a method can meet
+            search_values["bops_budget"] = budget.latency
     if method in SEARCH_METHODS:  # the same space, proxy and episodes for all three
         search_values.update(config.search)
     else:  # the method's own defaults for the settings it shares with the search (OLMP's max_sparsity 0.99)
@@ -266,6 +299,8 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
     exported = _export_row(
         config, workspace, tuned.model, policy, calibration, run_path / "model.ajpq", tuned.activation_ranges
     )
+    if budget.latency is not None:
+        exported.update(_latency_row(config, workspace, run_path / "model.ajpq", result.best))
     row = {
         "method": method,
         "budget": budget_label(budget),
@@ -322,6 +357,21 @@ def _export_row(
         "latency_b64_ms": latency["batch64"],
         "fp32_latency_b1_ms": latency["fp32_batch1"],
         "fp32_latency_b64_ms": latency["fp32_batch64"],
+    }
+
+
+def _latency_row(config: CompareConfig, workspace: Any, path: Path, best: dict[str, Any]) -> dict[str, Any]:
+    """The exported model's measured latency on the latency target and batch, next to FP32's (timed alternately)
+    and to the search's prediction (None for a method that ran without the latency budget)."""
+    slim = load_compressed(path, model=workspace.model)
+    measured, fp32 = paired_latency(
+        slim, workspace.model, workspace.splits.input_shape, config.latency_batch, config.latency_target
+    )
+    return {
+        "latency_ms": measured,
+        "fp32_latency_ms": fp32,
+        "latency_ratio": measured / fp32,
+        "latency_ratio_predicted": best.get("latency_ratio"),
     }
 
 
@@ -429,6 +479,20 @@ def markdown_table(
             f"{r['latency_b1_ms']:.3f} ({r['fp32_latency_b1_ms']:.3f}) | "
             f"{r['latency_b64_ms']:.3f} ({r['fp32_latency_b64_ms']:.3f}) |"
         )
+    timed = [r for r in rows if r.get("latency_ms") not in (None, "")]
+    if timed:
+        lines += [
+            "",
+            "| method | budget | measured latency ms (FP32) | measured ratio | predicted ratio | test after |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in timed:
+            predicted = r.get("latency_ratio_predicted")
+            shown_prediction = "not budgeted" if predicted in (None, "") else f"{float(predicted):.3f}"
+            lines.append(
+                f"| {r['method']} | {r['budget']} | {r['latency_ms']:.3f} ({r['fp32_latency_ms']:.3f}) | "
+                f"{r['latency_ratio']:.3f} | {shown_prediction} | {r['test_after']:.4f} |"
+            )
     if fp32:
         lines.append(f"\nFP32 reference: val {fp32['val']:.4f}, test {fp32['test']:.4f}.")
     if reference:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from torch import nn
 from ajpq.analysis import NETWORK_INPUT, LayerInfo, ModelAnalysis, folded_weights
 from ajpq.errors import PolicyError
 from ajpq.policy import Policy
+
+if TYPE_CHECKING:
+    from ajpq.latency import LatencyTable
 
 SCALE_BITS = 16
 BIAS_BITS = 32
@@ -169,6 +173,10 @@ class CostReport:
     reference_size_bits: int
     reference_bops: int
     layers: tuple[LayerCost, ...] = ()
+    latency_ms: float | None = None
+    """Predicted latency (:mod:`ajpq.latency`); None when the cost model has no latency table."""
+    reference_latency_ms: float | None = None
+    """The FP32 model's measured latency on the table's target."""
 
     @property
     def size_ratio(self) -> float:
@@ -186,6 +194,13 @@ class CostReport:
     def bops_compression_rate(self) -> float:
         return self.reference_bops / self.bops
 
+    @property
+    def latency_ratio(self) -> float | None:
+        """Predicted latency as a ratio of FP32's measured one (None without a latency table)."""
+        if self.latency_ms is None or not self.reference_latency_ms:
+            return None
+        return self.latency_ms / self.reference_latency_ms
+
     def as_dict(self, per_layer: bool = False) -> dict[str, object]:
         result: dict[str, object] = {
             "size_bits": self.size_bits,
@@ -196,6 +211,10 @@ class CostReport:
             "reference_size_bits": self.reference_size_bits,
             "reference_bops": self.reference_bops,
         }
+        if self.latency_ms is not None:
+            result["latency_ms"] = self.latency_ms
+            result["latency_ratio"] = self.latency_ratio
+            result["reference_latency_ms"] = self.reference_latency_ms
         if per_layer:
             result["layers"] = [asdict(layer) for layer in self.layers]
         return result
@@ -208,8 +227,16 @@ class CostModel:
     whose stored positions depend on the weights' magnitudes.
     """
 
-    def __init__(self, analysis: ModelAnalysis, weights: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        analysis: ModelAnalysis,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        latency: LatencyTable | None = None,
+    ) -> None:
         self.analysis = analysis
+        self.latency = latency
+        """Per-layer latency table (:mod:`ajpq.latency`): with one, reports predict latency (a latency budget needs
+        it); channel pruning is what changes it, so it is priced from kept inputs and outputs alone."""
         self._magnitudes = (
             None
             if weights is None
@@ -322,9 +349,22 @@ class CostModel:
         weights = int(stored_per_channel.sum())
         return LayerCost.from_counts(layer, bits, activation_bits, weights, value_bits, storage_bits, fmt)
 
+    def layer_latency(self, layer: LayerInfo, input_kept: np.ndarray, bits: np.ndarray) -> float:
+        """Predicted milliseconds of ``layer`` with these kept inputs and channel bits (0 without a table)."""
+        if self.latency is None:
+            return 0.0
+        return self.latency.layer_ms(layer, int(input_kept.sum()), int((bits > 0).sum()))
+
     def evaluate(self, policy: Policy) -> CostReport:
-        """Size and BOPs of a complete policy (see :func:`ajpq.policy.validate_policy`)."""
+        """Size and BOPs of a complete policy (see :func:`ajpq.policy.validate_policy`), and its predicted latency
+        when the cost model has a latency table."""
         inputs = self.kept_inputs(policy)
+        latency = None
+        if self.latency is not None:
+            latency = sum(
+                self.layer_latency(layer, inputs[layer.name], policy.layers[layer.name].weight_bits)
+                for layer in self.analysis.layers
+            )
         layers = []
         for layer in self.analysis.layers:
             layer_policy = policy.layers[layer.name]
@@ -348,4 +388,6 @@ class CostModel:
             reference_size_bits=self.reference_size_bits,
             reference_bops=self.reference_bops,
             layers=tuple(layers),
+            latency_ms=latency,
+            reference_latency_ms=None if self.latency is None else self.latency.reference_ms,
         )

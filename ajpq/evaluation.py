@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from ajpq.artifact import _load_slim, base_model, latency_report, model_record, read_artifact
+from ajpq.artifact import _load_slim, base_model, model_record, read_artifact
 from ajpq.checkpoint import load_checkpoint, load_weights
 from ajpq.cost import CostModel
 from ajpq.data import DataSplits, load_dataset
 from ajpq.errors import DataError, ModelError
+from ajpq.latency import latency_report
 from ajpq.logs import log
 from ajpq.models import build_model
 from ajpq.policy import Policy

@@ -22,8 +22,9 @@ from ajpq.callbacks import Recorder, RunInfo, default_callbacks
 from ajpq.checkpoint import checkpoint_meta, save_checkpoint
 from ajpq.data import split_digest
 from ajpq.envs import problem_from_workspace
-from ajpq.errors import StorageError
+from ajpq.errors import ConfigError, StorageError
 from ajpq.io import cache_dir
+from ajpq.latency import LatencyTable, load_or_measure_table, warn_if_other_machine
 from ajpq.logs import log
 from ajpq.methods import METHODS, SearchContext, method_class
 from ajpq.methods.base import StopOnSignal
@@ -120,6 +121,44 @@ def _keep_reference(config: SearchConfig, workspace: Workspace, run_dir: RunDir)
     return replace(config, workspace=replace(config.workspace, weights=str(path)))
 
 
+def _latency_table(config: SearchConfig, workspace: Workspace, run_dir: RunDir | None) -> LatencyTable | None:
+    """The latency table a latency budget needs (None without one): a resumed run's own (so its predictions do not
+    change mid-search; a warning when this machine differs), else the cached or a new measurement."""
+    if config.latency_budget is None:
+        return None
+    given = None
+    if run_dir is not None and run_dir.latency_table_path.is_file():
+        given = run_dir.latency_table_path
+    elif config.latency_table is not None:
+        given = Path(config.latency_table)
+    if given is not None:
+        table = LatencyTable.load(given, workspace.analysis)
+        warn_if_other_machine(table, str(given))
+        if (table.target, table.batch) != (config.latency_target, config.latency_batch):
+            raise ConfigError(
+                f"{given} was measured on {table.target} at batch {table.batch}, but the search asks for "
+                f"{config.latency_target} at batch {config.latency_batch}; pass --latency-target {table.target} "
+                f"--latency-batch {table.batch}, or leave the table out to measure one here"
+            )
+        return table
+    table, cached = load_or_measure_table(
+        workspace.model,
+        workspace.analysis,
+        workspace.splits.input_shape,
+        target=config.latency_target,
+        batch=config.latency_batch,
+        model_name=config.workspace.model,
+        cache=cache_dir() / "latency",
+        progress=config.progress,
+    )
+    log(
+        f"latency table ({table.target}, batch {table.batch}) "
+        f"{'read from the cache' if cached else 'measured and cached'}: "
+        f"FP32 {table.reference_ms:.3g} ms, unpruned compressed model {table.full_slim_ms:.3g} ms"
+    )
+    return table
+
+
 def _run_search(
     config: SearchConfig,
     resume: str | Path | None,
@@ -158,6 +197,8 @@ def _run_search(
     if resume is not None:
         run_dir.check_resumable(digest, workspace.device, val_digest)  # before any measuring, writing or truncating
     budget = config.budget
+    stop.stage = "the latency table measurement"
+    workspace.latency_table = _latency_table(config, workspace, run_dir if resume is not None else None)
     if method_class(config.method).episodic:
         min_abits = 2 if config.search_activation_bits else config.activation_bits
         check_feasible(
@@ -224,11 +265,17 @@ def _run_search(
         if config.workspace.model.startswith(IN_MEMORY) and config.workspace.weights is None:
             config = _keep_reference(config, workspace, run_dir)
     run_dir.write_config(config.to_dict())
+    if workspace.cost_model.latency is not None:
+        workspace.cost_model.latency.save(run_dir.latency_table_path)
     info = RunInfo(
         method=config.method,
         seed=config.seed,
         dataset=config.workspace.dataset,
-        budget={"size": config.size_budget, "bops": config.bops_budget},
+        budget={
+            "size": config.size_budget,
+            "bops": config.bops_budget,
+            **({} if config.latency_budget is None else {"latency": config.latency_budget}),
+        },
         fp32_accuracy=fp32,
         episodes=config.episodes,
         start=0 if state is None else int(state["episode"]),

@@ -323,6 +323,11 @@ class RunDir:
         return self.path / BEST_POLICY_FILE
 
     @property
+    def latency_table_path(self) -> Path:
+        """The latency table a search with a latency budget predicts with (:mod:`ajpq.latency`)."""
+        return self.path / "latency_table.json"
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoint"
 

@@ -16,6 +16,7 @@ from ajpq.backends import BackendOptions
 from ajpq.budget import Budget, parse_ratio
 from ajpq.config import check_int
 from ajpq.errors import ConfigError
+from ajpq.latency import LATENCY_TARGETS
 from ajpq.quant import ACTIVATION_BITS_ALLOWED
 from ajpq.workspace import SPEC_KEYS, WorkspaceSpec
 
@@ -34,6 +35,16 @@ class SearchConfig:
     """Largest size as a ratio of FP32, in (0, 1] (None: no size budget)."""
     bops_budget: float | None = None
     """Largest BOPs as a ratio of FP32, in (0, 1] (None: no BOPs budget)."""
+    latency_budget: float | None = None
+    """Largest predicted latency as a ratio of the FP32 model's measured one, in (0, 1] (None: no latency budget).
+    Latency is predicted from a per-layer table measured once on this machine (:mod:`ajpq.latency`)."""
+    latency_target: str = "torch-cpu"
+    """Where the latency budget is measured: torch-cpu, onnxruntime-cpu or cuda."""
+    latency_batch: int = 1
+    """Batch size the latency budget is measured at."""
+    latency_table: str | None = None
+    """A latency table file to predict with instead of measuring one here (``latency_table.json`` of a run, e.g.
+    measured on the machine the model will run on); a warning when this machine differs from its."""
     budget_mode: str = "hard"
     """hard: project each policy onto the budget; soft: subtract a penalty from the reward."""
     soft_penalty: float = 1.0
@@ -115,6 +126,8 @@ class SearchConfig:
         for name in ("method", "budget_mode", "run_root"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, but got {getattr(self, name)!r}")
+        if self.latency_table is not None and not isinstance(self.latency_table, str):
+            raise ConfigError(f"latency_table must be a file path, but got {self.latency_table!r}")
         if self.run_dir is not None and not isinstance(self.run_dir, str):
             raise ConfigError(f"run_dir must be a path (a string) or null, but got {self.run_dir!r}")
         integer("episodes", 1)
@@ -127,9 +140,17 @@ class SearchConfig:
         integer("checkpoint_every", 1)
         integer("refine_episodes", 0, allow_none=True)
         integer("screen", 1)
+        integer("latency_batch", 1)
+        if self.latency_batch > 65536:
+            raise ConfigError(f"latency_batch must be at most 65536, but got {self.latency_batch}")
+        if self.latency_target not in LATENCY_TARGETS:
+            raise ConfigError(
+                f"latency_target must be one of {', '.join(LATENCY_TARGETS)}, but got {self.latency_target!r}"
+            )
         self.size_budget = parse_ratio("size_budget", self.size_budget)
         self.bops_budget = parse_ratio("bops_budget", self.bops_budget)
-        Budget(self.size_budget, self.bops_budget, self.budget_mode)
+        self.latency_budget = parse_ratio("latency_budget", self.latency_budget)
+        self.budget  # noqa: B018 (checks the mode)
         self.backend_options  # noqa: B018 (checks backend, workers and ray_address)
         if number("soft_penalty") < 0:
             raise ConfigError(f"soft_penalty must be >= 0, but got {self.soft_penalty}")
@@ -171,7 +192,7 @@ class SearchConfig:
 
     @property
     def budget(self) -> Budget:
-        return Budget(self.size_budget, self.bops_budget, self.budget_mode)
+        return Budget(self.size_budget, self.bops_budget, self.budget_mode, self.latency_budget)
 
     @property
     def options(self) -> Any:

@@ -22,6 +22,7 @@ from ajpq.config import check_int
 from ajpq.cost import CostModel, CostReport
 from ajpq.data import DataSplits, Split, load_dataset
 from ajpq.errors import ConfigError
+from ajpq.latency import LatencyTable
 from ajpq.logs import log
 from ajpq.models import DEFAULT_DATASET, DEFAULT_MODEL, build_model
 from ajpq.policy import Policy, policy_from_dict, validate_policy
@@ -107,14 +108,30 @@ class Workspace:
     _simulated: SimulatedModel | None = field(default=None, repr=False)
 
     _cost_model: CostModel | None = field(default=None, repr=False)
+    _latency_table: LatencyTable | None = field(default=None, repr=False)
+
+    @property
+    def latency_table(self) -> LatencyTable | None:
+        """The search's latency table (set by a search with a latency budget): the workspace's cost models predict
+        latency with it."""
+        return self._latency_table
+
+    @latency_table.setter
+    def latency_table(self, table: LatencyTable | None) -> None:
+        self._latency_table = table
+        for model in (self._cost_model, None if self._simulated is None else self._simulated.cost_model):
+            if model is not None:
+                model.latency = table
 
     @property
     def cost_model(self) -> CostModel:
-        """The cost model with this model's weights (needed to price policies with weight sparsity)."""
+        """The cost model with this model's weights (needed to price policies with weight sparsity), predicting
+        latency with :attr:`latency_table`."""
         if self._simulated is not None:
             return self._simulated.cost_model
         if self._cost_model is None:
             self._cost_model = CostModel.from_model(self.analysis, self.model)
+            self._cost_model.latency = self._latency_table
         return self._cost_model
 
     def split(self, name: str) -> Split:
@@ -127,6 +144,7 @@ class Workspace:
         """The BN-folded, calibrated model that policies are applied to (built on first use)."""
         if self._simulated is None:
             self._simulated = SimulatedModel(self.model, self.analysis, self.calibration_images(), self.device)
+            self._simulated.cost_model.latency = self._latency_table
         return self._simulated
 
     def calibration_images(self) -> torch.Tensor:

@@ -65,6 +65,7 @@ class EpisodeResult:
             "bops_ratio": self.report.bops_ratio,
             "compression_rate": self.report.compression_rate,
             "feasible": self.feasible,
+            **({} if self.report.latency_ratio is None else {"latency_ratio": self.report.latency_ratio}),
         }
 
 
@@ -129,11 +130,28 @@ class CompressionProblem:
             )
         min_abits = min(ACTIVATION_CHOICES) if self.search_activation_bits else self.activation_bits
         self.min_activation_bits = min_abits
-        smallest = self.cost_model.evaluate(smallest_policy(self.analysis, self.max_sparsity, min_abits))
+        cheapest = smallest_policy(self.analysis, self.max_sparsity, min_abits)
+        smallest = self.cost_model.evaluate(cheapest)
         self.min_layer_size = {c.name: c.size_bits for c in smallest.layers}
         self.min_layer_bops = {c.name: c.bops for c in smallest.layers}
         self.size_budget_bits = (self.budget.size or 1.0) * self.cost_model.reference_size_bits
         self.bops_budget = (self.budget.bops or 1.0) * self.cost_model.reference_bops
+        table = self.cost_model.latency
+        if self.budget.latency is not None and table is None:
+            raise ConfigError(
+                "a latency budget needs a cost model with a latency table: pass pricing=CostModel(..., latency=table) "
+                "(ajpq.latency.load_or_measure_table; ajpq.search does it)"
+            )
+        self.latency_features = self.budget.latency is not None
+        """With a latency budget both controllers also see the latency used and left (two more features)."""
+        inputs = self.cost_model.kept_inputs(cheapest)
+        self.min_layer_latency = {
+            layer.name: self.cost_model.layer_latency(
+                layer, inputs[layer.name], cheapest.layers[layer.name].weight_bits
+            )
+            for layer in self.analysis.layers
+        }
+        self.latency_budget_ms = (self.budget.latency or 1.0) * (table.reference_ms if table is not None else 1.0)
         self.units = self._build_units()
 
     def _build_units(self) -> list[Unit]:
@@ -190,11 +208,11 @@ class CompressionProblem:
 
     @property
     def layer_obs_dim(self) -> int:
-        return LAYER_OBS_DIM + int(self.search_weight_sparsity)
+        return LAYER_OBS_DIM + int(self.search_weight_sparsity) + 2 * int(self.latency_features)
 
     @property
     def channel_obs_dim(self) -> int:
-        return CHANNEL_OBS_DIM + int(self.search_weight_sparsity)
+        return CHANNEL_OBS_DIM + int(self.search_weight_sparsity) + 2 * int(self.latency_features)
 
     @property
     def weight_sparsity_index(self) -> int:
@@ -311,6 +329,8 @@ class Episode:
         self.bops_used = 0.0
         self.min_rest_size = float(sum(p.min_layer_size.values()))
         self.min_rest_bops = float(sum(p.min_layer_bops.values()))
+        self.latency_used = 0.0
+        self.min_rest_latency = float(sum(p.min_layer_latency.values()))
         self.prev_sparsity = 0.0
         self.prev_abits = 1.0
         self.weight_sparsity = 0.0
@@ -342,12 +362,16 @@ class Episode:
         p = self.problem
         left_size = p.size_budget_bits - self.size_used - self.min_rest_size
         left_bops = p.bops_budget - self.bops_used - self.min_rest_bops
-        return [
+        features = [
             _squash(self.size_used / p.size_budget_bits),
             _squash(left_size / p.size_budget_bits),
             _squash(self.bops_used / p.bops_budget),
             _squash(left_bops / p.bops_budget),
         ]
+        if p.latency_features:
+            left_latency = p.latency_budget_ms - self.latency_used - self.min_rest_latency
+            features += [_squash(self.latency_used / p.latency_budget_ms), _squash(left_latency / p.latency_budget_ms)]
+        return features
 
     def layer_obs(self) -> np.ndarray:
         """Observation before deciding the next layer step (the last one's when the episode is over)."""
@@ -413,7 +437,11 @@ class Episode:
             layer_policy.weight_sparsity = self.weight_sparsity
             order = p.analysis.channel_order(layer.name)
             alive = order[kept[order]]
-            self._fan[layer.name] = p.cost_model.fan_in(layer, p.cost_model.input_kept(layer, group_kept))
+            input_kept = p.cost_model.input_kept(layer, group_kept)
+            self._fan[layer.name] = p.cost_model.fan_in(layer, input_kept)
+            if p.latency_features:  # a layer's latency is set by its kept inputs and outputs, known from here on
+                self.latency_used += p.cost_model.layer_latency(layer, input_kept, layer_policy.weight_bits)
+                self.min_rest_latency -= p.min_layer_latency[layer.name]
             size = p.channel_group_size or max(1, math.ceil(alive.size / MAX_STEPS_PER_LAYER))
             for start in range(0, alive.size, size):
                 channels = alive[start : start + size]

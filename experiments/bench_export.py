@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from ajpq.analysis import analyze_model
-from ajpq.artifact import build_artifact, latency_report, load_compressed, read_artifact
+from ajpq.artifact import build_artifact, load_compressed, read_artifact
 from ajpq.data import load_dataset
 from ajpq.io import atomic_write_json
+from ajpq.latency import latency_report
 from ajpq.models import build_model
 from ajpq.policy import Policy, validate_policy
 from ajpq.qat import finetune, finetune_config

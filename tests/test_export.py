@@ -427,9 +427,10 @@ def test_onnx_matches_slim_model(digits, round_trip, tmp_path: Path) -> None:
 
 
 def test_cli_export_evaluate_round_trip(digits, trained, tmp_path: Path, capsys, monkeypatch) -> None:
-    import ajpq.artifact
+    import ajpq.evaluation
+    import ajpq.latency
 
-    monkeypatch.setattr(ajpq.artifact, "latency_report", functools.partial(ajpq.artifact.latency_report, repeats=3))
+    monkeypatch.setattr(ajpq.evaluation, "latency_report", functools.partial(ajpq.latency.latency_report, repeats=3))
     model, analysis, _ = trained
     weights = tmp_path / "ref.pt"
     save_checkpoint(weights, model, {"model": "digits_cnn", "dataset": "digits"})

@@ -479,9 +479,10 @@ def test_lenet5_on_the_default_dataset_names_the_datasets_that_fit(capsys) -> No
 def test_cli_rebuilds_a_users_model_only_from_model_flag(artifact_data, evil_dir: Path, capsys, monkeypatch) -> None:
     import functools
 
-    import ajpq.artifact
+    import ajpq.evaluation
+    import ajpq.latency
 
-    monkeypatch.setattr(ajpq.artifact, "latency_report", functools.partial(ajpq.artifact.latency_report, repeats=2))
+    monkeypatch.setattr(ajpq.evaluation, "latency_report", functools.partial(ajpq.latency.latency_report, repeats=2))
     (evil_dir / "ajpq_test_mynet.py").write_text(
         "from ajpq.models import DigitsCNN\n\n\ndef build(num_classes, input_shape):\n"
         "    return DigitsCNN(*input_shape, num_classes)\n"

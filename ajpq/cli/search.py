@@ -28,6 +28,7 @@ from ajpq.cli.common import (
 )
 from ajpq.config import load_config_file, resume_values
 from ajpq.errors import ConfigError
+from ajpq.latency import LATENCY_TARGETS
 from ajpq.methods import METHODS
 from ajpq.runner import run_search
 from ajpq.runs import RunDir
@@ -44,6 +45,8 @@ SPECIAL: dict[str, dict[str, Any]] = {
     "method": {"choices": sorted(METHODS)},
     "size_budget": {"type": ratio_or_none},
     "bops_budget": {"type": ratio_or_none},
+    "latency_budget": {"type": ratio_or_none},
+    "latency_target": {"choices": LATENCY_TARGETS},
     "budget_mode": {"choices": BUDGET_MODES},
     "layer_agent": {"choices": AGENT_KINDS},
     "channel_agent": {"choices": AGENT_KINDS},
@@ -158,12 +161,16 @@ def summary_text(result: Any, best_policy: str, config: dict[str, Any]) -> str:
     searched = workspace_flags({"model": "MODEL", "dataset": "DATASET", **config})
     tuned = workspace_flags({"model": "MODEL", "dataset": "DATASET", **config}, weights="finetuned.pt")
     penalty = ", minus the soft-budget penalty" if config.get("budget_mode") == "soft" else ""
+    latency = ""
+    if best.get("latency_ratio") is not None:
+        target = f"{config.get('latency_target', 'torch-cpu')}, batch {config.get('latency_batch', 1)}"
+        latency = f", predicted latency ratio {best['latency_ratio']:.4f} ({target})"
     return "\n".join(
         [
             f"best reward {best['reward']:+.4f} at episode {best['episode']} of {result.episode_count}: val accuracy "
             f"{best['accuracy']:.4f}{against} (reward = val accuracy change against FP32{penalty}); size ratio "
             f"{best['size_ratio']:.4f} = {best['compression_rate']:.1f}x smaller, BOPs ratio "
-            f"{best['bops_ratio']:.4f}; {result.episodes_per_s:.1f} episodes/s",
+            f"{best['bops_ratio']:.4f}{latency}; {result.episodes_per_s:.1f} episodes/s",
             *phase_lines(result.best_by_phase, best["episode"]),
             f"best policy: {best_policy}",
             "next:",

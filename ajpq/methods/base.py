@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_chec
 import numpy as np
 import torch
 
+from ajpq.budget import describe_ratios
 from ajpq.callbacks import Recorder
 from ajpq.errors import ArtifactError, BudgetError, ConfigError
 from ajpq.logs import log
@@ -265,9 +266,13 @@ class SearchContext:
         budget = self.problem.budget
         if not budget.fits(report):
             raise BudgetError(
-                f"method '{method}' could not meet the budget ({budget.describe()}): its policy has size ratio "
-                f"{report.size_ratio:.4g} and BOPs ratio {report.bops_ratio:.4g}; raise the budget or the method's "
-                "max_sparsity"
+                f"method '{method}' could not meet the budget ({budget.describe()}): its policy has "
+                f"{describe_ratios(report)}; raise the budget or the method's max_sparsity"
+                + (
+                    " (a latency budget is met by removing channels; weight sparsity does not lower dense latency)"
+                    if budget.latency is not None
+                    else ""
+                )
             )
         if val_accuracy is None:
             val_accuracy = self.workspace.val_score(simulated.apply(policy))
@@ -276,8 +281,8 @@ class SearchContext:
         reward = self.problem.score(policy, report, False, val_accuracy, 0.0).reward
         stamped = self.recorder.final(policy, val_accuracy, report, reward, evaluations=self.recorder.count, **meta)
         log(
-            f"{method}: size ratio {report.size_ratio:.4g} ({report.compression_rate:.1f}x), BOPs ratio "
-            f"{report.bops_ratio:.4g}, val accuracy {val_accuracy:.4f}, {self.recorder.count} evaluations"
+            f"{method}: {describe_ratios(report)} ({report.compression_rate:.1f}x smaller), val accuracy "
+            f"{val_accuracy:.4f}, {self.recorder.count} evaluations"
         )
         return stamped
 

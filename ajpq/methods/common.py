@@ -34,7 +34,9 @@ def simulate(workspace: Workspace, model: nn.Module | None = None) -> SimulatedM
     """The simulated model of the workspace's weights, or of retrained ``model`` (same analysis and calibration)."""
     if model is None:
         return workspace.simulated
-    return SimulatedModel(model, workspace.analysis, workspace.calibration_images(), workspace.device)
+    simulated = SimulatedModel(model, workspace.analysis, workspace.calibration_images(), workspace.device)
+    simulated.cost_model.latency = workspace.latency_table  # the same shapes: the same latency
+    return simulated
 
 
 def prune_groups(workspace: Workspace, policy: Policy, fraction: float) -> Policy:
