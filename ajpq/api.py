@@ -149,7 +149,8 @@ def search(
             validation data must be the ones it was made on.
         progress: Progress bars (``tqdm.auto``: widgets in a notebook) and messages on stderr.
         **options: Any other field of :class:`ajpq.search_config.SearchConfig` (``budget_mode``,
-            ``episode_finetune_steps``, ``search_activation_bits``, ``layer_agent``, ``method_options``, ...).
+            ``latency_budget`` with ``latency_target`` and ``latency_batch``, ``episode_finetune_steps``,
+            ``search_activation_bits``, ``layer_agent``, ``method_options``, ...).
 
     Returns:
         The :class:`~ajpq.runner.SearchResult`: ``best_policy``, ``best`` (its metrics), ``episodes`` (every

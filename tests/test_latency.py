@@ -15,7 +15,7 @@ from ajpq.allocation import warm_start_policies
 from ajpq.budget import Budget, check_feasible, project_to_budget, smallest_policy
 from ajpq.cli import main
 from ajpq.cost import CostModel
-from ajpq.errors import BudgetError
+from ajpq.errors import BudgetError, ConfigError
 from ajpq.latency import (
     LatencyError,
     LatencyTable,
@@ -103,9 +103,10 @@ def test_the_cost_model_predicts_the_sum_of_its_layers_from_kept_inputs_and_outp
     assert report.latency_ratio == pytest.approx(expected / 3.0)
     assert report.as_dict()["latency_ratio"] == pytest.approx(expected / 3.0)
     # bits do not change latency: the exported model computes in float
-    assert cost.evaluate(Policy.uniform(analysis, 2, 8)).latency_ms == cost.evaluate(
-        Policy.uniform(analysis, 8, 8)
-    ).latency_ms
+    assert (
+        cost.evaluate(Policy.uniform(analysis, 2, 8)).latency_ms
+        == cost.evaluate(Policy.uniform(analysis, 8, 8)).latency_ms
+    )
     assert CostModel(analysis).evaluate(policy).latency_ratio is None
 
 
@@ -328,3 +329,35 @@ def test_a_table_for_another_batch_is_refused(workspace, tmp_path: Path, capsys)
     err = capsys.readouterr().err
     assert "was measured on torch-cpu at batch 1, but the search asks for torch-cpu at batch 8" in err
     assert "Traceback" not in err
+
+
+def test_the_onnxruntime_target_times_the_float_onnx_of_each_layer(workspace) -> None:
+    pytest.importorskip("onnxruntime")
+    analysis = workspace.analysis
+    table = measure_table(
+        workspace.model,
+        analysis,
+        workspace.splits.input_shape,
+        target="onnxruntime-cpu",
+        batch=1,
+        model_name="digits_cnn",
+        repeats=3,
+        progress=False,
+    )
+    assert table.target == "onnxruntime-cpu" and "onnxruntime" in table.machine
+    assert all((entry.ms > 0).all() for entry in table.layers.values())
+    assert table.reference_ms > 0 and table.full_slim_ms > 0
+
+
+def test_compare_takes_latency_budgets_and_refuses_a_bad_target() -> None:
+    from ajpq.compare import CompareConfig, budget_label, compare_budgets, run_folder_name
+
+    config = CompareConfig(budgets=[], latency_budgets=["1/2", 0.3], latency_batch=64)
+    budgets = compare_budgets(config)
+    assert [b.latency for b in budgets] == [0.5, 0.3]
+    assert [budget_label(b) for b in budgets] == ["latency 0.5", "latency 0.3"]
+    assert run_folder_name("opq", budget_label(budgets[1])) == "opq__latency_0.3"
+    with pytest.raises(ConfigError, match="latency_target must be one of torch-cpu, onnxruntime-cpu, cuda"):
+        CompareConfig(latency_budgets=[0.5], latency_target="tpu")
+    with pytest.raises(ConfigError, match="latency_budgets must be in"):
+        CompareConfig(latency_budgets=[2])
