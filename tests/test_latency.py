@@ -204,16 +204,20 @@ def test_cuda_is_refused_where_torch_sees_no_device(capsys) -> None:
 
 def test_a_measured_table_times_every_layer_and_is_cached(workspace, tmp_path: Path) -> None:
     analysis = workspace.analysis
-    table, cached = load_or_measure_table(
-        workspace.model,
-        analysis,
-        workspace.splits.input_shape,
-        target="torch-cpu",
-        batch=2,
-        model_name="digits_cnn",
-        cache=tmp_path,
-        progress=False,
-    )
+
+    def measure() -> tuple[LatencyTable, bool]:
+        return load_or_measure_table(
+            workspace.model,
+            analysis,
+            workspace.splits.input_shape,
+            target="torch-cpu",
+            batch=2,
+            model_name="digits_cnn",
+            cache=tmp_path,
+            progress=False,
+        )
+
+    table, cached = measure()
     assert not cached
     assert list(table.layers) == analysis.layer_names
     for layer in analysis.layers:
@@ -226,29 +230,11 @@ def test_a_measured_table_times_every_layer_and_is_cached(workspace, tmp_path: P
     full = CostModel(analysis, latency=table).evaluate(Policy.uniform(analysis, 8, 8)).latency_ms
     covered = sum(float(entry.ms[-1, -1]) for entry in table.layers.values())
     assert full == pytest.approx(max(table.full_slim_ms, covered), rel=1e-6)
-    again, cached = load_or_measure_table(
-        workspace.model,
-        analysis,
-        workspace.splits.input_shape,
-        target="torch-cpu",
-        batch=2,
-        model_name="digits_cnn",
-        cache=tmp_path,
-        progress=False,
-    )
+    again, cached = measure()
     assert cached and again.to_dict() == table.to_dict()
     (path,) = tmp_path.glob("*.json")
     path.write_text("{ damaged")
-    _, cached = load_or_measure_table(
-        workspace.model,
-        analysis,
-        workspace.splits.input_shape,
-        target="torch-cpu",
-        batch=2,
-        model_name="digits_cnn",
-        cache=tmp_path,
-        progress=False,
-    )
+    _, cached = measure()
     assert not cached  # measured anew, not trusted
 
 
