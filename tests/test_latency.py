@@ -345,5 +345,5 @@ def test_compare_takes_latency_budgets_and_refuses_a_bad_target() -> None:
     assert run_folder_name("opq", budget_label(budgets[1])) == "opq__latency_0.3"
     with pytest.raises(ConfigError, match="latency_target must be one of torch-cpu, onnxruntime-cpu, cuda"):
         CompareConfig(latency_budgets=[0.5], latency_target="tpu")
-    with pytest.raises(ConfigError, match="latency_budgets must be in"):
+    with pytest.raises(BudgetError, match="latency_budgets must be in"):
         CompareConfig(latency_budgets=[2])
