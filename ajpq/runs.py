@@ -161,9 +161,15 @@ _DAMAGED = "the run folder is damaged: restore the file from a copy, or start a 
 
 EPISODE_FIELDS: dict[str, tuple[type, ...]] = {"reward": (int, float), "accuracy": (int, float), "feasible": (bool,)}
 """Fields every episode record has, and that readers of a run use (:func:`best_by_phase`, ``ajpq export``)."""
+EPISODE_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"phase": (str,), "latency_ratio": (int, float)}
+"""Fields some episode records have (a phased method's, a latency-budgeted search's), of these types when present."""
 
 
-def _read_jsonl(path: Path, fields: dict[str, tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
+def _read_jsonl(
+    path: Path,
+    fields: dict[str, tuple[type, ...]] | None = None,
+    optional: dict[str, tuple[type, ...]] | None = None,
+) -> list[dict[str, Any]]:
     """The records of a JSON-lines file of the run folder, each an object with an integer ``episode``.
 
     Only a torn last line (no newline: a process killed mid-write) is dropped; any other line that is not such a
@@ -184,7 +190,8 @@ def _read_jsonl(path: Path, fields: dict[str, tuple[type, ...]] | None = None) -
             raise ArtifactError(
                 f"{path}, line {number}: not an episode record (an object with an integer episode >= 1); {_DAMAGED}"
             )
-        for key, types in (fields or {}).items():
+        checked = {**(fields or {}), **{k: t for k, t in (optional or {}).items() if k in record}}
+        for key, types in checked.items():
             value = record.get(key)
             if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
                 raise ArtifactError(
@@ -416,7 +423,7 @@ class RunDir:
                 handle.write(json.dumps(obj) + "\n")
 
     def read_episodes(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.episodes_path, EPISODE_FIELDS)
+        return _read_jsonl(self.episodes_path, EPISODE_FIELDS, EPISODE_OPTIONAL_FIELDS)
 
     def check_records(self) -> None:
         """Read both JSON-lines files and every recorded policy (a damaged one refused in one line), so that a

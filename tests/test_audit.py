@@ -56,6 +56,11 @@ def _snapshot(run: Path) -> dict[str, bytes]:
         (lambda lines: lines.__setitem__(2, '{"episode": "3"}'), "line 3: not an episode record"),
         (lambda lines: lines.insert(1, ""), "line 2: not valid JSON"),
         (lambda lines: lines.__setitem__(0, '{"episode": 1' + "0" * 5000 + "}"), "line 1: holds a number of more"),
+        # found by the long run-folder fuzzer: a phase that is a list crashed the phase summary (unhashable)
+        (
+            lambda lines: lines.__setitem__(1, json.dumps({**json.loads(lines[1]), "phase": ["rl"]})),
+            "line 2: episode 2 has no phase of type str",
+        ),
     ],
 )
 def test_a_damaged_episode_line_refuses_the_resume_and_rewrites_nothing(
