@@ -347,3 +347,34 @@ def test_compare_takes_latency_budgets_and_refuses_a_bad_target() -> None:
         CompareConfig(latency_budgets=[0.5], latency_target="tpu")
     with pytest.raises(BudgetError, match="latency_budgets must be in"):
         CompareConfig(latency_budgets=[2])
+
+
+def test_bench_latency_spreads_policies_from_the_sparsest_to_dense(workspace) -> None:
+    from experiments_scripts import load_experiment
+
+    bench = load_experiment("bench_latency")
+    analysis = workspace.analysis
+    policies = bench.spread_policies(analysis, 5, 0.8, seed=0)
+    kept = [
+        np.mean([(p.layers[g.members[0]].weight_bits > 0).mean() for g in analysis.groups if g.prunable])
+        for p in policies
+    ]
+    assert kept[0] < 0.45 and kept[-1] > 0.85  # levels 0.2 .. 1.0, each group within 15 points of its level
+    assert all(0.2 - 1e-9 <= k <= 1.0 for k in kept)
+
+
+@pytest.mark.expensive
+def test_bench_latency_quick_mode_reports_the_predictor(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_latency.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "latency_validation.json").read_text())
+    (row,) = summary["results"]
+    assert len(row["rows"]) == 8 and -1.0 <= row["spearman"] <= 1.0
+    assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in row["rows"])
+    assert "Spearman" in (tmp_path / "latency_validation.md").read_text()
