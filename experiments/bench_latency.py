@@ -25,11 +25,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ajpq.analysis import analyze_model
 from ajpq.artifact import build_artifact, load_compressed
 from ajpq.cost import CostModel
 from ajpq.io import atomic_write_json, atomic_write_text
 from ajpq.latency import LATENCY_TARGETS, measure_latency, measure_table, paired_latency
+from ajpq.models import build_model
 from ajpq.policy import Policy
 from ajpq.predictor import spearman
 from ajpq.workspace import WorkspaceSpec, open_workspace
@@ -67,22 +70,37 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="8 policies, 10 repeats (CI)")
+    parser.add_argument(
+        "--random-weights",
+        nargs=3,
+        type=int,
+        metavar=("C", "H", "W"),
+        help="time an untrained model of this input shape (latency depends on the shapes only), with random "
+        "calibration images: no reference to train (ResNet-20, torchvision's mobilenet_v2)",
+    )
     parser.add_argument("--out", default="runs/bench_latency")
     args = parser.parse_args()
     if args.quick:
         args.policies, args.repeats = 8, 10
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = WorkspaceSpec(model=args.model, dataset=args.dataset, val_size=args.val_size, device="cpu")
-    workspace = open_workspace(spec, progress=False)
-    analysis, shape = workspace.analysis, workspace.splits.input_shape
+    if args.random_weights:
+        torch.manual_seed(args.seed)
+        shape = tuple(args.random_weights)
+        model = build_model(args.model, shape, 10).eval()
+        analysis = analyze_model(model, shape, model_name=args.model)
+        calibration, num_classes = torch.randn(64, *shape), 10
+    else:
+        spec = WorkspaceSpec(model=args.model, dataset=args.dataset, val_size=args.val_size, device="cpu")
+        workspace = open_workspace(spec, progress=False)
+        model, analysis, shape = workspace.model, workspace.analysis, workspace.splits.input_shape
+        calibration, num_classes = workspace.calibration_images(), workspace.splits.num_classes
     policies = spread_policies(analysis, args.policies, args.max_sparsity, args.seed)
-    calibration = workspace.calibration_images()
     results = []
     for batch in args.batch:
         started = time.perf_counter()
         table = measure_table(
-            workspace.model, analysis, shape, target=args.target, batch=batch, model_name=args.model, progress=False
+            model, analysis, shape, target=args.target, batch=batch, model_name=args.model, progress=False
         )
         table_seconds = time.perf_counter() - started
         cost = CostModel(analysis, latency=table)
@@ -91,19 +109,19 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "model.ajpq"
                 build_artifact(
-                    workspace.model,
+                    model,
                     analysis,
                     policy,
                     calibration,
                     model_name=args.model,
                     input_shape=shape,
-                    num_classes=workspace.splits.num_classes,
+                    num_classes=num_classes,
                 ).write(path)
-                slim = load_compressed(path, model=workspace.model)
+                slim = load_compressed(path, model=model)
             # alone, as the table times its layers (alternating two models evicts each other's caches), and paired
             # with FP32 for the ratio (a load spike hits both alike)
             measured = measure_latency(slim, shape, batch, target=args.target, repeats=args.repeats)
-            paired, fp32 = paired_latency(slim, workspace.model, shape, batch, args.target, args.repeats)
+            paired, fp32 = paired_latency(slim, model, shape, batch, args.target, args.repeats)
             report = cost.evaluate(policy)
             assert report.latency_ms is not None
             kept = np.mean([(policy.layers[layer.name].weight_bits > 0).mean() for layer in analysis.layers])
