@@ -37,7 +37,7 @@ from ajpq.budget import Budget, parse_ratio
 from ajpq.config import check_int, load_config_file
 from ajpq.errors import AJPQError, ConfigError
 from ajpq.io import atomic_write_bytes, atomic_write_text
-from ajpq.latency import LATENCY_TARGETS, latency_report, paired_latency
+from ajpq.latency import check_target_name, latency_report, paired_latency
 from ajpq.logs import log
 from ajpq.methods import MethodOptions, method_class
 from ajpq.methods.common import load_method_weights, simulate
@@ -142,10 +142,7 @@ class CompareConfig:
             )
         self.budgets = [parse_ratio("budgets", b) for b in self.budgets]
         self.latency_budgets = [parse_ratio("latency_budgets", b) for b in self.latency_budgets]
-        if self.latency_target not in LATENCY_TARGETS:
-            raise ConfigError(
-                f"latency_target must be one of {', '.join(LATENCY_TARGETS)}, but got {self.latency_target!r}"
-            )
+        check_target_name(self.latency_target)
         check_int("latency_batch", self.latency_batch, 1)
         self.bops_budgets = [parse_ratio("bops_budgets", b) for b in self.bops_budgets]
         for pair in self.joint_budgets:
@@ -297,10 +294,15 @@ def _run_one(config: CompareConfig, workspace: Any, method: str, budget: Budget,
     if config.finetune_epochs == 0:
         after = dict(before)
     exported = _export_row(
-        config, workspace, tuned.model, policy, calibration, run_path / "model.ajpq", tuned.activation_ranges
+        config,
+        workspace,
+        tuned.model,
+        policy,
+        calibration,
+        run_path / "model.ajpq",
+        tuned.activation_ranges,
+        best=result.best if budget.latency is not None else None,
     )
-    if budget.latency is not None:
-        exported.update(_latency_row(config, workspace, run_path / "model.ajpq", result.best))
     row = {
         "method": method,
         "budget": budget_label(budget),
@@ -333,8 +335,10 @@ def _export_row(
     calibration: Any,
     path: Path,
     activation_ranges: dict[str, tuple[float, bool]],
+    best: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Export the fine-tuned result and measure the artifact: file bytes, its test accuracy, CPU latency."""
+    """Export the fine-tuned result and measure the artifact: file bytes, its test accuracy, CPU latency, and with
+    ``best`` (the search's best record, in a latency budget's row) :func:`_latency_row`."""
 
     artifact = build_artifact(
         model,
@@ -350,7 +354,7 @@ def _export_row(
     artifact.write(path)
     slim = load_compressed(path, model=workspace.model)
     latency = latency_report(slim, workspace.model, workspace.splits.input_shape)
-    return {
+    row = {
         "file_bytes": path.stat().st_size,
         "test_artifact": evaluate_accuracy(slim, workspace.splits.test),
         "latency_b1_ms": latency["batch1"],
@@ -358,12 +362,12 @@ def _export_row(
         "fp32_latency_b1_ms": latency["fp32_batch1"],
         "fp32_latency_b64_ms": latency["fp32_batch64"],
     }
+    return row if best is None else {**row, **_latency_row(config, workspace, slim, best)}
 
 
-def _latency_row(config: CompareConfig, workspace: Any, path: Path, best: dict[str, Any]) -> dict[str, Any]:
+def _latency_row(config: CompareConfig, workspace: Any, slim: nn.Module, best: dict[str, Any]) -> dict[str, Any]:
     """The exported model's measured latency on the latency target and batch, next to FP32's (timed alternately)
     and to the search's prediction (None for a method that ran without the latency budget)."""
-    slim = load_compressed(path, model=workspace.model)
     measured, fp32 = paired_latency(
         slim, workspace.model, workspace.splits.input_shape, config.latency_batch, config.latency_target
     )

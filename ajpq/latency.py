@@ -23,7 +23,6 @@ measured latency (BatchNorm unfolded, no quantizers), as the size and BOPs budge
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -70,10 +69,17 @@ class LatencyError(ConfigError):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_target(target: object) -> str:
-    """``target`` if it is a latency target this machine can measure; a one-line error otherwise."""
+def check_target_name(target: object) -> str:
+    """``target`` if it names a latency target (:data:`LATENCY_TARGETS`); a one-line error otherwise. What a
+    configuration checks; whether this machine can measure it is :func:`check_target`'s question."""
     if target not in LATENCY_TARGETS:
         raise LatencyError(f"latency_target must be one of {', '.join(LATENCY_TARGETS)}, but got {shown(target)}")
+    return str(target)
+
+
+def check_target(target: object) -> str:
+    """``target`` if it is a latency target this machine can measure; a one-line error otherwise."""
+    check_target_name(target)
     if target == "cuda" and not torch.cuda.is_available():
         raise LatencyError(
             "latency_target cuda needs a CUDA device, and torch sees none here; measure on the machine the model "
@@ -107,16 +113,24 @@ def median_ms(run: Callable[[], object], repeats: int = 30, *, calls: int = 15, 
     return statistics.median(_once(run) for _ in range(repeats)) * 1000.0
 
 
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in eval mode on ``device``: itself when it is there already, else a copy (a caller's model, such
+    as a workspace's, never changes device by being timed)."""
+    if any(tensor.device.type != device.type for tensor in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).to(device)
+    return model.eval()
+
+
 def runner(model: nn.Module, example: torch.Tensor, target: str) -> Callable[[], object]:
     """A function that runs one forward pass of ``model`` on ``example`` on ``target`` (and waits for it)."""
     if target == "onnxruntime-cpu":
         from ajpq.onnx_export import _torch_export, session
 
-        runtime = session(_torch_export(model.cpu().eval(), tuple(example.shape[1:])))
+        runtime = session(_torch_export(_on(model, torch.device("cpu")), tuple(example.shape[1:])))
         feed = {"input": example.cpu().numpy().astype(np.float32)}
         return lambda: runtime.run(None, feed)
     device = torch.device("cuda" if target == "cuda" else "cpu")
-    model = model.to(device).eval()
+    model = _on(model, device)
     x = example.to(device)
 
     @torch.inference_mode()
@@ -136,24 +150,16 @@ def measure_latency(
     return median_ms(runner(model, torch.randn(batch, *input_shape), target), repeats)
 
 
-@torch.inference_mode()
 def latency_report(
     slim: nn.Module, fp32: nn.Module, input_shape: tuple[int, ...], *, repeats: int = 30
 ) -> dict[str, float]:
-    """``{"batch1", "batch64", "fp32_batch1", "fp32_batch64"}``: CPU milliseconds, median of ``repeats``.
-
-    The two models are timed alternately, so a load spike from another process hits both alike.
-    """
-    slim, fp32 = slim.cpu().eval(), fp32.cpu().eval()
+    """``{"batch1", "batch64", "fp32_batch1", "fp32_batch64"}``: CPU milliseconds (:func:`paired_latency`), median
+    of ``2 * repeats`` passes at batch 1 and ``repeats`` at batch 64."""
     report = {}
     for batch, count in ((1, repeats * 2), (64, repeats)):
-        x = torch.randn(batch, *input_shape)
-        run_slim, run_fp32 = functools.partial(slim, x), functools.partial(fp32, x)
-        _warm_up(run_slim)
-        _warm_up(run_fp32)
-        pairs = [(_once(run_slim), _once(run_fp32)) for _ in range(count)]
-        report[f"batch{batch}"] = statistics.median(p[0] for p in pairs) * 1000.0
-        report[f"fp32_batch{batch}"] = statistics.median(p[1] for p in pairs) * 1000.0
+        report[f"batch{batch}"], report[f"fp32_batch{batch}"] = paired_latency(
+            slim, fp32, input_shape, batch, "torch-cpu", count
+        )
     return {key: report[key] for key in ("batch1", "batch64", "fp32_batch1", "fp32_batch64")}
 
 
@@ -163,7 +169,7 @@ def paired_latency(
     """Median milliseconds of ``model`` and of ``reference`` on ``target``, timed alternately (a load spike from
     another process hits both alike)."""
     x = torch.randn(batch, *input_shape)
-    run_model, run_reference = runner(model, x, target), runner(copy.deepcopy(reference), x, target)
+    run_model, run_reference = runner(model, x, target), runner(reference, x, target)
     _warm_up(run_model)
     _warm_up(run_reference)
     pairs = [(_once(run_model), _once(run_reference)) for _ in range(repeats)]
@@ -478,7 +484,7 @@ def measure_table(
     from ajpq.artifact import slim_structure
 
     check_target(target)
-    model = model.cpu().eval()
+    model = _on(model, torch.device("cpu"))
     example = torch.randn(batch, *input_shape)
     shapes = _layer_inputs(model, analysis, example)
     grids = {}

@@ -265,8 +265,8 @@ def _run_search(
         if config.workspace.model.startswith(IN_MEMORY) and config.workspace.weights is None:
             config = _keep_reference(config, workspace, run_dir)
     run_dir.write_config(config.to_dict())
-    if workspace.cost_model.latency is not None:
-        workspace.cost_model.latency.save(run_dir.latency_table_path)
+    if workspace.latency_table is not None:
+        workspace.latency_table.save(run_dir.latency_table_path)
     info = RunInfo(
         method=config.method,
         seed=config.seed,

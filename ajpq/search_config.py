@@ -16,7 +16,7 @@ from ajpq.backends import BackendOptions
 from ajpq.budget import Budget, parse_ratio
 from ajpq.config import check_int
 from ajpq.errors import ConfigError
-from ajpq.latency import LATENCY_TARGETS
+from ajpq.latency import check_target_name
 from ajpq.quant import ACTIVATION_BITS_ALLOWED
 from ajpq.workspace import SPEC_KEYS, WorkspaceSpec
 
@@ -143,10 +143,7 @@ class SearchConfig:
         integer("latency_batch", 1)
         if self.latency_batch > 65536:
             raise ConfigError(f"latency_batch must be at most 65536, but got {self.latency_batch}")
-        if self.latency_target not in LATENCY_TARGETS:
-            raise ConfigError(
-                f"latency_target must be one of {', '.join(LATENCY_TARGETS)}, but got {self.latency_target!r}"
-            )
+        check_target_name(self.latency_target)
         self.size_budget = parse_ratio("size_budget", self.size_budget)
         self.bops_budget = parse_ratio("bops_budget", self.bops_budget)
         self.latency_budget = parse_ratio("latency_budget", self.latency_budget)
